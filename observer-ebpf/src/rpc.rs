@@ -1,0 +1,86 @@
+//! Every runtime RPC of the proxy: `<tarpc::client::Channel<Req, Resp> as Client<Req>>::call`.
+//!
+//! rusty-workers' `RuntimeServiceClient::{spawn_worker, fetch, ...}` are inlined; all of them
+//! end in this one generic function, which receives the request enum by reference
+//! (`call(&mut self, ctx, request)` with the returned future in the sret slot: rdi = sret,
+//! rsi = self, rdx = &ctx, rcx = &request). It runs once per proxied request (the fetch), so
+//! the fetch path is one map lookup and one counter; only spawns, terminations and the first
+//! fetch of each new worker reach userspace.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::uprobe, programs::ProbeContext};
+use observer_common::{kind, method, stat, Event, HandleKey, Layout, HANDLE_KEY_LEN};
+
+use crate::{bump, layout, read, APP_REQUESTS, EVENTS, HANDLE_APP, OBSERVER_STATS, RPC_CALLS};
+
+#[uprobe]
+pub fn rpc_call(ctx: ProbeContext) -> u32 {
+    let _ = try_rpc_call(&ctx);
+    0
+}
+
+fn decode_method(tag: u64, lay: &Layout) -> u32 {
+    if tag >= lay.req_niche_base {
+        let v = tag - lay.req_niche_base;
+        if v < method::UNKNOWN as u64 && v != lay.req_dataful_variant {
+            return v as u32;
+        }
+        return method::UNKNOWN;
+    }
+    lay.req_dataful_variant as u32
+}
+
+fn try_rpc_call(ctx: &ProbeContext) -> Result<(), i64> {
+    let channel: u64 = ctx.arg(1).ok_or(1i64)?;
+    let request: u64 = ctx.arg(3).ok_or(1i64)?;
+    let lay = layout();
+    let tag = read::word(request + lay.req_tag_offset)?;
+    let m = decode_method(tag, &lay);
+    bump(&RPC_CALLS, m);
+    match m {
+        method::FETCH => fetch(channel, request, &lay),
+        method::SPAWN_WORKER => emit(kind::RPC_SPAWN, channel, request + lay.req_spawn_appid, &lay),
+        method::TERMINATE_WORKER => emit(kind::RPC_TERMINATE, channel, request + lay.req_handle, &lay),
+        _ => Ok(()),
+    }
+}
+
+fn fetch(channel: u64, request: u64, lay: &Layout) -> Result<(), i64> {
+    let handle = request + lay.req_handle;
+    let ptr = read::word(handle + lay.string_ptr)?;
+    let len = read::word(handle + lay.string_len)?;
+    let mut key = HandleKey { bytes: [0; HANDLE_KEY_LEN] };
+    if len > 0 && len <= HANDLE_KEY_LEN as u64 {
+        let mut n = len as usize;
+        if n > HANDLE_KEY_LEN {
+            n = HANDLE_KEY_LEN;
+        }
+        // SAFETY: n is bounded by the key's size.
+        unsafe { aya_ebpf::helpers::bpf_probe_read_user_buf(ptr as *const u8, &mut key.bytes[..n]) }
+            .map_err(i64::from)?;
+        // SAFETY: lookups copy nothing out; the value is read once.
+        if let Some(slot) = unsafe { HANDLE_APP.get(&key) } {
+            bump(&APP_REQUESTS, *slot);
+            return Ok(());
+        }
+    }
+    emit(kind::RPC_FETCH_UNKNOWN, channel, handle, lay)
+}
+
+fn emit(k: u32, channel: u64, string: u64, lay: &Layout) -> Result<(), i64> {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        bump(&OBSERVER_STATS, stat::EVENTS_LOST);
+        return Err(1);
+    };
+    // SAFETY: the entry is ours until submitted.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    *ev = Event::zeroed();
+    ev.kind = k;
+    ev.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    ev.ptr_a = channel;
+    if read::string(string, lay, ev).is_err() {
+        entry.discard(0);
+        return Err(1);
+    }
+    entry.submit(0);
+    Ok(())
+}

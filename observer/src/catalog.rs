@@ -1,0 +1,190 @@
+//! The probe catalog: which functions of the target to probe, with which eBPF program.
+
+use serde::Deserialize;
+use std::collections::HashSet;
+use thiserror::Error;
+use toml::Spanned;
+
+/// The catalog for rusty-workers' proxy, built into the observer.
+pub const PROXY_CATALOG: &str = include_str!("../../catalog/rusty-workers-proxy.toml");
+
+/// The eBPF programs of observer-ebpf a catalog may name.
+pub const PROGRAMS: &[&str] = &["lru_insert", "lru_remove", "rpc_call"];
+
+#[derive(Debug, Error, PartialEq)]
+pub enum CatalogError {
+    #[error("{source_name}: {msg}")]
+    Syntax { source_name: String, msg: String },
+    #[error("{source_name}:{line}: field `{field}`: {msg}")]
+    Field {
+        source_name: String,
+        line: usize,
+        field: &'static str,
+        msg: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalog {
+    #[serde(default)]
+    probe: Vec<RawProbe>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    name: Spanned<String>,
+    program: Spanned<String>,
+    symbol: Spanned<String>,
+    #[serde(default)]
+    hashes: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    per_request: bool,
+    #[serde(default)]
+    optional: bool,
+    #[serde(default)]
+    why: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    pub name: String,
+    pub program: String,
+    pub symbol: String,
+    pub hashes: Option<Vec<String>>,
+    pub per_request: bool,
+    pub optional: bool,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Catalog {
+    pub probes: Vec<Probe>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl Catalog {
+    pub fn parse(text: &str, source_name: &str) -> Result<Self, CatalogError> {
+        let raw: RawCatalog = toml::from_str(text).map_err(|e| CatalogError::Syntax {
+            source_name: source_name.to_string(),
+            msg: e.to_string().trim_end().to_string(),
+        })?;
+        let field_err = |span: std::ops::Range<usize>, field: &'static str, msg: String| {
+            CatalogError::Field {
+                source_name: source_name.to_string(),
+                line: line_of(text, span.start),
+                field,
+                msg,
+            }
+        };
+        if raw.probe.is_empty() {
+            return Err(CatalogError::Syntax {
+                source_name: source_name.to_string(),
+                msg: "no [[probe]] entries".to_string(),
+            });
+        }
+        let mut names = HashSet::new();
+        let mut probes = Vec::new();
+        for p in raw.probe {
+            let name = p.name.get_ref();
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return Err(field_err(
+                    p.name.span(),
+                    "name",
+                    format!("{name:?} must be non-empty lowercase [a-z0-9_] (it becomes a label)"),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(field_err(p.name.span(), "name", format!("{name:?} appears twice")));
+            }
+            if !PROGRAMS.contains(&p.program.get_ref().as_str()) {
+                return Err(field_err(
+                    p.program.span(),
+                    "program",
+                    format!(
+                        "unknown program {:?}; observer-ebpf has: {}",
+                        p.program.get_ref(),
+                        PROGRAMS.join(", ")
+                    ),
+                ));
+            }
+            if p.symbol.get_ref().trim().is_empty() {
+                return Err(field_err(p.symbol.span(), "symbol", "must not be empty".into()));
+            }
+            if let Some(h) = &p.hashes {
+                if let Some(bad) = h
+                    .get_ref()
+                    .iter()
+                    .find(|x| x.len() != 16 || !x.bytes().all(|b| b.is_ascii_hexdigit()))
+                {
+                    return Err(field_err(
+                        h.span(),
+                        "hashes",
+                        format!("{bad:?} is not a 16 hex digit legacy symbol hash"),
+                    ));
+                }
+            }
+            probes.push(Probe {
+                name: p.name.into_inner(),
+                program: p.program.into_inner(),
+                symbol: p.symbol.into_inner(),
+                hashes: p.hashes.map(Spanned::into_inner),
+                per_request: p.per_request,
+                optional: p.optional,
+                why: p.why,
+            });
+        }
+        Ok(Catalog { probes })
+    }
+
+    pub fn builtin_proxy() -> Self {
+        Self::parse(PROXY_CATALOG, "builtin rusty-workers-proxy catalog")
+            .expect("the built-in catalog is checked by the tests")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_catalog_parses() {
+        let c = Catalog::builtin_proxy();
+        assert_eq!(c.probes.len(), 3);
+        let per_request = c.probes.iter().filter(|p| p.per_request).count();
+        assert!(per_request <= 2, "the request-path budget is 2 BPF runs per request");
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let cases: &[(&str, &str)] = &[
+            ("[[probe]]\nname = \"a\"\nprogram = \"nope\"\nsymbol = \"x\"\n", ":3: field `program`"),
+            ("[[probe]]\nname = \"A b\"\nprogram = \"rpc_call\"\nsymbol = \"x\"\n", ":2: field `name`"),
+            ("[[probe]]\nname = \"a\"\nprogram = \"rpc_call\"\nsymbol = \"\"\n", ":4: field `symbol`"),
+            (
+                "[[probe]]\nname = \"a\"\nprogram = \"rpc_call\"\nsymbol = \"x\"\nhashes = [\"12\"]\n",
+                ":5: field `hashes`",
+            ),
+            (
+                "[[probe]]\nname = \"a\"\nprogram = \"rpc_call\"\nsymbol = \"x\"\n[[probe]]\nname = \"a\"\nprogram = \"rpc_call\"\nsymbol = \"y\"\n",
+                ":6: field `name`",
+            ),
+            ("[[probe]]\nname = \"a\"\nprogram = \"rpc_call\"\nsymbol = \"x\"\ncolour = 1\n", "unknown field `colour`"),
+            ("[[probe]]\nname = \"a\"\n", "missing field"),
+            ("probe = 3", "invalid type"),
+            ("", "no [[probe]] entries"),
+        ];
+        for (text, want) in cases {
+            let err = Catalog::parse(text, "t.toml").expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: got {err:?}, want {want:?}");
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Pure decoders of what the probes send: ring buffer records and strings read from the
+//! target's memory, which are untrusted until validated here.
+
+use observer_common::{kind, Event, MAX_STR};
+
+/// A ring buffer record, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded {
+    CacheInsert {
+        cache: u64,
+        key: Bytes,
+        /// The value argument looks like a freshly made `Arc` (strong = weak = 1).
+        fresh_arc: bool,
+        ktime_ns: u64,
+    },
+    CacheRemove {
+        cache: u64,
+        key: Bytes,
+        ktime_ns: u64,
+    },
+    Spawn {
+        client: u64,
+        app: Bytes,
+        ktime_ns: u64,
+    },
+    Terminate {
+        handle: Bytes,
+        ktime_ns: u64,
+    },
+    FetchUnknown {
+        client: u64,
+        handle: Bytes,
+        ktime_ns: u64,
+    },
+}
+
+/// A string from target memory: the bytes read and the length it claimed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Bytes {
+    pub data: Vec<u8>,
+    pub full_len: u64,
+}
+
+impl Bytes {
+    pub fn new(s: &str) -> Self {
+        Bytes {
+            data: s.as_bytes().to_vec(),
+            full_len: s.len() as u64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {0} bytes, expected {1}")]
+    Size(usize, usize),
+    #[error("unknown event kind {0}")]
+    Kind(u32),
+    #[error("string length {0} exceeds the {MAX_STR} bytes carried")]
+    StrLen(u32),
+}
+
+pub fn decode(record: &[u8]) -> Result<Decoded, DecodeError> {
+    let want = std::mem::size_of::<Event>();
+    if record.len() < want {
+        return Err(DecodeError::Size(record.len(), want));
+    }
+    // SAFETY: Event is plain old data of this size; read_unaligned copes with any alignment.
+    let ev: Event = unsafe { std::ptr::read_unaligned(record.as_ptr() as *const Event) };
+    if ev.str_len as usize > MAX_STR {
+        return Err(DecodeError::StrLen(ev.str_len));
+    }
+    let s = Bytes {
+        data: ev.str[..ev.str_len as usize].to_vec(),
+        full_len: ev.str_full_len,
+    };
+    let t = ev.ktime_ns;
+    Ok(match ev.kind {
+        kind::CACHE_INSERT => Decoded::CacheInsert {
+            cache: ev.ptr_a,
+            key: s,
+            fresh_arc: ev.word_a == 1 && ev.word_b == 1,
+            ktime_ns: t,
+        },
+        kind::CACHE_REMOVE => Decoded::CacheRemove {
+            cache: ev.ptr_a,
+            key: s,
+            ktime_ns: t,
+        },
+        kind::RPC_SPAWN => Decoded::Spawn {
+            client: ev.ptr_a,
+            app: s,
+            ktime_ns: t,
+        },
+        kind::RPC_TERMINATE => Decoded::Terminate {
+            handle: s,
+            ktime_ns: t,
+        },
+        kind::RPC_FETCH_UNKNOWN => Decoded::FetchUnknown {
+            client: ev.ptr_a,
+            handle: s,
+            ktime_ns: t,
+        },
+        k => return Err(DecodeError::Kind(k)),
+    })
+}
+
+/// Why a string was refused as a label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    Empty,
+    TooLong,
+    NotUtf8,
+    BadChar,
+}
+
+impl Refused {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::Empty => "empty",
+            Refused::TooLong => "too_long",
+            Refused::NotUtf8 => "not_utf8",
+            Refused::BadChar => "bad_char",
+        }
+    }
+}
+
+/// Longest app id accepted as a label (rusty-workers' ids are 36-byte UUIDs).
+pub const MAX_LABEL: usize = 64;
+
+/// Validates an app id read from target memory before it becomes a label value. Accepts the
+/// characters of ids, hostnames and paths; anything else (quotes, backslashes, controls,
+/// newlines, non-UTF-8) is refused, not escaped, so no label can be forged or broken.
+pub fn app_label(b: &Bytes) -> Result<String, Refused> {
+    if b.full_len == 0 || b.data.is_empty() {
+        return Err(Refused::Empty);
+    }
+    if b.full_len as usize > MAX_LABEL || b.data.len() > MAX_LABEL {
+        return Err(Refused::TooLong);
+    }
+    let s = std::str::from_utf8(&b.data).map_err(|_| Refused::NotUtf8)?;
+    if !s
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || b"-_.:/@+~=".contains(&c))
+    {
+        return Err(Refused::BadChar);
+    }
+    Ok(s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: u32, s: &[u8], full: u64, words: [u64; 4]) -> Vec<u8> {
+        let mut ev = Event::zeroed();
+        ev.kind = kind;
+        ev.str_len = s.len() as u32;
+        ev.str_full_len = full;
+        ev.ktime_ns = 42;
+        ev.ptr_a = words[0];
+        ev.ptr_b = words[1];
+        ev.word_a = words[2];
+        ev.word_b = words[3];
+        ev.str[..s.len()].copy_from_slice(s);
+        let p = &ev as *const Event as *const u8;
+        // SAFETY: reading the bytes of a plain old data value.
+        unsafe { std::slice::from_raw_parts(p, std::mem::size_of::<Event>()) }.to_vec()
+    }
+
+    #[test]
+    fn decodes_every_kind() {
+        let cases: Vec<(Vec<u8>, Decoded)> = vec![
+            (
+                record(kind::CACHE_INSERT, b"app", 3, [0x10, 0x20, 1, 1]),
+                Decoded::CacheInsert { cache: 0x10, key: Bytes::new("app"), fresh_arc: true, ktime_ns: 42 },
+            ),
+            (
+                record(kind::CACHE_INSERT, b"example.com", 11, [0x10, 0x20, 0x7f00, 0]),
+                Decoded::CacheInsert { cache: 0x10, key: Bytes::new("example.com"), fresh_arc: false, ktime_ns: 42 },
+            ),
+            (
+                record(kind::CACHE_REMOVE, b"app", 3, [0x10, 0, 0, 0]),
+                Decoded::CacheRemove { cache: 0x10, key: Bytes::new("app"), ktime_ns: 42 },
+            ),
+            (
+                record(kind::RPC_SPAWN, b"app", 3, [0x30, 0, 0, 0]),
+                Decoded::Spawn { client: 0x30, app: Bytes::new("app"), ktime_ns: 42 },
+            ),
+            (
+                record(kind::RPC_TERMINATE, b"h1", 2, [0, 0, 0, 0]),
+                Decoded::Terminate { handle: Bytes::new("h1"), ktime_ns: 42 },
+            ),
+            (
+                record(kind::RPC_FETCH_UNKNOWN, b"h1", 2, [0x40, 0, 0, 0]),
+                Decoded::FetchUnknown { client: 0x40, handle: Bytes::new("h1"), ktime_ns: 42 },
+            ),
+        ];
+        for (rec, want) in cases {
+            assert_eq!(decode(&rec), Ok(want));
+        }
+    }
+
+    #[test]
+    fn refuses_malformed_records() {
+        assert_eq!(decode(&[0u8; 8]), Err(DecodeError::Size(8, std::mem::size_of::<Event>())));
+        assert_eq!(decode(&record(99, b"", 0, [0; 4])), Err(DecodeError::Kind(99)));
+        let mut r = record(kind::RPC_SPAWN, b"", 0, [0; 4]);
+        r[4..8].copy_from_slice(&1000u32.to_ne_bytes());
+        assert_eq!(decode(&r), Err(DecodeError::StrLen(1000)));
+    }
+
+    #[test]
+    fn label_validation() {
+        let long = "a".repeat(65);
+        let cases: Vec<(Bytes, Result<String, Refused>)> = vec![
+            (Bytes::new("afb38b70-d0bb-4102-8248-765e6c1d7dde"), Ok("afb38b70-d0bb-4102-8248-765e6c1d7dde".into())),
+            (Bytes::new("app.example.com/x"), Ok("app.example.com/x".into())),
+            (Bytes::new(""), Err(Refused::Empty)),
+            (Bytes::new(&long), Err(Refused::TooLong)),
+            (Bytes { data: b"abc".to_vec(), full_len: 5000 }, Err(Refused::TooLong)),
+            (Bytes { data: vec![0xff, 0xfe], full_len: 2 }, Err(Refused::NotUtf8)),
+            (Bytes::new("a\"b"), Err(Refused::BadChar)),
+            (Bytes::new("a\nb"), Err(Refused::BadChar)),
+            (Bytes::new("a\\b"), Err(Refused::BadChar)),
+            (Bytes::new("a}b"), Err(Refused::BadChar)),
+        ];
+        for (input, want) in cases {
+            assert_eq!(app_label(&input), want, "{input:?}");
+        }
+    }
+}

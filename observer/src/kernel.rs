@@ -1,0 +1,177 @@
+//! Loading the eBPF object, attaching its programs at the resolved sites, and reading its maps.
+
+use crate::resolve::Resolution;
+use anyhow::{anyhow, Context as _};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
+use aya::programs::UProbe;
+use aya::{Ebpf, EbpfLoader};
+use observer_common::{method, stat, HandleKey, Layout, MAX_APP_SLOTS};
+use std::num::NonZeroU32;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+/// The compiled eBPF programs (built by `cargo xtask build-ebpf`, embedded by build.rs).
+pub static EBPF_OBJECT: &[u8] = include_bytes!(env!("OBSERVER_EBPF_OBJECT"));
+
+/// What became of one catalog probe.
+#[derive(Debug, Clone)]
+pub struct ProbeStatus {
+    pub name: String,
+    pub program: String,
+    pub sites: usize,
+    pub attached: usize,
+    /// Empty when every site is attached; otherwise a bounded reason for a label.
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+/// Counters the programs keep in per-CPU arrays, read at scrape time.
+pub struct Counters {
+    rpc_calls: PerCpuArray<MapData, u64>,
+    app_requests: PerCpuArray<MapData, u64>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+fn sum(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, aya::maps::MapError> {
+    Ok(map.get(&index, 0)?.iter().sum())
+}
+
+impl Counters {
+    pub fn rpc_calls(&self) -> Result<Vec<u64>, aya::maps::MapError> {
+        (0..method::COUNT).map(|m| sum(&self.rpc_calls, m)).collect()
+    }
+
+    pub fn app_requests(&self, slot: u32) -> Result<u64, aya::maps::MapError> {
+        sum(&self.app_requests, slot)
+    }
+
+    pub fn events_lost(&self) -> Result<u64, aya::maps::MapError> {
+        sum(&self.stats, stat::EVENTS_LOST)
+    }
+
+    pub fn read_errors(&self) -> Result<u64, aya::maps::MapError> {
+        sum(&self.stats, stat::READ_ERRORS)
+    }
+}
+
+/// The loaded object. Dropping it detaches every link and unloads the programs: uprobes made
+/// through the perf `uprobe` PMU live only as long as their file descriptors.
+pub struct Kernel {
+    ebpf: Ebpf,
+    pub probes: Vec<ProbeStatus>,
+    _stats: Option<OwnedFd>,
+}
+
+/// Program run counts and run time, when the kernel keeps them (BPF_ENABLE_STATS).
+#[derive(Debug, Clone)]
+pub struct ProgramStats {
+    pub program: String,
+    pub runs: u64,
+    pub run_seconds: f64,
+}
+
+impl Kernel {
+    pub fn load(layout: &Layout) -> anyhow::Result<Self> {
+        // Run-time statistics cost two clock reads a run, against the microseconds of a uprobe
+        // trap; they give the observer's own cost per program.
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        let ebpf = EbpfLoader::new()
+            .override_global("LAYOUT", layout, true)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object into the kernel")?;
+        Ok(Kernel {
+            ebpf,
+            probes: Vec::new(),
+            _stats: stats,
+        })
+    }
+
+    /// Attaches every resolved site of every probe to `target` (a path the kernel resolves;
+    /// `/proc/<pid>/exe` reaches the executable inside containers), in process `pid` only.
+    pub fn attach(&mut self, resolutions: &[Resolution], target: &Path, pid: u32) -> anyhow::Result<()> {
+        let pid = NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 is not a process"))?;
+        for r in resolutions {
+            let mut status = ProbeStatus {
+                name: r.probe.name.clone(),
+                program: r.probe.program.clone(),
+                sites: r.sites().len(),
+                attached: 0,
+                reason: "",
+                detail: String::new(),
+            };
+            if let crate::resolve::Outcome::Unresolved(why) = &r.outcome {
+                status.reason = "unresolved";
+                status.detail = why.clone();
+                self.probes.push(status);
+                continue;
+            }
+            let prog: &mut UProbe = self
+                .ebpf
+                .program_mut(&r.probe.program)
+                .ok_or_else(|| anyhow!("eBPF object has no program {:?}", r.probe.program))?
+                .try_into()?;
+            if let Err(e) = ensure_loaded(prog) {
+                status.reason = "load_failed";
+                status.detail = format!("{e:#}");
+                self.probes.push(status);
+                continue;
+            }
+            for site in r.sites() {
+                match prog.attach(
+                    UProbeAttachLocation::AbsoluteOffset(site.file_offset),
+                    target,
+                    UProbeScope::OneProcess(pid),
+                ) {
+                    Ok(_) => status.attached += 1,
+                    Err(e) => {
+                        status.reason = "attach_failed";
+                        status.detail = format!("site {:#x}: {e}", site.file_offset);
+                    }
+                }
+            }
+            self.probes.push(status);
+        }
+        Ok(())
+    }
+
+    pub fn take_maps(
+        &mut self,
+    ) -> anyhow::Result<(RingBuf<MapData>, BpfHashMap<MapData, HandleKey, u32>, Counters)> {
+        let mut take = |name: &str| {
+            self.ebpf
+                .take_map(name)
+                .ok_or_else(|| anyhow!("eBPF object has no map {name}"))
+        };
+        let events = RingBuf::try_from(take("EVENTS")?)?;
+        let handles = BpfHashMap::try_from(take("HANDLE_APP")?)?;
+        let counters = Counters {
+            rpc_calls: PerCpuArray::try_from(take("RPC_CALLS")?)?,
+            app_requests: PerCpuArray::try_from(take("APP_REQUESTS")?)?,
+            stats: PerCpuArray::try_from(take("OBSERVER_STATS")?)?,
+        };
+        debug_assert!(MAX_APP_SLOTS > 1);
+        Ok((events, handles, counters))
+    }
+
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                Some(ProgramStats {
+                    program: name.to_string(),
+                    runs: info.run_count(),
+                    run_seconds: info.run_time().as_secs_f64(),
+                })
+            })
+            .collect()
+    }
+}
+
+fn ensure_loaded(prog: &mut UProbe) -> Result<(), aya::programs::ProgramError> {
+    match prog.load() {
+        Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

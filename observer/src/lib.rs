@@ -1,0 +1,10 @@
+//! rusty-workers observer: attaches eBPF uprobes to a running, unmodified rusty-workers proxy
+//! and serves Prometheus metrics about its apps, instances and runtime RPCs.
+
+pub mod catalog;
+pub mod decode;
+pub mod kernel;
+pub mod metrics;
+pub mod resolve;
+pub mod symbols;
+pub mod tracker;

@@ -1,0 +1,354 @@
+//! The `observer` command: `observer --pid PID` serves metrics, `observer probes` checks a target.
+
+use anyhow::{bail, Context as _};
+use observer::catalog::Catalog;
+use observer::symbols::SymbolTable;
+use observer::{decode, kernel, metrics, resolve, tracker};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+#[derive(Parser, Debug)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show, for every catalog probe, whether it resolves in the target and where.
+    Probes(ProbesArgs),
+}
+
+#[derive(Args, Debug)]
+struct ProbesArgs {
+    /// A running proxy.
+    #[arg(long, group = "target", required = true)]
+    pid: Option<u32>,
+    /// A proxy executable on disk.
+    #[arg(long, group = "target")]
+    binary: Option<PathBuf>,
+    /// A symbol table dump instead of a binary (tab-separated: address size type mangled
+    /// demangled, hex numbers), such as shared/rusty-workers/proxy-release.functions.tsv.
+    #[arg(long, group = "target")]
+    symbols: Option<PathBuf>,
+    /// With --symbols: file offset = address - this (0x1000 for a Rust PIE's .text).
+    #[arg(long, default_value = "0x1000", value_parser = parse_hex)]
+    text_bias: u64,
+    /// Probe catalog (TOML); default: the built-in rusty-workers proxy catalog.
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// PID of the rusty-workers proxy to observe.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Address of the Prometheus endpoint (`/metrics`); 9898 is the 2021 exporter's port.
+    #[arg(long, default_value = "0.0.0.0:9898")]
+    listen: SocketAddr,
+    /// Probe catalog (TOML); default: the built-in rusty-workers proxy catalog.
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+    /// Distinct app labels before further apps are counted under app="other".
+    #[arg(long, default_value_t = 1000)]
+    max_apps: usize,
+}
+
+fn load_catalog(path: Option<&Path>) -> anyhow::Result<Catalog> {
+    match path {
+        None => Ok(Catalog::builtin_proxy()),
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading catalog {}", p.display()))?;
+            Ok(Catalog::parse(&text, &p.display().to_string())?)
+        }
+    }
+}
+
+/// The executable of `pid`, as the kernel sees it; `/proc/<pid>/exe` resolves inside the
+/// process's own mount namespace, so it reaches binaries in containers too.
+fn target_exe(pid: u32) -> anyhow::Result<PathBuf> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    if !proc_dir.exists() {
+        bail!("no process with PID {pid}: pass the PID of a running rusty-workers proxy (pgrep -f rusty-workers-proxy)");
+    }
+    let exe = proc_dir.join("exe");
+    std::fs::metadata(&exe).with_context(|| {
+        format!("cannot open {} (a kernel thread, or not permitted: run as root)", exe.display())
+    })?;
+    Ok(exe)
+}
+
+fn probes_cmd(a: ProbesArgs) -> anyhow::Result<()> {
+    let catalog = load_catalog(a.catalog.as_deref())?;
+    let (path, table) = match (a.pid, a.binary, a.symbols) {
+        (Some(pid), _, _) => {
+            let exe = target_exe(pid)?;
+            let t = SymbolTable::from_elf_file(&exe)?;
+            (exe, t)
+        }
+        (None, Some(b), _) => {
+            let t = SymbolTable::from_elf_file(&b)?;
+            (b, t)
+        }
+        (None, None, Some(s)) => {
+            let text = std::fs::read_to_string(&s)
+                .with_context(|| format!("reading symbol dump {}", s.display()))?;
+            let t = SymbolTable::from_tsv(&text, a.text_bias)
+                .with_context(|| format!("symbol dump {}", s.display()))?;
+            (s, t)
+        }
+        _ => unreachable!("clap requires one of --pid, --binary, --symbols"),
+    };
+    let res = resolve::resolve(&catalog, &table);
+    let real = std::fs::read_link(&path).unwrap_or(path.clone());
+    println!("target: {} ({} function symbols)", real.display(), table.symbols.len());
+    print!("{}", resolve::report(&res));
+    let resolved = res.iter().filter(|r| !r.sites().is_empty()).count();
+    println!("{resolved}/{} probes resolved", res.len());
+    if resolved == 0 {
+        bail!("none of the catalog's probes resolved: {} is not a rusty-workers proxy (or the catalog is for another build)", real.display());
+    }
+    Ok(())
+}
+
+fn parse_hex(s: &str) -> Result<u64, String> {
+    let digits = s.strip_prefix("0x").unwrap_or(s);
+    u64::from_str_radix(digits, 16).map_err(|e| format!("{s:?} is not a hex number: {e}"))
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own. CLOCK_MONOTONIC is the clock of
+    // bpf_ktime_get_ns, which stamps the events.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn preflight() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the observer needs root: loading eBPF programs and attaching uprobes takes CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (run it with sudo)");
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux is missing): the observer needs a kernel built with CONFIG_DEBUG_INFO_BTF=y");
+    }
+    if !Path::new("/sys/bus/event_source/devices/uprobe").exists() {
+        bail!("this kernel has no uprobe perf PMU (/sys/bus/event_source/devices/uprobe): it needs CONFIG_UPROBE_EVENTS=y");
+    }
+    Ok(())
+}
+
+struct Shared {
+    tracker: tracker::Tracker,
+    events_received: u64,
+    decode_errors: u64,
+    target_up: bool,
+}
+
+async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!(
+                "cannot listen on {listen}: port {} is already in use (another observer, or the 2021 in-proxy exporter, which used 9898 too; `ss -ltnp 'sport = :{}'` shows who). Pass --listen ADDR:PORT to use another port",
+                listen.port(),
+                listen.port()
+            )
+        } else {
+            anyhow::anyhow!("cannot listen on {listen}: {e}")
+        }
+    })
+}
+
+async fn run(a: RunArgs) -> anyhow::Result<()> {
+    let Some(pid) = a.pid else {
+        bail!("missing --pid <PID> of the rusty-workers proxy (or use `observer probes`); see --help");
+    };
+    let catalog = load_catalog(a.catalog.as_deref())?;
+    let exe = target_exe(pid)?;
+    let table = SymbolTable::from_elf_file(&exe)?;
+    let resolutions = resolve::resolve(&catalog, &table);
+    let real = std::fs::read_link(&exe).unwrap_or(exe.clone());
+    if resolutions.iter().all(|r| r.sites().is_empty()) {
+        bail!(
+            "PID {pid} ({}) is not a rusty-workers proxy: none of the catalog's {} probes resolved\n{}",
+            real.display(),
+            resolutions.len(),
+            resolve::report(&resolutions)
+        );
+    }
+    for r in &resolutions {
+        if let resolve::Outcome::Unresolved(why) = &r.outcome {
+            log::warn!("probe {} not attached: {why}", r.probe.name);
+        }
+    }
+    preflight()?;
+    let listener = bind(a.listen).await?;
+
+    let mut kernel = kernel::Kernel::load(&observer_common::Layout::DEFAULT)?;
+    kernel.attach(&resolutions, &exe, pid)?;
+    for p in &kernel.probes {
+        if p.attached > 0 {
+            log::info!("probe {} attached at {}/{} sites", p.name, p.attached, p.sites);
+        } else if p.reason != "unresolved" {
+            log::warn!("probe {} not attached ({}): {}", p.name, p.reason, p.detail);
+        }
+    }
+    if kernel.probes.iter().all(|p| p.attached == 0) {
+        bail!("no probe could be attached to PID {pid}");
+    }
+    let (events, mut handle_map, counters) = kernel.take_maps()?;
+    let probes = kernel.probes.clone();
+    let counters = Arc::new(counters);
+    let kernel = Arc::new(Mutex::new(Some(kernel)));
+    let shared = Arc::new(Mutex::new(Shared {
+        tracker: tracker::Tracker::new(tracker::Config {
+            max_apps: a.max_apps,
+            ..Default::default()
+        }),
+        events_received: 0,
+        decode_errors: 0,
+        target_up: true,
+    }));
+
+    // Events: decode, update the model, push handle -> app slots back into the kernel.
+    let loop_shared = shared.clone();
+    // SAFETY: the AsyncFd owns the RingBuf, which owns the fd: it stays open while registered.
+    let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let event_loop = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                guard = events.readable_mut() => {
+                    let mut guard = guard.expect("ring buffer fd");
+                    let ops = {
+                        let mut s = loop_shared.lock().unwrap();
+                        let rb = guard.get_inner_mut();
+                        while let Some(rec) = rb.next() {
+                            s.events_received += 1;
+                            match decode::decode(&rec) {
+                                Ok(ev) => s.tracker.apply(ev),
+                                Err(e) => {
+                                    s.decode_errors += 1;
+                                    log::debug!("undecodable event: {e}");
+                                }
+                            }
+                        }
+                        s.tracker.take_map_ops()
+                    };
+                    for op in ops {
+                        let res = match op {
+                            tracker::MapOp::Insert(k, slot) => handle_map.insert(k, slot, 0),
+                            tracker::MapOp::Remove(k) => handle_map.remove(&k),
+                        };
+                        if let Err(e) = res {
+                            log::debug!("handle map update: {e}");
+                        }
+                    }
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => {
+                    let up = Path::new(&format!("/proc/{pid}")).exists();
+                    let mut s = loop_shared.lock().unwrap();
+                    if s.target_up && !up {
+                        log::warn!("proxy PID {pid} exited");
+                    }
+                    s.target_up = up;
+                    s.tracker.housekeeping(monotonic_ns());
+                }
+            }
+        }
+    });
+
+    let scrape_shared = shared.clone();
+    let scrape_kernel = kernel.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let shared = scrape_shared.clone();
+                let kernel = scrape_kernel.clone();
+                let counters = counters.clone();
+                let probes = probes.clone();
+                async move {
+                    let programs = kernel
+                        .lock()
+                        .unwrap()
+                        .as_ref()
+                        .map(|k| k.program_stats())
+                        .unwrap_or_default();
+                    let s = shared.lock().unwrap();
+                    let body = metrics::render(&metrics::Inputs {
+                        tracker: &s.tracker,
+                        counters: &counters,
+                        probes: &probes,
+                        programs: &programs,
+                        events_received: s.events_received,
+                        decode_errors: s.decode_errors,
+                        target_up: s.target_up,
+                        now_ns: monotonic_ns(),
+                    });
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        body,
+                    )
+                }
+            }),
+        )
+        .route(
+            "/",
+            axum::routing::get(|| async { "rusty-workers observer: metrics at /metrics\n" }),
+        );
+    log::info!(
+        "observing PID {pid} ({}), metrics on http://{}/metrics",
+        real.display(),
+        a.listen
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving /metrics")?;
+    event_loop.abort();
+    // Dropping the object closes the links: the kernel removes every uprobe.
+    let detached = kernel.lock().unwrap().take().map(|k| k.probes.iter().map(|p| p.attached).sum::<usize>());
+    log::info!("detached {} uprobe sites; bye", detached.unwrap_or(0));
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => log::info!("SIGTERM: detaching"),
+        _ = int.recv() => log::info!("SIGINT: detaching"),
+    }
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Probes(a)) => probes_cmd(a),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")
+            .and_then(|rt| rt.block_on(run(cli.run))),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,258 @@
+//! Renders the Prometheus exposition from the tracker, the kernel's counters and the probes.
+//!
+//! Built fresh on every scrape from the current state (as ebpf_exporter does), so a series
+//! never outlives what it describes and counters come straight from their source.
+
+use crate::kernel::{Counters, ProbeStatus, ProgramStats};
+use crate::tracker::Tracker;
+use observer_common::method;
+use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::time::Instant;
+
+pub const PREFIX: &str = "rusty_workers";
+const NO_LABELS: &[&str] = &[];
+
+/// Everything a scrape reads.
+pub struct Inputs<'a> {
+    pub tracker: &'a Tracker,
+    pub counters: &'a Counters,
+    pub probes: &'a [ProbeStatus],
+    pub programs: &'a [ProgramStats],
+    pub events_received: u64,
+    pub decode_errors: u64,
+    pub target_up: bool,
+    pub now_ns: u64,
+}
+
+struct Reg(Registry);
+
+impl Reg {
+    fn counter(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        let c = IntCounterVec::new(Opts::new(format!("{PREFIX}_{name}"), help), labels)
+            .expect("valid metric");
+        self.0.register(Box::new(c.clone())).expect("unique metric");
+        c
+    }
+    fn gauge(&self, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+        let g = GaugeVec::new(Opts::new(format!("{PREFIX}_{name}"), help), labels)
+            .expect("valid metric");
+        self.0.register(Box::new(g.clone())).expect("unique metric");
+        g
+    }
+    fn int_gauge(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        let g = IntGaugeVec::new(Opts::new(format!("{PREFIX}_{name}"), help), labels)
+            .expect("valid metric");
+        self.0.register(Box::new(g.clone())).expect("unique metric");
+        g
+    }
+}
+
+/// One concern's metrics, timed and reported like node_exporter's collectors.
+type Collector = fn(&Reg, &Inputs) -> anyhow::Result<()>;
+
+fn apps(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
+    let loaded = r.int_gauge("apps_loaded", "Apps in the proxy's app cache now (2021: APP_NUM).", &[]);
+    let age = r.gauge(
+        "app_loaded_seconds",
+        "Seconds since the app was loaded into the app cache (2021: APP_LAST_TIME, per app).",
+        &["app"],
+    );
+    let inst = r.int_gauge(
+        "app_instances",
+        "Instances the proxy holds for the app: spawned, not terminated, not dropped (2021: READY_INSTANCE, per app).",
+        &["app"],
+    );
+    let loads = r.counter("app_loads_total", "App loads into the proxy's app cache.", &["app"]);
+    let evictions = r.counter(
+        "app_evictions_total",
+        "App evictions from the app cache (app changed or deleted).",
+        &["app"],
+    );
+    let spawns = r.counter(
+        "app_instance_spawns_total",
+        "spawn_worker RPCs sent for the app (instance cold starts).",
+        &["app"],
+    );
+    let terms = r.counter(
+        "app_instance_terminations_total",
+        "terminate_worker RPCs sent for the app's instances (expiry, dropout, pool overflow).",
+        &["app"],
+    );
+    let dropped = r.counter(
+        "app_instances_dropped_total",
+        "Instances that left with their evicted app, never terminated.",
+        &["app"],
+    );
+    let reqs = r.counter(
+        "app_requests_total",
+        "Requests the proxy routed to an instance of the app (fetch RPCs; a retried request counts each attempt).",
+        &["app"],
+    );
+    let mut n_loaded = 0;
+    for (app, a) in &i.tracker.apps {
+        let l = [app.as_str()];
+        if a.loaded {
+            n_loaded += 1;
+            age.with_label_values(&l)
+                .set(i.now_ns.saturating_sub(a.loaded_at_ns) as f64 / 1e9);
+        }
+        inst.with_label_values(&l).set(a.alive as i64);
+        loads.with_label_values(&l).inc_by(a.loads);
+        evictions.with_label_values(&l).inc_by(a.evictions);
+        spawns.with_label_values(&l).inc_by(a.spawns);
+        terms.with_label_values(&l).inc_by(a.terminations);
+        dropped.with_label_values(&l).inc_by(a.dropped);
+        reqs.with_label_values(&l)
+            .inc_by(a.requests_user + i.counters.app_requests(a.slot)?);
+    }
+    loaded.with_label_values(NO_LABELS).set(n_loaded);
+    Ok(())
+}
+
+fn rpcs(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
+    let c = r.counter(
+        "runtime_rpcs_total",
+        "RPCs the proxy sent to runtimes, by RuntimeService method.",
+        &["method"],
+    );
+    for (m, n) in i.counters.rpc_calls()?.into_iter().enumerate() {
+        c.with_label_values(&[method::NAMES[m]]).inc_by(n);
+    }
+    Ok(())
+}
+
+fn observer(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
+    r.int_gauge("observer_build_info", "The observer's version.", &["version"])
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    r.int_gauge("observer_target_up", "1 while the watched proxy process exists.", &[])
+        .with_label_values(NO_LABELS)
+        .set(i.target_up as i64);
+    let attached = r.int_gauge(
+        "observer_probe_attached",
+        "1 if every site of the probe is attached; reason says why not (unresolved, load_failed, attach_failed).",
+        &["probe", "reason"],
+    );
+    let sites = r.int_gauge(
+        "observer_probe_sites",
+        "Function starts the probe is attached at.",
+        &["probe"],
+    );
+    for p in i.probes {
+        attached
+            .with_label_values(&[&p.name, p.reason])
+            .set((p.reason.is_empty() && p.attached > 0) as i64);
+        sites.with_label_values(&[&p.name]).set(p.attached as i64);
+    }
+    r.counter("observer_events_total", "Events received from the probes.", &[])
+        .with_label_values(NO_LABELS)
+        .inc_by(i.events_received);
+    r.counter(
+        "observer_events_lost_total",
+        "Events dropped in the kernel because the ring buffer was full.",
+        &[],
+    )
+    .with_label_values(NO_LABELS)
+    .inc_by(i.counters.events_lost()?);
+    r.counter(
+        "observer_target_read_errors_total",
+        "Reads of the target's memory that failed in a probe.",
+        &[],
+    )
+    .with_label_values(NO_LABELS)
+    .inc_by(i.counters.read_errors()?);
+    r.counter("observer_decode_errors_total", "Events that did not decode.", &[])
+        .with_label_values(NO_LABELS)
+        .inc_by(i.decode_errors);
+    let c = &i.tracker.counters;
+    r.counter(
+        "observer_label_overflow_total",
+        "App ids counted under app=\"other\" because the label cap was reached.",
+        &[],
+    )
+    .with_label_values(NO_LABELS)
+    .inc_by(c.label_overflow);
+    let refused = r.counter(
+        "observer_label_refused_total",
+        "App ids read from the target and refused as label values, counted under app=\"other\".",
+        &["reason"],
+    );
+    for reason in ["empty", "too_long", "not_utf8", "bad_char"] {
+        refused
+            .with_label_values(&[reason])
+            .inc_by(c.label_refused.get(reason).copied().unwrap_or(0));
+    }
+    r.counter(
+        "observer_unattributed_requests_total",
+        "Fetches on a worker handle the observer could not pair with an app (instances spawned before it attached).",
+        &[],
+    )
+    .with_label_values(NO_LABELS)
+    .inc_by(c.unattributed_requests);
+    r.counter(
+        "observer_unattributed_terminations_total",
+        "terminate_worker RPCs on a handle with no known app.",
+        &[],
+    )
+    .with_label_values(NO_LABELS)
+    .inc_by(c.unattributed_terminations);
+    r.counter(
+        "observer_handle_pairings_total",
+        "New worker handles paired with the app of their spawn.",
+        &[],
+    )
+    .with_label_values(NO_LABELS)
+    .inc_by(c.pairings);
+    r.int_gauge(
+        "observer_pending_spawns",
+        "spawn_worker RPCs whose worker has not been seen in a fetch yet.",
+        &[],
+    )
+    .with_label_values(NO_LABELS)
+    .set(i.tracker.pending_spawns() as i64);
+    let runs = r.counter(
+        "observer_bpf_program_runs_total",
+        "Runs of each eBPF program (kernel BPF stats).",
+        &["program"],
+    );
+    let secs = r.gauge(
+        "observer_bpf_program_run_seconds_total",
+        "Time spent in each eBPF program (kernel BPF stats; the uprobe trap itself is not included).",
+        &["program"],
+    );
+    for p in i.programs {
+        runs.with_label_values(&[&p.program]).inc_by(p.runs);
+        secs.with_label_values(&[&p.program]).set(p.run_seconds);
+    }
+    Ok(())
+}
+
+const COLLECTORS: &[(&str, Collector)] = &[("apps", apps), ("rpcs", rpcs), ("observer", observer)];
+
+pub fn render(i: &Inputs) -> String {
+    let reg = Reg(Registry::new());
+    let ok = reg.int_gauge(
+        "observer_collector_success",
+        "1 if the collector's last scrape succeeded.",
+        &["collector"],
+    );
+    let dur = reg.gauge(
+        "observer_collector_duration_seconds",
+        "Time the collector's last scrape took.",
+        &["collector"],
+    );
+    for (name, collect) in COLLECTORS {
+        let start = Instant::now();
+        let res = collect(&reg, i);
+        if let Err(e) = &res {
+            log::warn!("collector {name} failed: {e:#}");
+        }
+        ok.with_label_values(&[name]).set(res.is_ok() as i64);
+        dur.with_label_values(&[name]).set(start.elapsed().as_secs_f64());
+    }
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&reg.0.gather(), &mut buf)
+        .expect("text encoding into a Vec cannot fail");
+    String::from_utf8(buf).expect("the text format is UTF-8")
+}

@@ -1,0 +1,497 @@
+//! The observer's model of the proxy, built from probe events: which apps are loaded, which
+//! worker handle belongs to which app, how many instances each app has.
+//!
+//! The handle -> app pairing is the subtle part. A `spawn_worker` request carries the app id,
+//! the worker handle only comes back in its response, and the first `fetch` on that handle is
+//! the first place the handle shows up on the request side. Both calls come from the same
+//! request future: the spawn is sent on `client` (a local of the inlined `get_instance`, kept in
+//! the future's state across the await) and the fetch on `instance.client` (a local of
+//! `handle_request`, same future). Their addresses differ by a constant of the compiled
+//! future's layout, so a new handle's fetch is paired with the pending spawn whose client sits
+//! at that distance. The distance is learned from the first unambiguous cold start (one spawn
+//! pending) and then used to pair concurrent cold starts exactly; fetches that cannot be paired
+//! yet wait until it is known.
+
+use crate::decode::{app_label, Bytes, Decoded, Refused};
+use observer_common::{HandleKey, HANDLE_KEY_LEN, MAX_APP_SLOTS};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+/// Label of the shared series for apps past the label cap and for refused app ids.
+pub const OTHER: &str = "other";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Distinct app labels before new apps go to `other`.
+    pub max_apps: usize,
+    /// A spawn with no fetch after this long failed; a fetch unpaired this long is unattributed.
+    pub pending_ttl_ns: u64,
+    /// Largest distance between the spawn's and the fetch's client within one request future.
+    pub max_pair_distance: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_apps: 1000,
+            pending_ttl_ns: 60_000_000_000,
+            max_pair_distance: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppStats {
+    pub slot: u32,
+    pub loaded: bool,
+    /// CLOCK_MONOTONIC nanoseconds of the last load.
+    pub loaded_at_ns: u64,
+    pub loads: u64,
+    pub evictions: u64,
+    pub spawns: u64,
+    pub terminations: u64,
+    /// Instances that left with their evicted app, never terminated.
+    pub dropped: u64,
+    pub alive: u64,
+    /// Fetches attributed here (the kernel counts the rest in `APP_REQUESTS[slot]`).
+    pub requests_user: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SelfCounters {
+    pub label_refused: BTreeMap<&'static str, u64>,
+    pub label_overflow: u64,
+    pub unattributed_requests: u64,
+    pub unattributed_terminations: u64,
+    pub pairings: u64,
+}
+
+/// A change to the kernel's `HANDLE_APP` map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapOp {
+    Insert(HandleKey, u32),
+    Remove(HandleKey),
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    client: u64,
+    app: String,
+    ktime_ns: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Deferred {
+    client: u64,
+    handle: Bytes,
+    ktime_ns: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Tracker {
+    cfg: Config,
+    pub apps: BTreeMap<String, AppStats>,
+    app_cache: Option<u64>,
+    other_caches: BTreeSet<u64>,
+    handles: HashMap<Bytes, String>,
+    pending: Vec<Pending>,
+    deltas: BTreeSet<i64>,
+    deferred: Vec<Deferred>,
+    unclassified_removes: VecDeque<(u64, Bytes)>,
+    next_slot: u32,
+    pub counters: SelfCounters,
+    ops: Vec<MapOp>,
+}
+
+const MAX_UNCLASSIFIED: usize = 1024;
+
+pub fn handle_key(h: &Bytes) -> Option<HandleKey> {
+    if h.data.is_empty() || h.data.len() > HANDLE_KEY_LEN || h.full_len as usize != h.data.len() {
+        return None;
+    }
+    let mut key = HandleKey {
+        bytes: [0; HANDLE_KEY_LEN],
+    };
+    key.bytes[..h.data.len()].copy_from_slice(&h.data);
+    Some(key)
+}
+
+impl Tracker {
+    pub fn new(mut cfg: Config) -> Self {
+        cfg.max_apps = cfg.max_apps.min(MAX_APP_SLOTS as usize - 1);
+        let mut t = Tracker {
+            cfg,
+            next_slot: 1,
+            ..Default::default()
+        };
+        t.apps.insert(OTHER.to_string(), AppStats::default());
+        t
+    }
+
+    /// Changes to apply to the kernel's handle map, in order.
+    pub fn take_map_ops(&mut self) -> Vec<MapOp> {
+        std::mem::take(&mut self.ops)
+    }
+
+    pub fn pending_spawns(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn deferred_fetches(&self) -> usize {
+        self.deferred.len()
+    }
+
+    pub fn learned_distances(&self) -> Vec<i64> {
+        self.deltas.iter().copied().collect()
+    }
+
+    pub fn app_cache(&self) -> Option<u64> {
+        self.app_cache
+    }
+
+    fn label(&mut self, b: &Bytes) -> String {
+        match app_label(b) {
+            Ok(s) if self.apps.contains_key(&s) => s,
+            Ok(s) if self.apps.len() - 1 < self.cfg.max_apps => {
+                let slot = self.next_slot;
+                self.next_slot += 1;
+                self.apps.insert(
+                    s.clone(),
+                    AppStats {
+                        slot,
+                        ..Default::default()
+                    },
+                );
+                s
+            }
+            Ok(_) => {
+                self.counters.label_overflow += 1;
+                OTHER.to_string()
+            }
+            Err(r) => {
+                *self
+                    .counters
+                    .label_refused
+                    .entry(Refused::as_str(r))
+                    .or_default() += 1;
+                OTHER.to_string()
+            }
+        }
+    }
+
+    fn app(&mut self, label: &str) -> &mut AppStats {
+        self.apps.get_mut(label).expect("labels are created by label()")
+    }
+
+    pub fn apply(&mut self, ev: Decoded) {
+        match ev {
+            Decoded::CacheInsert {
+                cache,
+                key,
+                fresh_arc,
+                ktime_ns,
+            } => {
+                let is_app_cache = match self.app_cache {
+                    Some(c) => c == cache,
+                    None => fresh_arc && !self.other_caches.contains(&cache),
+                };
+                if !is_app_cache {
+                    self.other_caches.insert(cache);
+                    self.unclassified_removes.retain(|(c, _)| *c != cache);
+                    return;
+                }
+                if self.app_cache.is_none() {
+                    self.app_cache = Some(cache);
+                    let replay: Vec<Bytes> = self
+                        .unclassified_removes
+                        .iter()
+                        .filter(|(c, _)| *c == cache)
+                        .map(|(_, k)| k.clone())
+                        .collect();
+                    self.unclassified_removes.retain(|(c, _)| *c != cache);
+                    for k in replay {
+                        self.evict(&k);
+                    }
+                }
+                let label = self.label(&key);
+                let a = self.app(&label);
+                a.loads += 1;
+                a.loaded = true;
+                a.loaded_at_ns = ktime_ns;
+            }
+            Decoded::CacheRemove { cache, key, .. } => {
+                if self.app_cache == Some(cache) {
+                    self.evict(&key);
+                } else if !self.other_caches.contains(&cache) {
+                    if self.unclassified_removes.len() == MAX_UNCLASSIFIED {
+                        self.unclassified_removes.pop_front();
+                    }
+                    self.unclassified_removes.push_back((cache, key));
+                }
+            }
+            Decoded::Spawn {
+                client,
+                app,
+                ktime_ns,
+            } => {
+                let label = self.label(&app);
+                self.app(&label).spawns += 1;
+                // A spawn that failed leaves its entry behind; the retry reuses the same future.
+                self.pending.retain(|p| p.client != client);
+                self.pending.push(Pending {
+                    client,
+                    app: label,
+                    ktime_ns,
+                });
+            }
+            Decoded::FetchUnknown {
+                client,
+                handle,
+                ktime_ns,
+            } => {
+                self.fetch_unknown(Deferred {
+                    client,
+                    handle,
+                    ktime_ns,
+                });
+            }
+            Decoded::Terminate { handle, .. } => match self.handles.remove(&handle) {
+                Some(label) => {
+                    let a = self.app(&label);
+                    a.terminations += 1;
+                    a.alive = a.alive.saturating_sub(1);
+                    if let Some(k) = handle_key(&handle) {
+                        self.ops.push(MapOp::Remove(k));
+                    }
+                }
+                None => self.counters.unattributed_terminations += 1,
+            },
+        }
+    }
+
+    fn evict(&mut self, key: &Bytes) {
+        let label = self.label(key);
+        let a = self.app(&label);
+        a.evictions += 1;
+        a.loaded = false;
+        a.dropped += a.alive;
+        a.alive = 0;
+        // The app's state, its pool with it, is gone: its handles are no longer this app's.
+        let gone: Vec<Bytes> = self
+            .handles
+            .iter()
+            .filter(|(_, l)| **l == label)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in gone {
+            self.handles.remove(&h);
+            if let Some(k) = handle_key(&h) {
+                self.ops.push(MapOp::Remove(k));
+            }
+        }
+    }
+
+    /// Returns whether the fetch was attributed (now or by pairing).
+    fn fetch_unknown(&mut self, f: Deferred) -> bool {
+        if let Some(label) = self.handles.get(&f.handle).cloned() {
+            // The kernel looked the handle up before userspace had added it.
+            self.app(&label).requests_user += 1;
+            return true;
+        }
+        match self.pair(f.client) {
+            Some((label, learned)) => {
+                self.counters.pairings += 1;
+                self.handles.insert(f.handle.clone(), label.clone());
+                let a = self.app(&label);
+                a.alive += 1;
+                a.requests_user += 1;
+                let slot = a.slot;
+                if let Some(k) = handle_key(&f.handle) {
+                    self.ops.push(MapOp::Insert(k, slot));
+                }
+                if learned {
+                    self.retry_deferred();
+                }
+                true
+            }
+            None if self.pending.is_empty() => {
+                self.counters.unattributed_requests += 1;
+                true
+            }
+            None => {
+                self.deferred.push(f);
+                false
+            }
+        }
+    }
+
+    fn pair(&mut self, client: u64) -> Option<(String, bool)> {
+        let near: Vec<(usize, i64)> = self
+            .pending
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, client.wrapping_sub(p.client) as i64))
+            .filter(|(_, d)| d.unsigned_abs() <= self.cfg.max_pair_distance)
+            .collect();
+        let exact: Vec<&(usize, i64)> = near.iter().filter(|(_, d)| self.deltas.contains(d)).collect();
+        let (index, learned) = match (exact.len(), near.len()) {
+            (1, _) => (exact[0].0, false),
+            (0, 1) => {
+                self.deltas.insert(near[0].1);
+                (near[0].0, true)
+            }
+            _ => return None,
+        };
+        let p = self.pending.remove(index);
+        Some((p.app, learned))
+    }
+
+    fn retry_deferred(&mut self) {
+        let waiting = std::mem::take(&mut self.deferred);
+        for f in waiting {
+            self.fetch_unknown(f);
+        }
+    }
+
+    /// Ages out spawns that never got a fetch and fetches that never got a pairing.
+    pub fn housekeeping(&mut self, now_ns: u64) {
+        let ttl = self.cfg.pending_ttl_ns;
+        self.pending.retain(|p| now_ns.saturating_sub(p.ktime_ns) < ttl);
+        let before = self.deferred.len();
+        self.deferred.retain(|f| now_ns.saturating_sub(f.ktime_ns) < ttl);
+        self.counters.unattributed_requests += (before - self.deferred.len()) as u64;
+        if !self.deferred.is_empty() && self.pending.is_empty() {
+            self.counters.unattributed_requests += self.deferred.len() as u64;
+            self.deferred.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::new(s)
+    }
+    fn insert(cache: u64, app: &str, fresh: bool) -> Decoded {
+        Decoded::CacheInsert { cache, key: b(app), fresh_arc: fresh, ktime_ns: 1 }
+    }
+    fn remove(cache: u64, app: &str) -> Decoded {
+        Decoded::CacheRemove { cache, key: b(app), ktime_ns: 2 }
+    }
+    fn spawn(client: u64, app: &str) -> Decoded {
+        Decoded::Spawn { client, app: b(app), ktime_ns: 3 }
+    }
+    fn fetch(client: u64, h: &str) -> Decoded {
+        Decoded::FetchUnknown { client, handle: b(h), ktime_ns: 4 }
+    }
+    fn term(h: &str) -> Decoded {
+        Decoded::Terminate { handle: b(h), ktime_ns: 5 }
+    }
+
+    fn run(events: Vec<Decoded>) -> Tracker {
+        let mut t = Tracker::new(Config::default());
+        for e in events {
+            t.apply(e);
+        }
+        t
+    }
+
+    #[test]
+    fn app_cache_is_told_from_route_cache_by_its_value() {
+        let t = run(vec![
+            insert(0xA00, "example.com", false), // route cache first: its value is no fresh Arc
+            remove(0xB00, "app1"),               // unknown cache yet: held back
+            insert(0xB00, "app1", true),
+            insert(0xB00, "app2", true),
+            remove(0xA00, "example.com"),
+            remove(0xB00, "app2"),
+        ]);
+        assert_eq!(t.app_cache(), Some(0xB00));
+        let a1 = &t.apps["app1"];
+        assert_eq!((a1.loads, a1.evictions, a1.loaded), (1, 1, true));
+        let a2 = &t.apps["app2"];
+        assert_eq!((a2.loads, a2.evictions, a2.loaded), (1, 1, false));
+        assert!(!t.apps.contains_key("example.com"));
+    }
+
+    #[test]
+    fn lone_cold_start_pairs_and_teaches_the_distance() {
+        let mut t = run(vec![insert(0xB00, "app1", true), spawn(0x1000, "app1"), fetch(0x1100, "h1")]);
+        assert_eq!(t.learned_distances(), vec![0x100]);
+        let a = &t.apps["app1"];
+        assert_eq!((a.spawns, a.alive, a.requests_user), (1, 1, 1));
+        assert_eq!(t.take_map_ops(), vec![MapOp::Insert(handle_key(&b("h1")).unwrap(), a.slot)]);
+        t.apply(term("h1"));
+        let a = &t.apps["app1"];
+        assert_eq!((a.terminations, a.alive), (1, 0));
+        assert_eq!(t.take_map_ops(), vec![MapOp::Remove(handle_key(&b("h1")).unwrap())]);
+    }
+
+    #[test]
+    fn concurrent_cold_starts_wait_for_the_distance_then_pair_exactly() {
+        let t = run(vec![
+            spawn(0x1000, "app1"),
+            spawn(0x5000, "app2"),
+            fetch(0x5100, "h2"), // two spawns within reach: ambiguous, deferred
+            fetch(0x1100, "h1"), // still ambiguous (0x100 and -0x3f00): deferred
+            spawn(0x9000, "app3"),
+            spawn(0x20000, "app1"),
+            fetch(0x20100, "h3"), // app1's second spawn is alone within reach: learns 0x100
+            fetch(0x9100, "h4"),
+        ]);
+        assert_eq!(t.learned_distances(), vec![0x100]);
+        assert_eq!(t.deferred_fetches(), 0);
+        assert_eq!(t.pending_spawns(), 0);
+        assert_eq!(t.handles[&b("h1")], "app1");
+        assert_eq!(t.handles[&b("h2")], "app2");
+        assert_eq!(t.handles[&b("h3")], "app1");
+        assert_eq!(t.handles[&b("h4")], "app3");
+        assert_eq!(t.apps["app1"].alive, 2);
+    }
+
+    #[test]
+    fn eviction_drops_the_apps_instances() {
+        let mut t = run(vec![
+            insert(0xB00, "app1", true),
+            spawn(0x1000, "app1"),
+            fetch(0x1100, "h1"),
+            spawn(0x1000, "app1"),
+            fetch(0x1100, "h2"),
+            remove(0xB00, "app1"),
+            term("h1"),
+        ]);
+        let a = &t.apps["app1"];
+        assert_eq!((a.alive, a.dropped, a.terminations, a.loaded), (0, 2, 0, false));
+        assert_eq!(t.counters.unattributed_terminations, 1);
+        let ops = t.take_map_ops();
+        assert_eq!(ops.iter().filter(|o| matches!(o, MapOp::Remove(_))).count(), 2);
+    }
+
+    #[test]
+    fn unknown_handles_without_spawns_are_unattributed() {
+        let mut t = run(vec![fetch(0x1100, "old"), term("old")]);
+        assert_eq!(t.counters.unattributed_requests, 1);
+        assert_eq!(t.counters.unattributed_terminations, 1);
+        t.apply(spawn(0x1000, "app1"));
+        t.apply(fetch(0x900000, "far")); // a spawn pending, but not within reach: waits
+        assert_eq!(t.deferred_fetches(), 1);
+        t.housekeeping(4 + Config::default().pending_ttl_ns);
+        assert_eq!(t.deferred_fetches(), 0);
+        assert_eq!(t.counters.unattributed_requests, 2);
+    }
+
+    #[test]
+    fn labels_are_capped_and_refused_ones_go_to_other() {
+        let mut t = Tracker::new(Config { max_apps: 2, ..Config::default() });
+        for app in ["a", "b", "c", "d\"x"] {
+            t.apply(insert(0xB00, app, true));
+        }
+        assert_eq!(t.apps.len(), 3, "{:?}", t.apps.keys().collect::<Vec<_>>());
+        assert_eq!(t.apps[OTHER].loads, 2);
+        assert_eq!(t.counters.label_overflow, 1);
+        assert_eq!(t.counters.label_refused["bad_char"], 1);
+        let slots: BTreeSet<u32> = t.apps.values().map(|a| a.slot).collect();
+        assert_eq!(slots, BTreeSet::from([0, 1, 2]));
+    }
+}

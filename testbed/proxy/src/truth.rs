@@ -1,0 +1,90 @@
+//! Ground truth: what the proxy itself did, counted where it does it, served as JSON.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+#[derive(Serialize, Default, Clone)]
+pub struct AppTruth {
+    pub loads: u64,
+    pub evictions: u64,
+    pub spawns: u64,
+    pub terminations: u64,
+    /// Instances dropped without a terminate RPC (their app was evicted).
+    pub dropped: u64,
+    /// Fetch RPCs sent to an instance of this app.
+    pub requests: u64,
+    pub loaded: bool,
+    pub instances_alive: u64,
+}
+
+#[derive(Serialize, Default, Clone)]
+pub struct Truth {
+    pub apps: BTreeMap<String, AppTruth>,
+    pub rpc_calls: BTreeMap<String, u64>,
+    pub apps_loaded: u64,
+    #[serde(skip)]
+    handles: BTreeMap<String, String>,
+}
+
+static TRUTH: Mutex<Option<Truth>> = Mutex::new(None);
+
+fn with<R>(f: impl FnOnce(&mut Truth) -> R) -> R {
+    let mut g = TRUTH.lock().unwrap();
+    f(g.get_or_insert_with(Truth::default))
+}
+
+pub fn rpc(method: &str) {
+    with(|t| *t.rpc_calls.entry(method.to_string()).or_default() += 1);
+}
+
+pub fn app_loaded(app: &str) {
+    with(|t| {
+        let a = t.apps.entry(app.to_string()).or_default();
+        a.loads += 1;
+        a.loaded = true;
+    });
+}
+
+/// An app left the cache: its pooled instances go with its state, never terminated.
+pub fn app_evicted(app: &str) {
+    with(|t| {
+        let a = t.apps.entry(app.to_string()).or_default();
+        a.evictions += 1;
+        a.loaded = false;
+        a.dropped += a.instances_alive;
+        a.instances_alive = 0;
+        t.handles.retain(|_, v| v != app);
+    });
+}
+
+pub fn spawned(app: &str, handle: &str) {
+    with(|t| {
+        let a = t.apps.entry(app.to_string()).or_default();
+        a.spawns += 1;
+        a.instances_alive += 1;
+        t.handles.insert(handle.to_string(), app.to_string());
+    });
+}
+
+pub fn terminated(handle: &str) {
+    with(|t| {
+        if let Some(app) = t.handles.remove(handle) {
+            let a = t.apps.entry(app).or_default();
+            a.terminations += 1;
+            a.instances_alive = a.instances_alive.saturating_sub(1);
+        }
+    });
+}
+
+pub fn request(app: &str) {
+    with(|t| t.apps.entry(app.to_string()).or_default().requests += 1);
+}
+
+pub fn snapshot() -> Truth {
+    with(|t| {
+        let mut s = t.clone();
+        s.apps_loaded = s.apps.values().filter(|a| a.loaded).count() as u64;
+        s
+    })
+}

@@ -1,0 +1,108 @@
+//! Test target runtime: holds "workers" (one per spawned instance) and answers fetches.
+//!
+//! Usage: rusty-workers-runtime --listen 127.0.0.1:PORT
+
+use futures::StreamExt;
+use rusty_workers::rpc::RuntimeService;
+use rusty_workers::types::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tarpc::context;
+use tarpc::server::Channel;
+
+#[derive(Clone)]
+struct RuntimeServer {
+    id: RuntimeId,
+    workers: Arc<Mutex<HashMap<WorkerHandle, String>>>,
+}
+
+#[tarpc::server]
+impl RuntimeService for RuntimeServer {
+    async fn id(self, _: context::Context) -> RuntimeId {
+        self.id.clone()
+    }
+
+    async fn spawn_worker(
+        self,
+        _: context::Context,
+        appid: String,
+        _configuration: WorkerConfiguration,
+        _bundle: Vec<u8>,
+    ) -> GenericResult<WorkerHandle> {
+        let handle = WorkerHandle::generate();
+        self.workers.lock().unwrap().insert(handle.clone(), appid);
+        Ok(handle)
+    }
+
+    async fn terminate_worker(self, _: context::Context, handle: WorkerHandle) -> bool {
+        self.workers.lock().unwrap().remove(&handle).is_some()
+    }
+
+    async fn list_workers(self, _: context::Context) -> GenericResult<Vec<WorkerHandle>> {
+        Ok(self.workers.lock().unwrap().keys().cloned().collect())
+    }
+
+    async fn fetch(
+        self,
+        _: context::Context,
+        handle: WorkerHandle,
+        req: RequestObject,
+    ) -> ExecutionResult<ResponseObject> {
+        let app = match self.workers.lock().unwrap().get(&handle) {
+            Some(app) => app.clone(),
+            None => return Err(ExecutionError::NoSuchWorker),
+        };
+        // Injected latency, as a script would spend it: `x-delay-ms` request header.
+        let delay_ms: u64 = req
+            .headers
+            .get("x-delay-ms")
+            .and_then(|v| v.first())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        }
+        let body = format!("app={} worker={} url={}\n", app, handle.id, req.url);
+        Ok(ResponseObject {
+            headers: Default::default(),
+            status: 200,
+            body: HttpBody::Binary(body.into_bytes()),
+        })
+    }
+
+    async fn load(self, _: context::Context) -> GenericResult<u16> {
+        Ok(0)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let listen = match args.iter().position(|a| a == "--listen") {
+        Some(i) if i + 1 < args.len() => args[i + 1].clone(),
+        _ => anyhow::bail!("usage: rusty-workers-runtime --listen ADDR:PORT"),
+    };
+    let server = RuntimeServer {
+        id: RuntimeId::generate(),
+        workers: Arc::new(Mutex::new(HashMap::new())),
+    };
+    let listener = tarpc::serde_transport::tcp::listen(
+        listen.as_str(),
+        rusty_workers::SerdeFormat::default,
+    )
+    .await?;
+    eprintln!(
+        "runtime {} listening on {}",
+        server.id.0,
+        listener.local_addr()
+    );
+    listener
+        .filter_map(|r| futures::future::ready(r.ok()))
+        .map(tarpc::server::BaseChannel::with_defaults)
+        .map(move |channel| channel.respond_with(server.clone().serve()).execute())
+        .buffer_unordered(1024)
+        .for_each(|_| async {})
+        .await;
+    Ok(())
+}
