@@ -73,14 +73,13 @@ impl Catalog {
             source_name: source_name.to_string(),
             msg: e.to_string().trim_end().to_string(),
         })?;
-        let field_err = |span: std::ops::Range<usize>, field: &'static str, msg: String| {
-            CatalogError::Field {
+        let field_err =
+            |span: std::ops::Range<usize>, field: &'static str, msg: String| CatalogError::Field {
                 source_name: source_name.to_string(),
                 line: line_of(text, span.start),
                 field,
                 msg,
-            }
-        };
+            };
         if raw.probe.is_empty() {
             return Err(CatalogError::Syntax {
                 source_name: source_name.to_string(),
@@ -103,7 +102,11 @@ impl Catalog {
                 ));
             }
             if !names.insert(name.clone()) {
-                return Err(field_err(p.name.span(), "name", format!("{name:?} appears twice")));
+                return Err(field_err(
+                    p.name.span(),
+                    "name",
+                    format!("{name:?} appears twice"),
+                ));
             }
             if !PROGRAMS.contains(&p.program.get_ref().as_str()) {
                 return Err(field_err(
@@ -117,7 +120,11 @@ impl Catalog {
                 ));
             }
             if p.symbol.get_ref().trim().is_empty() {
-                return Err(field_err(p.symbol.span(), "symbol", "must not be empty".into()));
+                return Err(field_err(
+                    p.symbol.span(),
+                    "symbol",
+                    "must not be empty".into(),
+                ));
             }
             if let Some(h) = &p.hashes {
                 if let Some(bad) = h
@@ -160,7 +167,10 @@ mod tests {
         let c = Catalog::builtin_proxy();
         assert_eq!(c.probes.len(), 3);
         let per_request = c.probes.iter().filter(|p| p.per_request).count();
-        assert!(per_request <= 2, "the request-path budget is 2 BPF runs per request");
+        assert!(
+            per_request <= 2,
+            "the request-path budget is 2 BPF runs per request"
+        );
     }
 
     #[test]

@@ -173,27 +173,57 @@ mod tests {
         let cases: Vec<(Vec<u8>, Decoded)> = vec![
             (
                 record(kind::CACHE_INSERT, b"app", 3, [0x10, 0x20, 1, 1]),
-                Decoded::CacheInsert { cache: 0x10, key: Bytes::new("app"), fresh_arc: true, ktime_ns: 42 },
+                Decoded::CacheInsert {
+                    cache: 0x10,
+                    key: Bytes::new("app"),
+                    fresh_arc: true,
+                    ktime_ns: 42,
+                },
             ),
             (
-                record(kind::CACHE_INSERT, b"example.com", 11, [0x10, 0x20, 0x7f00, 0]),
-                Decoded::CacheInsert { cache: 0x10, key: Bytes::new("example.com"), fresh_arc: false, ktime_ns: 42 },
+                record(
+                    kind::CACHE_INSERT,
+                    b"example.com",
+                    11,
+                    [0x10, 0x20, 0x7f00, 0],
+                ),
+                Decoded::CacheInsert {
+                    cache: 0x10,
+                    key: Bytes::new("example.com"),
+                    fresh_arc: false,
+                    ktime_ns: 42,
+                },
             ),
             (
                 record(kind::CACHE_REMOVE, b"app", 3, [0x10, 0, 0, 0]),
-                Decoded::CacheRemove { cache: 0x10, key: Bytes::new("app"), ktime_ns: 42 },
+                Decoded::CacheRemove {
+                    cache: 0x10,
+                    key: Bytes::new("app"),
+                    ktime_ns: 42,
+                },
             ),
             (
                 record(kind::RPC_SPAWN, b"app", 3, [0x30, 0, 0, 0]),
-                Decoded::Spawn { client: 0x30, app: Bytes::new("app"), ktime_ns: 42 },
+                Decoded::Spawn {
+                    client: 0x30,
+                    app: Bytes::new("app"),
+                    ktime_ns: 42,
+                },
             ),
             (
                 record(kind::RPC_TERMINATE, b"h1", 2, [0, 0, 0, 0]),
-                Decoded::Terminate { handle: Bytes::new("h1"), ktime_ns: 42 },
+                Decoded::Terminate {
+                    handle: Bytes::new("h1"),
+                    ktime_ns: 42,
+                },
             ),
             (
                 record(kind::RPC_FETCH_UNKNOWN, b"h1", 2, [0x40, 0, 0, 0]),
-                Decoded::FetchUnknown { client: 0x40, handle: Bytes::new("h1"), ktime_ns: 42 },
+                Decoded::FetchUnknown {
+                    client: 0x40,
+                    handle: Bytes::new("h1"),
+                    ktime_ns: 42,
+                },
             ),
         ];
         for (rec, want) in cases {
@@ -203,8 +233,14 @@ mod tests {
 
     #[test]
     fn refuses_malformed_records() {
-        assert_eq!(decode(&[0u8; 8]), Err(DecodeError::Size(8, std::mem::size_of::<Event>())));
-        assert_eq!(decode(&record(99, b"", 0, [0; 4])), Err(DecodeError::Kind(99)));
+        assert_eq!(
+            decode(&[0u8; 8]),
+            Err(DecodeError::Size(8, std::mem::size_of::<Event>()))
+        );
+        assert_eq!(
+            decode(&record(99, b"", 0, [0; 4])),
+            Err(DecodeError::Kind(99))
+        );
         let mut r = record(kind::RPC_SPAWN, b"", 0, [0; 4]);
         r[4..8].copy_from_slice(&1000u32.to_ne_bytes());
         assert_eq!(decode(&r), Err(DecodeError::StrLen(1000)));
@@ -214,12 +250,30 @@ mod tests {
     fn label_validation() {
         let long = "a".repeat(65);
         let cases: Vec<(Bytes, Result<String, Refused>)> = vec![
-            (Bytes::new("afb38b70-d0bb-4102-8248-765e6c1d7dde"), Ok("afb38b70-d0bb-4102-8248-765e6c1d7dde".into())),
-            (Bytes::new("app.example.com/x"), Ok("app.example.com/x".into())),
+            (
+                Bytes::new("afb38b70-d0bb-4102-8248-765e6c1d7dde"),
+                Ok("afb38b70-d0bb-4102-8248-765e6c1d7dde".into()),
+            ),
+            (
+                Bytes::new("app.example.com/x"),
+                Ok("app.example.com/x".into()),
+            ),
             (Bytes::new(""), Err(Refused::Empty)),
             (Bytes::new(&long), Err(Refused::TooLong)),
-            (Bytes { data: b"abc".to_vec(), full_len: 5000 }, Err(Refused::TooLong)),
-            (Bytes { data: vec![0xff, 0xfe], full_len: 2 }, Err(Refused::NotUtf8)),
+            (
+                Bytes {
+                    data: b"abc".to_vec(),
+                    full_len: 5000,
+                },
+                Err(Refused::TooLong),
+            ),
+            (
+                Bytes {
+                    data: vec![0xff, 0xfe],
+                    full_len: 2,
+                },
+                Err(Refused::NotUtf8),
+            ),
             (Bytes::new("a\"b"), Err(Refused::BadChar)),
             (Bytes::new("a\nb"), Err(Refused::BadChar)),
             (Bytes::new("a\\b"), Err(Refused::BadChar)),

@@ -39,7 +39,9 @@ fn sum(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, aya::maps::Ma
 
 impl Counters {
     pub fn rpc_calls(&self) -> Result<Vec<u64>, aya::maps::MapError> {
-        (0..method::COUNT).map(|m| sum(&self.rpc_calls, m)).collect()
+        (0..method::COUNT)
+            .map(|m| sum(&self.rpc_calls, m))
+            .collect()
     }
 
     pub fn app_requests(&self, slot: u32) -> Result<u64, aya::maps::MapError> {
@@ -89,7 +91,12 @@ impl Kernel {
 
     /// Attaches every resolved site of every probe to `target` (a path the kernel resolves;
     /// `/proc/<pid>/exe` reaches the executable inside containers), in process `pid` only.
-    pub fn attach(&mut self, resolutions: &[Resolution], target: &Path, pid: u32) -> anyhow::Result<()> {
+    pub fn attach(
+        &mut self,
+        resolutions: &[Resolution],
+        target: &Path,
+        pid: u32,
+    ) -> anyhow::Result<()> {
         let pid = NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 is not a process"))?;
         for r in resolutions {
             let mut status = ProbeStatus {
@@ -137,7 +144,11 @@ impl Kernel {
 
     pub fn take_maps(
         &mut self,
-    ) -> anyhow::Result<(RingBuf<MapData>, BpfHashMap<MapData, HandleKey, u32>, Counters)> {
+    ) -> anyhow::Result<(
+        RingBuf<MapData>,
+        BpfHashMap<MapData, HandleKey, u32>,
+        Counters,
+    )> {
         let mut take = |name: &str| {
             self.ebpf
                 .take_map(name)

@@ -1,10 +1,10 @@
 //! The `observer` command: `observer --pid PID` serves metrics, `observer probes` checks a target.
 
 use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
 use observer::catalog::Catalog;
 use observer::symbols::SymbolTable;
 use observer::{decode, kernel, metrics, resolve, tracker};
-use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -83,7 +83,10 @@ fn target_exe(pid: u32) -> anyhow::Result<PathBuf> {
     }
     let exe = proc_dir.join("exe");
     std::fs::metadata(&exe).with_context(|| {
-        format!("cannot open {} (a kernel thread, or not permitted: run as root)", exe.display())
+        format!(
+            "cannot open {} (a kernel thread, or not permitted: run as root)",
+            exe.display()
+        )
     })?;
     Ok(exe)
 }
@@ -111,7 +114,11 @@ fn probes_cmd(a: ProbesArgs) -> anyhow::Result<()> {
     };
     let res = resolve::resolve(&catalog, &table);
     let real = std::fs::read_link(&path).unwrap_or(path.clone());
-    println!("target: {} ({} function symbols)", real.display(), table.symbols.len());
+    println!(
+        "target: {} ({} function symbols)",
+        real.display(),
+        table.symbols.len()
+    );
     print!("{}", resolve::report(&res));
     let resolved = res.iter().filter(|r| !r.sites().is_empty()).count();
     println!("{resolved}/{} probes resolved", res.len());
@@ -127,7 +134,10 @@ fn parse_hex(s: &str) -> Result<u64, String> {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own. CLOCK_MONOTONIC is the clock of
     // bpf_ktime_get_ns, which stamps the events.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
@@ -171,7 +181,9 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
     let Some(pid) = a.pid else {
-        bail!("missing --pid <PID> of the rusty-workers proxy (or use `observer probes`); see --help");
+        bail!(
+            "missing --pid <PID> of the rusty-workers proxy (or use `observer probes`); see --help"
+        );
     };
     let catalog = load_catalog(a.catalog.as_deref())?;
     let exe = target_exe(pid)?;
@@ -198,7 +210,12 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     kernel.attach(&resolutions, &exe, pid)?;
     for p in &kernel.probes {
         if p.attached > 0 {
-            log::info!("probe {} attached at {}/{} sites", p.name, p.attached, p.sites);
+            log::info!(
+                "probe {} attached at {}/{} sites",
+                p.name,
+                p.attached,
+                p.sites
+            );
         } else if p.reason != "unresolved" {
             log::warn!("probe {} not attached ({}): {}", p.name, p.reason, p.detail);
         }
@@ -299,7 +316,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                         now_ns: monotonic_ns(),
                     });
                     (
-                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
                         body,
                     )
                 }
@@ -320,7 +340,11 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         .context("serving /metrics")?;
     event_loop.abort();
     // Dropping the object closes the links: the kernel removes every uprobe.
-    let detached = kernel.lock().unwrap().take().map(|k| k.probes.iter().map(|p| p.attached).sum::<usize>());
+    let detached = kernel
+        .lock()
+        .unwrap()
+        .take()
+        .map(|k| k.probes.iter().map(|p| p.attached).sum::<usize>());
     log::info!("detached {} uprobe sites; bye", detached.unwrap_or(0));
     Ok(())
 }

@@ -51,7 +51,11 @@ impl Reg {
 type Collector = fn(&Reg, &Inputs) -> anyhow::Result<()>;
 
 fn apps(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
-    let loaded = r.int_gauge("apps_loaded", "Apps in the proxy's app cache now (2021: APP_NUM).", &[]);
+    let loaded = r.int_gauge(
+        "apps_loaded",
+        "Apps in the proxy's app cache now (2021: APP_NUM).",
+        &[],
+    );
     let age = r.gauge(
         "app_loaded_seconds",
         "Seconds since the app was loaded into the app cache (2021: APP_LAST_TIME, per app).",
@@ -62,7 +66,11 @@ fn apps(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
         "Instances the proxy holds for the app: spawned, not terminated, not dropped (2021: READY_INSTANCE, per app).",
         &["app"],
     );
-    let loads = r.counter("app_loads_total", "App loads into the proxy's app cache.", &["app"]);
+    let loads = r.counter(
+        "app_loads_total",
+        "App loads into the proxy's app cache.",
+        &["app"],
+    );
     let evictions = r.counter(
         "app_evictions_total",
         "App evictions from the app cache (app changed or deleted).",
@@ -122,12 +130,20 @@ fn rpcs(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
 }
 
 fn observer(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
-    r.int_gauge("observer_build_info", "The observer's version.", &["version"])
-        .with_label_values(&[env!("CARGO_PKG_VERSION")])
-        .set(1);
-    r.int_gauge("observer_target_up", "1 while the watched proxy process exists.", &[])
-        .with_label_values(NO_LABELS)
-        .set(i.target_up as i64);
+    r.int_gauge(
+        "observer_build_info",
+        "The observer's version.",
+        &["version"],
+    )
+    .with_label_values(&[env!("CARGO_PKG_VERSION")])
+    .set(1);
+    r.int_gauge(
+        "observer_target_up",
+        "1 while the watched proxy process exists.",
+        &[],
+    )
+    .with_label_values(NO_LABELS)
+    .set(i.target_up as i64);
     let attached = r.int_gauge(
         "observer_probe_attached",
         "1 if every site of the probe is attached; reason says why not (unresolved, load_failed, attach_failed).",
@@ -144,9 +160,13 @@ fn observer(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
             .set((p.reason.is_empty() && p.attached > 0) as i64);
         sites.with_label_values(&[&p.name]).set(p.attached as i64);
     }
-    r.counter("observer_events_total", "Events received from the probes.", &[])
-        .with_label_values(NO_LABELS)
-        .inc_by(i.events_received);
+    r.counter(
+        "observer_events_total",
+        "Events received from the probes.",
+        &[],
+    )
+    .with_label_values(NO_LABELS)
+    .inc_by(i.events_received);
     r.counter(
         "observer_events_lost_total",
         "Events dropped in the kernel because the ring buffer was full.",
@@ -161,9 +181,13 @@ fn observer(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
     )
     .with_label_values(NO_LABELS)
     .inc_by(i.counters.read_errors()?);
-    r.counter("observer_decode_errors_total", "Events that did not decode.", &[])
-        .with_label_values(NO_LABELS)
-        .inc_by(i.decode_errors);
+    r.counter(
+        "observer_decode_errors_total",
+        "Events that did not decode.",
+        &[],
+    )
+    .with_label_values(NO_LABELS)
+    .inc_by(i.decode_errors);
     let c = &i.tracker.counters;
     r.counter(
         "observer_label_overflow_total",
@@ -248,7 +272,8 @@ pub fn render(i: &Inputs) -> String {
             log::warn!("collector {name} failed: {e:#}");
         }
         ok.with_label_values(&[name]).set(res.is_ok() as i64);
-        dur.with_label_values(&[name]).set(start.elapsed().as_secs_f64());
+        dur.with_label_values(&[name])
+            .set(start.elapsed().as_secs_f64());
     }
     let mut buf = Vec::new();
     TextEncoder::new()

@@ -67,7 +67,11 @@ pub fn resolve_probe(probe: &Probe, table: &SymbolTable) -> Outcome {
         return Outcome::Unresolved(format!(
             "`{}` exists, but not with hash {}: this build has {}",
             probe.symbol,
-            probe.hashes.as_ref().map(|h| h.join("|")).unwrap_or_default(),
+            probe
+                .hashes
+                .as_ref()
+                .map(|h| h.join("|"))
+                .unwrap_or_default(),
             have.join(", ")
         ));
     }
@@ -97,7 +101,11 @@ pub fn report(resolutions: &[Resolution]) -> String {
                     sites.len(),
                     if sites.len() == 1 { " " } else { "s" },
                     r.probe.symbol,
-                    if r.probe.per_request { "  [per request]" } else { "" }
+                    if r.probe.per_request {
+                        "  [per request]"
+                    } else {
+                        ""
+                    }
                 ));
                 for s in sites {
                     out.push_str(&format!(
@@ -141,16 +149,26 @@ mod tests {
     #[test]
     fn every_catalog_probe_resolves_on_the_real_proxy() {
         let table = real_table();
-        assert!(table.symbols.len() > 5000, "{} symbols", table.symbols.len());
+        assert!(
+            table.symbols.len() > 5000,
+            "{} symbols",
+            table.symbols.len()
+        );
         // (probe, addresses, hashes) from NOTES.md and the dump itself.
         let want: &[(&str, &[(u64, &str)])] = &[
             (
                 "app_cache_insert",
-                &[(0x362a50, "586b6327ddf163fc"), (0x3631c0, "ef6656167c4bb471")],
+                &[
+                    (0x362a50, "586b6327ddf163fc"),
+                    (0x3631c0, "ef6656167c4bb471"),
+                ],
             ),
             (
                 "app_cache_remove",
-                &[(0x3638e0, "529d41bc359ce46a"), (0x363b70, "94c771f1a21e04a1")],
+                &[
+                    (0x3638e0, "529d41bc359ce46a"),
+                    (0x363b70, "94c771f1a21e04a1"),
+                ],
             ),
             ("runtime_rpc", &[(0x383500, "29b33445db1a1400")]),
         ];
@@ -176,9 +194,18 @@ mod tests {
         // runs the second one, so a first-match resolver sees nothing.
         let table = real_table();
         for (name, n) in [
-            ("rusty_workers_proxy::sched::Scheduler::handle_request::{{closure}}", 2),
-            ("rusty_workers_proxy::sched::AppState::pool_instance::{{closure}}", 2),
-            ("rusty_workers_proxy::sched::AppState::gc_ready_instances::{{closure}}", 2),
+            (
+                "rusty_workers_proxy::sched::Scheduler::handle_request::{{closure}}",
+                2,
+            ),
+            (
+                "rusty_workers_proxy::sched::AppState::pool_instance::{{closure}}",
+                2,
+            ),
+            (
+                "rusty_workers_proxy::sched::AppState::gc_ready_instances::{{closure}}",
+                2,
+            ),
             ("rusty_workers_proxy::sched::ReadyInstance::is_usable", 1),
         ] {
             let probe = Probe {
@@ -212,7 +239,10 @@ mod tests {
         let Outcome::Unresolved(why) = resolve_probe(&probe, &table) else {
             panic!("an unknown hash must not resolve")
         };
-        assert!(why.contains("586b6327ddf163fc") && why.contains("ef6656167c4bb471"), "{why}");
+        assert!(
+            why.contains("586b6327ddf163fc") && why.contains("ef6656167c4bb471"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -134,7 +134,10 @@ impl SymbolTable {
             if cols.len() < 4 {
                 return Err(SymbolError::Tsv {
                     line: i + 1,
-                    msg: format!("expected at least 4 tab-separated columns, found {}", cols.len()),
+                    msg: format!(
+                        "expected at least 4 tab-separated columns, found {}",
+                        cols.len()
+                    ),
                 });
             }
             let hex = |s: &str, what: &str| {

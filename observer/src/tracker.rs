@@ -84,6 +84,8 @@ struct Deferred {
     client: u64,
     handle: Bytes,
     ktime_ns: u64,
+    /// Distances to the pending spawns when it arrived.
+    votes: Vec<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -179,7 +181,9 @@ impl Tracker {
     }
 
     fn app(&mut self, label: &str) -> &mut AppStats {
-        self.apps.get_mut(label).expect("labels are created by label()")
+        self.apps
+            .get_mut(label)
+            .expect("labels are created by label()")
     }
 
     pub fn apply(&mut self, ev: Decoded) {
@@ -235,8 +239,6 @@ impl Tracker {
             } => {
                 let label = self.label(&app);
                 self.app(&label).spawns += 1;
-                // A spawn that failed leaves its entry behind; the retry reuses the same future.
-                self.pending.retain(|p| p.client != client);
                 self.pending.push(Pending {
                     client,
                     app: label,
@@ -252,6 +254,7 @@ impl Tracker {
                     client,
                     handle,
                     ktime_ns,
+                    votes: Vec::new(),
                 });
             }
             Decoded::Terminate { handle, .. } => match self.handles.remove(&handle) {
@@ -291,14 +294,14 @@ impl Tracker {
     }
 
     /// Returns whether the fetch was attributed (now or by pairing).
-    fn fetch_unknown(&mut self, f: Deferred) -> bool {
+    fn fetch_unknown(&mut self, mut f: Deferred) -> bool {
         if let Some(label) = self.handles.get(&f.handle).cloned() {
             // The kernel looked the handle up before userspace had added it.
             self.app(&label).requests_user += 1;
             return true;
         }
-        match self.pair(f.client) {
-            Some((label, learned)) => {
+        match self.pair(&f) {
+            Some(label) => {
                 self.counters.pairings += 1;
                 self.handles.insert(f.handle.clone(), label.clone());
                 let a = self.app(&label);
@@ -308,9 +311,6 @@ impl Tracker {
                 if let Some(k) = handle_key(&f.handle) {
                     self.ops.push(MapOp::Insert(k, slot));
                 }
-                if learned {
-                    self.retry_deferred();
-                }
                 true
             }
             None if self.pending.is_empty() => {
@@ -318,35 +318,70 @@ impl Tracker {
                 true
             }
             None => {
+                f.votes = self.candidates(&f).into_iter().map(|(_, d)| d).collect();
                 self.deferred.push(f);
+                if self.learn_from_votes() {
+                    self.retry_deferred();
+                }
                 false
             }
         }
     }
 
-    fn pair(&mut self, client: u64) -> Option<(String, bool)> {
-        let near: Vec<(usize, i64)> = self
-            .pending
+    /// Pending spawns that could have made this fetch's worker: sent before it, from a client
+    /// within one future's reach. (index, distance)
+    fn candidates(&self, f: &Deferred) -> Vec<(usize, i64)> {
+        self.pending
             .iter()
             .enumerate()
-            .map(|(i, p)| (i, client.wrapping_sub(p.client) as i64))
+            .filter(|(_, p)| p.ktime_ns <= f.ktime_ns)
+            .map(|(i, p)| (i, f.client.wrapping_sub(p.client) as i64))
             .filter(|(_, d)| d.unsigned_abs() <= self.cfg.max_pair_distance)
-            .collect();
-        let exact: Vec<&(usize, i64)> = near.iter().filter(|(_, d)| self.deltas.contains(d)).collect();
-        let (index, learned) = match (exact.len(), near.len()) {
-            (1, _) => (exact[0].0, false),
-            (0, 1) => {
-                self.deltas.insert(near[0].1);
-                (near[0].0, true)
+            .collect()
+    }
+
+    fn pair(&mut self, f: &Deferred) -> Option<String> {
+        let near = self.candidates(f);
+        // At a known distance, the latest spawn there is this request's: an older one at the
+        // same address belonged to an earlier request whose memory this one reuses.
+        let exact = near
+            .iter()
+            .filter(|(_, d)| self.deltas.contains(d))
+            .max_by_key(|(i, _)| self.pending[*i].ktime_ns);
+        let index = match (exact, near.as_slice()) {
+            (Some((i, _)), _) => *i,
+            // Before any distance is known, a lone candidate teaches it.
+            (None, [(i, d)]) if self.deltas.is_empty() => {
+                self.deltas.insert(*d);
+                *i
             }
             _ => return None,
         };
-        let p = self.pending.remove(index);
-        Some((p.app, learned))
+        Some(self.pending.remove(index).app)
+    }
+
+    /// Concurrent cold starts: each waiting fetch has several candidate distances, but only the
+    /// true one recurs across them. Learns it once it has at least two votes and no tie.
+    fn learn_from_votes(&mut self) -> bool {
+        let mut tally: BTreeMap<i64, usize> = BTreeMap::new();
+        for f in &self.deferred {
+            for d in f.votes.iter().collect::<BTreeSet<_>>() {
+                *tally.entry(*d).or_default() += 1;
+            }
+        }
+        let mut best: Vec<(i64, usize)> = tally.into_iter().collect();
+        best.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        match best.as_slice() {
+            [(d, n), rest @ ..] if *n >= 2 && rest.first().is_none_or(|(_, m)| m < n) => {
+                self.deltas.insert(*d)
+            }
+            _ => false,
+        }
     }
 
     fn retry_deferred(&mut self) {
-        let waiting = std::mem::take(&mut self.deferred);
+        let mut waiting = std::mem::take(&mut self.deferred);
+        waiting.sort_by_key(|f| f.ktime_ns);
         for f in waiting {
             self.fetch_unknown(f);
         }
@@ -355,9 +390,11 @@ impl Tracker {
     /// Ages out spawns that never got a fetch and fetches that never got a pairing.
     pub fn housekeeping(&mut self, now_ns: u64) {
         let ttl = self.cfg.pending_ttl_ns;
-        self.pending.retain(|p| now_ns.saturating_sub(p.ktime_ns) < ttl);
+        self.pending
+            .retain(|p| now_ns.saturating_sub(p.ktime_ns) < ttl);
         let before = self.deferred.len();
-        self.deferred.retain(|f| now_ns.saturating_sub(f.ktime_ns) < ttl);
+        self.deferred
+            .retain(|f| now_ns.saturating_sub(f.ktime_ns) < ttl);
         self.counters.unattributed_requests += (before - self.deferred.len()) as u64;
         if !self.deferred.is_empty() && self.pending.is_empty() {
             self.counters.unattributed_requests += self.deferred.len() as u64;
@@ -374,19 +411,39 @@ mod tests {
         Bytes::new(s)
     }
     fn insert(cache: u64, app: &str, fresh: bool) -> Decoded {
-        Decoded::CacheInsert { cache, key: b(app), fresh_arc: fresh, ktime_ns: 1 }
+        Decoded::CacheInsert {
+            cache,
+            key: b(app),
+            fresh_arc: fresh,
+            ktime_ns: 1,
+        }
     }
     fn remove(cache: u64, app: &str) -> Decoded {
-        Decoded::CacheRemove { cache, key: b(app), ktime_ns: 2 }
+        Decoded::CacheRemove {
+            cache,
+            key: b(app),
+            ktime_ns: 2,
+        }
     }
     fn spawn(client: u64, app: &str) -> Decoded {
-        Decoded::Spawn { client, app: b(app), ktime_ns: 3 }
+        Decoded::Spawn {
+            client,
+            app: b(app),
+            ktime_ns: 3,
+        }
     }
     fn fetch(client: u64, h: &str) -> Decoded {
-        Decoded::FetchUnknown { client, handle: b(h), ktime_ns: 4 }
+        Decoded::FetchUnknown {
+            client,
+            handle: b(h),
+            ktime_ns: 4,
+        }
     }
     fn term(h: &str) -> Decoded {
-        Decoded::Terminate { handle: b(h), ktime_ns: 5 }
+        Decoded::Terminate {
+            handle: b(h),
+            ktime_ns: 5,
+        }
     }
 
     fn run(events: Vec<Decoded>) -> Tracker {
@@ -417,15 +474,26 @@ mod tests {
 
     #[test]
     fn lone_cold_start_pairs_and_teaches_the_distance() {
-        let mut t = run(vec![insert(0xB00, "app1", true), spawn(0x1000, "app1"), fetch(0x1100, "h1")]);
+        let mut t = run(vec![
+            insert(0xB00, "app1", true),
+            spawn(0x1000, "app1"),
+            fetch(0x1100, "h1"),
+        ]);
         assert_eq!(t.learned_distances(), vec![0x100]);
         let a = &t.apps["app1"];
         assert_eq!((a.spawns, a.alive, a.requests_user), (1, 1, 1));
-        assert_eq!(t.take_map_ops(), vec![MapOp::Insert(handle_key(&b("h1")).unwrap(), a.slot)]);
+        let slot = a.slot;
+        assert_eq!(
+            t.take_map_ops(),
+            vec![MapOp::Insert(handle_key(&b("h1")).unwrap(), slot)]
+        );
         t.apply(term("h1"));
         let a = &t.apps["app1"];
         assert_eq!((a.terminations, a.alive), (1, 0));
-        assert_eq!(t.take_map_ops(), vec![MapOp::Remove(handle_key(&b("h1")).unwrap())]);
+        assert_eq!(
+            t.take_map_ops(),
+            vec![MapOp::Remove(handle_key(&b("h1")).unwrap())]
+        );
     }
 
     #[test]
@@ -451,6 +519,37 @@ mod tests {
     }
 
     #[test]
+    fn a_reused_future_address_pairs_with_the_spawn_before_the_fetch() {
+        let at = |e: Decoded, t: u64| match e {
+            Decoded::Spawn { client, app, .. } => Decoded::Spawn {
+                client,
+                app,
+                ktime_ns: t,
+            },
+            Decoded::FetchUnknown { client, handle, .. } => Decoded::FetchUnknown {
+                client,
+                handle,
+                ktime_ns: t,
+            },
+            e => e,
+        };
+        let t = run(vec![
+            at(spawn(0x1000, "app1"), 10),
+            at(spawn(0x1400, "app3"), 11),
+            at(fetch(0x1100, "hA"), 12),   // 0x100 or -0x300: waits
+            at(spawn(0x1000, "app2"), 20), // request A is done; B reuses its memory
+            at(spawn(0x1900, "app4"), 21),
+            at(fetch(0x1100, "hB"), 22), // 0x100 and -0x300 tie: still waits
+            at(fetch(0x1500, "hC"), 23), // 0x100 now has three votes: learned
+        ]);
+        assert_eq!(t.learned_distances(), vec![0x100]);
+        assert_eq!(t.handles[&b("hA")], "app1");
+        assert_eq!(t.handles[&b("hB")], "app2");
+        assert_eq!(t.handles[&b("hC")], "app3");
+        assert_eq!(t.pending_spawns(), 1);
+    }
+
+    #[test]
     fn eviction_drops_the_apps_instances() {
         let mut t = run(vec![
             insert(0xB00, "app1", true),
@@ -462,10 +561,16 @@ mod tests {
             term("h1"),
         ]);
         let a = &t.apps["app1"];
-        assert_eq!((a.alive, a.dropped, a.terminations, a.loaded), (0, 2, 0, false));
+        assert_eq!(
+            (a.alive, a.dropped, a.terminations, a.loaded),
+            (0, 2, 0, false)
+        );
         assert_eq!(t.counters.unattributed_terminations, 1);
         let ops = t.take_map_ops();
-        assert_eq!(ops.iter().filter(|o| matches!(o, MapOp::Remove(_))).count(), 2);
+        assert_eq!(
+            ops.iter().filter(|o| matches!(o, MapOp::Remove(_))).count(),
+            2
+        );
     }
 
     #[test]
@@ -483,7 +588,10 @@ mod tests {
 
     #[test]
     fn labels_are_capped_and_refused_ones_go_to_other() {
-        let mut t = Tracker::new(Config { max_apps: 2, ..Config::default() });
+        let mut t = Tracker::new(Config {
+            max_apps: 2,
+            ..Config::default()
+        });
         for app in ["a", "b", "c", "d\"x"] {
             t.apply(insert(0xB00, app, true));
         }

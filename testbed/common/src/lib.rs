@@ -18,5 +18,7 @@ pub use tokio_serde::formats::Bincode as SerdeFormat;
 pub fn rand_hex(bytes: usize) -> String {
     use rand::Rng;
     let mut rng = rand::thread_rng();
-    (0..bytes).map(|_| format!("{:02x}", rng.gen::<u8>())).collect()
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.gen::<u8>()))
+        .collect()
 }

@@ -23,9 +23,7 @@ pub trait RuntimeService {
 }
 
 impl RuntimeServiceClient {
-    pub async fn connect_noretry<A: tokio::net::ToSocketAddrs>(
-        addr: A,
-    ) -> std::io::Result<Self> {
+    pub async fn connect_noretry<A: tokio::net::ToSocketAddrs>(addr: A) -> std::io::Result<Self> {
         let transport =
             tarpc::serde_transport::tcp::connect(addr, crate::SerdeFormat::default).await?;
         RuntimeServiceClient::new(tarpc::client::Config::default(), transport).spawn()

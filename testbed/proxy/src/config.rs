@@ -10,6 +10,9 @@ pub struct Config {
     pub runtimes: Vec<SocketAddr>,
     /// Apps and routes, re-read on every lookup (stands in for rusty-workers' MySQL tables).
     pub apps_file: String,
+    /// How often the proxy asks every runtime its load (0: never).
+    #[serde(default = "default_load_interval")]
+    pub load_interval_ms: u64,
     pub local: LocalConfig,
 }
 
@@ -23,4 +26,8 @@ pub struct LocalConfig {
     pub dropout_rate: f32,
     pub route_cache_size: usize,
     pub app_cache_size: usize,
+}
+
+fn default_load_interval() -> u64 {
+    1000
 }

@@ -77,13 +77,16 @@ async fn main() -> anyhow::Result<()> {
     );
     scheduler.discover_runtimes(&config.runtimes).await;
 
-    let s2 = scheduler.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            s2.query_runtimes().await;
-        }
-    });
+    if config.load_interval_ms > 0 {
+        let s2 = scheduler.clone();
+        let every = Duration::from_millis(config.load_interval_ms);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                s2.query_runtimes().await;
+            }
+        });
+    }
 
     let admin = Server::try_bind(&config.admin_listen)
         .with_context(|| format!("binding admin {}", config.admin_listen))?
@@ -97,9 +100,7 @@ async fn main() -> anyhow::Result<()> {
         .serve(make_service_fn(move |_| {
             let scheduler = scheduler.clone();
             async move {
-                Ok::<_, Infallible>(service_fn(move |req| {
-                    serve_request(scheduler.clone(), req)
-                }))
+                Ok::<_, Infallible>(service_fn(move |req| serve_request(scheduler.clone(), req)))
             }
         }));
     eprintln!("proxy listening on {}", config.http_listen);

@@ -80,13 +80,21 @@ impl AppState {
     async fn gc_ready_instances(&self, scheduler: &Scheduler) {
         let mut ready = self.ready_instances.lock().await;
         while ready.len() > scheduler.local_config.max_ready_instances_per_app {
-            drop(scheduler.terminate_queue.try_send(ready.pop_front().unwrap()));
+            drop(
+                scheduler
+                    .terminate_queue
+                    .try_send(ready.pop_front().unwrap()),
+            );
         }
         while let Some(x) = ready.front() {
             if x.is_usable(scheduler) {
                 break;
             }
-            drop(scheduler.terminate_queue.try_send(ready.pop_front().unwrap()));
+            drop(
+                scheduler
+                    .terminate_queue
+                    .try_send(ready.pop_front().unwrap()),
+            );
         }
     }
 
@@ -115,6 +123,7 @@ impl AppState {
         let mut client = client.clone();
         drop(clients);
         truth::rpc("spawn_worker");
+        truth::spawn_attempt(&self.id.0);
         let handle = client
             .spawn_worker(
                 tarpc::context::current(),
@@ -389,5 +398,8 @@ impl Scheduler {
 }
 
 fn lookup_submappings<'a>(path: &str, m: &'a BTreeMap<String, AppId>) -> Option<&'a AppId> {
-    m.iter().rev().find(|(k, _)| path.starts_with(k.as_str())).map(|(_, v)| v)
+    m.iter()
+        .rev()
+        .find(|(k, _)| path.starts_with(k.as_str()))
+        .map(|(_, v)| v)
 }

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 pub struct AppTruth {
     pub loads: u64,
     pub evictions: u64,
+    /// spawn_worker RPCs sent.
     pub spawns: u64,
     pub terminations: u64,
     /// Instances dropped without a terminate RPC (their app was evicted).
@@ -58,10 +59,15 @@ pub fn app_evicted(app: &str) {
     });
 }
 
+/// A spawn_worker RPC is about to be sent for `app`.
+pub fn spawn_attempt(app: &str) {
+    with(|t| t.apps.entry(app.to_string()).or_default().spawns += 1);
+}
+
+/// The runtime answered a spawn with `handle`.
 pub fn spawned(app: &str, handle: &str) {
     with(|t| {
         let a = t.apps.entry(app.to_string()).or_default();
-        a.spawns += 1;
         a.instances_alive += 1;
         t.handles.insert(handle.to_string(), app.to_string());
     });

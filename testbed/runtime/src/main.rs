@@ -87,11 +87,9 @@ async fn main() -> anyhow::Result<()> {
         id: RuntimeId::generate(),
         workers: Arc::new(Mutex::new(HashMap::new())),
     };
-    let listener = tarpc::serde_transport::tcp::listen(
-        listen.as_str(),
-        rusty_workers::SerdeFormat::default,
-    )
-    .await?;
+    let listener =
+        tarpc::serde_transport::tcp::listen(listen.as_str(), rusty_workers::SerdeFormat::default)
+            .await?;
     eprintln!(
         "runtime {} listening on {}",
         server.id.0,

@@ -1,0 +1,265 @@
+//! End to end, for real: the test target runs, the observer attaches its uprobes to the test
+//! proxy, load flows, and every metric must EQUAL the proxy's own ground truth.
+//!
+//! Needs root (eBPF) and the release build of the test target (`cargo xtask test`).
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use testbed_harness::{free_port, http_get, load, parse_metrics, App, Options, Testbed};
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc_geteuid() },
+        0,
+        "the end-to-end tests load eBPF programs: run them as root (CI does)"
+    );
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+struct Observer {
+    child: Child,
+    addr: std::net::SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl Observer {
+    fn start(pid: u32, dir: &std::path::Path) -> Observer {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = dir.join("observer.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_observer"))
+            .args(["--pid", &pid.to_string(), "--listen", &addr.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting the observer");
+        let o = Observer { child, addr, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(m) = o.try_scrape() {
+                let attached = ["app_cache_insert", "app_cache_remove", "runtime_rpc"]
+                    .iter()
+                    .all(|p| {
+                        m.get(&format!(
+                            "rusty_workers_observer_probe_attached{{probe=\"{p}\",reason=\"\"}}"
+                        )) == Some(&1.0)
+                    });
+                assert!(attached, "not every probe attached:\n{}", o.log_text());
+                return o;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "observer did not serve /metrics:\n{}",
+                o.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn try_scrape(&self) -> std::io::Result<BTreeMap<String, f64>> {
+        let (status, body) = http_get(self.addr, "localhost", "/metrics")?;
+        if status != 200 {
+            return Err(std::io::Error::other(format!("status {status}")));
+        }
+        Ok(parse_metrics(&body))
+    }
+
+    fn scrape(&self) -> BTreeMap<String, f64> {
+        self.try_scrape().expect("scraping the observer")
+    }
+
+    /// SIGINT, as an operator's Ctrl-C: must detach and exit 0.
+    fn stop(mut self) -> String {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc_kill(self.child.id() as i32, 2) };
+        let status = self.child.wait().expect("observer exit");
+        let log = self.log_text();
+        assert!(status.success(), "observer exited with {status}:\n{log}");
+        assert!(log.contains("detached"), "no detach message:\n{log}");
+        log
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+fn app_metric(m: &BTreeMap<String, f64>, name: &str, app: &str) -> f64 {
+    m.get(&format!("rusty_workers_{name}{{app=\"{app}\"}}"))
+        .copied()
+        .unwrap_or_else(|| panic!("no {name} for app {app}"))
+}
+
+fn truth_u64(v: &Value, path: &[&str]) -> u64 {
+    let mut cur = v;
+    for p in path {
+        cur = &cur[*p];
+    }
+    cur.as_u64().unwrap_or(0)
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the proxy's terminate queue has drained (ground truth stops moving).
+fn settle(tb: &Testbed) -> Value {
+    let mut last = tb.truth();
+    loop {
+        std::thread::sleep(Duration::from_millis(400));
+        let now = tb.truth();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[test]
+fn metrics_equal_ground_truth() {
+    require_root();
+    let apps: Vec<App> = (1..=5).map(|i| App::new(&format!("app-{i}"))).collect();
+    let opts = Options {
+        apps: apps.clone(),
+        load_interval_ms: 0,
+        ..Options::default()
+    };
+    let tb = Testbed::start(&opts);
+    let obs = Observer::start(tb.proxy_pid(), &tb.dir);
+    let t0 = tb.truth();
+
+    // N requests over K apps from 8 concurrent clients: concurrent cold starts included.
+    let n = 1000;
+    let paths: Vec<String> = (0..n)
+        .map(|i| format!("{}/r{i}", apps[(i * 7 + i / 3) % apps.len()].prefix))
+        .collect();
+    let statuses = load(tb.http, &paths, 8);
+    assert_eq!(
+        statuses.get(&200),
+        Some(&n),
+        "all requests succeed: {statuses:?}"
+    );
+
+    // Change one app: the proxy's gc evicts it from the app cache.
+    let mut changed = apps.clone();
+    changed[1].bundle_id = "v2".into();
+    tb.set_apps(&changed);
+    wait_until("the eviction of app-2", 15, || {
+        truth_u64(&tb.truth(), &["apps", "app-2", "evictions"]) == 1
+    });
+
+    // Let pooled instances expire, then touch every app: the gc terminates expired instances.
+    std::thread::sleep(Duration::from_millis(
+        opts.ready_instance_expiration_ms + 500,
+    ));
+    let touch: Vec<String> = apps
+        .iter()
+        .flat_map(|a| [format!("{}/t1", a.prefix), format!("{}/t2", a.prefix)])
+        .collect();
+    load(tb.http, &touch, 1);
+    let truth = settle(&tb);
+    std::thread::sleep(Duration::from_millis(300));
+    let m = obs.scrape();
+
+    let mut checked = 0;
+    let mut terminations = 0;
+    for a in &apps {
+        let t = &truth["apps"][a.id.as_str()];
+        for (metric, field) in [
+            ("app_loads_total", "loads"),
+            ("app_evictions_total", "evictions"),
+            ("app_instance_spawns_total", "spawns"),
+            ("app_instance_terminations_total", "terminations"),
+            ("app_instances_dropped_total", "dropped"),
+            ("app_requests_total", "requests"),
+            ("app_instances", "instances_alive"),
+        ] {
+            let want = t[field].as_u64().unwrap_or(0) as f64;
+            let got = app_metric(&m, metric, &a.id);
+            assert_eq!(
+                got,
+                want,
+                "{metric}{{app={}}}: observer {got}, ground truth {want}\n{t}\n{}",
+                a.id,
+                observer_self(&m)
+            );
+            checked += 1;
+        }
+        terminations += t["terminations"].as_u64().unwrap_or(0);
+        let age = m.get(&format!(
+            "rusty_workers_app_loaded_seconds{{app=\"{}\"}}",
+            a.id
+        ));
+        assert!(
+            t["loaded"].as_bool() == Some(true) && age.is_some_and(|s| *s > 0.0 && *s < 600.0),
+            "{}: loaded {} age {age:?}",
+            a.id,
+            t["loaded"]
+        );
+    }
+    assert!(
+        terminations > 0,
+        "the scenario must produce terminations: {truth}"
+    );
+    assert_eq!(
+        truth_u64(&truth, &["apps", "app-2", "dropped"])
+            + truth_u64(&truth, &["apps", "app-2", "instances_alive"])
+            > 0,
+        true
+    );
+    assert_eq!(
+        m["rusty_workers_apps_loaded"],
+        truth["apps_loaded"].as_u64().unwrap() as f64,
+        "apps loaded"
+    );
+    // RPCs: the observer counts from its attach; ground truth from the proxy's start.
+    for method in [
+        "id",
+        "spawn_worker",
+        "terminate_worker",
+        "list_workers",
+        "fetch",
+        "load",
+    ] {
+        let want =
+            truth_u64(&truth, &["rpc_calls", method]) - truth_u64(&t0, &["rpc_calls", method]);
+        let got = m[&format!("rusty_workers_runtime_rpcs_total{{method=\"{method}\"}}")];
+        assert_eq!(got, want as f64, "runtime_rpcs_total{{method={method}}}");
+        checked += 1;
+    }
+    assert_eq!(
+        m["rusty_workers_runtime_rpcs_total{method=\"unknown\"}"],
+        0.0
+    );
+    assert_eq!(m["rusty_workers_observer_events_lost_total"], 0.0);
+    assert_eq!(m["rusty_workers_observer_unattributed_requests_total"], 0.0);
+    assert_eq!(m["rusty_workers_observer_decode_errors_total"], 0.0);
+    eprintln!(
+        "e2e: {checked} series equal ground truth; {} requests, {} spawns, {terminations} terminations",
+        truth_u64(&truth, &["rpc_calls", "fetch"]),
+        truth_u64(&truth, &["rpc_calls", "spawn_worker"])
+    );
+    obs.stop();
+}
+
+fn observer_self(m: &BTreeMap<String, f64>) -> String {
+    m.iter()
+        .filter(|(k, _)| k.starts_with("rusty_workers_observer_") && !k.contains("collector"))
+        .map(|(k, v)| format!("{k} {v}\n"))
+        .collect()
+}

@@ -1,0 +1,275 @@
+//! Runs the project's test target: runtime processes and a proxy on loopback ports, apps from
+//! a file, HTTP load from threads, and the proxy's own ground truth. Used by the end-to-end
+//! tests and by `cargo xtask demo`.
+
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where cargo put the release binaries of the workspace.
+pub fn release_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TESTBED_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("release")
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    let p = release_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace in release first (`cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+#[derive(Debug, Clone)]
+pub struct App {
+    pub id: String,
+    pub bundle_id: String,
+    /// Path prefix routed to this app on host `localhost`.
+    pub prefix: String,
+}
+
+impl App {
+    pub fn new(id: &str) -> Self {
+        App {
+            id: id.into(),
+            bundle_id: "v1".into(),
+            prefix: format!("/{id}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub runtimes: usize,
+    pub apps: Vec<App>,
+    pub max_ready_instances_per_app: usize,
+    pub ready_instance_expiration_ms: u64,
+    pub dropout_rate: f32,
+    pub app_cache_size: usize,
+    /// 0: the proxy never sends `load` RPCs.
+    pub load_interval_ms: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            runtimes: 2,
+            apps: (1..=3).map(|i| App::new(&format!("app-{i}"))).collect(),
+            max_ready_instances_per_app: 4,
+            ready_instance_expiration_ms: 1500,
+            dropout_rate: 0.05,
+            app_cache_size: 100,
+            load_interval_ms: 1000,
+        }
+    }
+}
+
+/// The running test target. Dropping it kills its processes.
+pub struct Testbed {
+    pub dir: PathBuf,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    apps_file: PathBuf,
+    runtimes: Vec<Child>,
+    proxy: Child,
+}
+
+fn write_apps(path: &Path, apps: &[App]) {
+    let apps: Vec<Value> = apps
+        .iter()
+        .map(|a| {
+            json!({"id": a.id, "bundle_id": a.bundle_id,
+                   "routes": [{"domain": "localhost", "path_prefix": a.prefix}]})
+        })
+        .collect();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&json!({ "apps": apps })).unwrap(),
+    )
+    .expect("writing the apps file");
+    // Atomic replace: the proxy re-reads the file concurrently.
+    std::fs::rename(&tmp, path).expect("replacing the apps file");
+}
+
+fn wait_for(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start listening on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Testbed {
+    pub fn start(opts: &Options) -> Testbed {
+        let dir =
+            std::env::temp_dir().join(format!("rw-testbed-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).expect("testbed dir");
+        let apps_file = dir.join("apps.json");
+        write_apps(&apps_file, &opts.apps);
+        let mut runtimes = Vec::new();
+        let mut rt_addrs = Vec::new();
+        for i in 0..opts.runtimes {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let log = std::fs::File::create(dir.join(format!("runtime{i}.log"))).unwrap();
+            let child = Command::new(binary("rusty-workers-runtime"))
+                .args(["--listen", &addr.to_string()])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("starting the runtime");
+            wait_for(addr, "runtime");
+            runtimes.push(child);
+            rt_addrs.push(addr.to_string());
+        }
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = json!({
+            "http_listen": http, "admin_listen": admin, "runtimes": rt_addrs,
+            "apps_file": apps_file, "load_interval_ms": opts.load_interval_ms,
+            "local": {
+                "max_ready_instances_per_app": opts.max_ready_instances_per_app,
+                "ready_instance_expiration_ms": opts.ready_instance_expiration_ms,
+                "request_timeout_ms": 10000,
+                "max_request_body_size_bytes": 1048576,
+                "dropout_rate": opts.dropout_rate,
+                "route_cache_size": 1000,
+                "app_cache_size": opts.app_cache_size,
+            }
+        });
+        let config_file = dir.join("proxy.json");
+        std::fs::write(&config_file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
+        let proxy = Command::new(binary("rusty-workers-proxy"))
+            .arg("--config")
+            .arg(&config_file)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting the proxy");
+        wait_for(http, "proxy");
+        wait_for(admin, "proxy admin");
+        Testbed {
+            dir,
+            http,
+            admin,
+            apps_file,
+            runtimes,
+            proxy,
+        }
+    }
+
+    pub fn proxy_pid(&self) -> u32 {
+        self.proxy.id()
+    }
+
+    pub fn set_apps(&self, apps: &[App]) {
+        write_apps(&self.apps_file, apps);
+    }
+
+    /// The proxy's ground truth (`GET /truth` on its admin port).
+    pub fn truth(&self) -> Value {
+        let body = http_get(self.admin, "localhost", "/truth")
+            .expect("reading the proxy's ground truth")
+            .1;
+        serde_json::from_str(&body).expect("ground truth is JSON")
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = self.proxy.kill();
+        let _ = self.proxy.wait();
+        for r in &mut self.runtimes {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 GET on a fresh connection: (status, body).
+pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad HTTP response: {buf:?}")))?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    Ok((status, body))
+}
+
+/// Sends `paths` (on host `localhost`) from `concurrency` threads; returns status counts.
+pub fn load(addr: SocketAddr, paths: &[String], concurrency: usize) -> BTreeMap<u16, usize> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let paths = Arc::new(paths.to_vec());
+    let threads: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (next, paths) = (next.clone(), paths.clone());
+            std::thread::spawn(move || {
+                let mut seen = BTreeMap::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(p) = paths.get(i) else { break };
+                    let status = http_get(addr, "localhost", p).map(|r| r.0).unwrap_or(0);
+                    *seen.entry(status).or_insert(0) += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut total = BTreeMap::new();
+    for t in threads {
+        for (k, v) in t.join().expect("load thread") {
+            *total.entry(k).or_insert(0) += v;
+        }
+    }
+    total
+}
+
+/// Prometheus text format -> `name{labels}` -> value (labels as exposed, in order).
+pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
