@@ -133,6 +133,21 @@ pub struct Layout {
 const _: () = assert!(core::mem::size_of::<Layout>() == 7 * 8);
 
 impl Layout {
+    /// The RPC method of a request enum, from its tag word.
+    #[inline(always)]
+    pub fn method_of(&self, tag: u64) -> u32 {
+        if tag >= self.req_niche_base {
+            let v = tag - self.req_niche_base;
+            if v < method::UNKNOWN as u64 && v != self.req_dataful_variant {
+                return v as u32;
+            }
+            return method::UNKNOWN;
+        }
+        self.req_dataful_variant as u32
+    }
+}
+
+impl Layout {
     /// The layout rustc 1.67 and later (through 1.96, checked) give these types on x86_64.
     pub const DEFAULT: Layout = Layout {
         string_ptr: 8,

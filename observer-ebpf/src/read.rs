@@ -29,8 +29,7 @@ pub fn string(addr: u64, lay: &Layout, ev: &mut Event) -> Result<(), i64> {
         return Ok(());
     }
     // SAFETY: n is bounded by MAX_STR, the destination's size.
-    unsafe { bpf_probe_read_user_buf(ptr as *const u8, &mut ev.str[..n]) }
-        .map_err(|e| {
+    unsafe { bpf_probe_read_user_buf(ptr as *const u8, &mut ev.str[..n]) }.map_err(|e| {
         bump(&OBSERVER_STATS, stat::READ_ERRORS);
         i64::from(e)
     })

@@ -18,28 +18,24 @@ pub fn rpc_call(ctx: ProbeContext) -> u32 {
     0
 }
 
-fn decode_method(tag: u64, lay: &Layout) -> u32 {
-    if tag >= lay.req_niche_base {
-        let v = tag - lay.req_niche_base;
-        if v < method::UNKNOWN as u64 && v != lay.req_dataful_variant {
-            return v as u32;
-        }
-        return method::UNKNOWN;
-    }
-    lay.req_dataful_variant as u32
-}
-
 fn try_rpc_call(ctx: &ProbeContext) -> Result<(), i64> {
     let channel: u64 = ctx.arg(1).ok_or(1i64)?;
     let request: u64 = ctx.arg(3).ok_or(1i64)?;
     let lay = layout();
     let tag = read::word(request + lay.req_tag_offset)?;
-    let m = decode_method(tag, &lay);
+    let m = lay.method_of(tag);
     bump(&RPC_CALLS, m);
     match m {
         method::FETCH => fetch(channel, request, &lay),
-        method::SPAWN_WORKER => emit(kind::RPC_SPAWN, channel, request + lay.req_spawn_appid, &lay),
-        method::TERMINATE_WORKER => emit(kind::RPC_TERMINATE, channel, request + lay.req_handle, &lay),
+        method::SPAWN_WORKER => emit(
+            kind::RPC_SPAWN,
+            channel,
+            request + lay.req_spawn_appid,
+            &lay,
+        ),
+        method::TERMINATE_WORKER => {
+            emit(kind::RPC_TERMINATE, channel, request + lay.req_handle, &lay)
+        }
         _ => Ok(()),
     }
 }
@@ -48,17 +44,21 @@ fn fetch(channel: u64, request: u64, lay: &Layout) -> Result<(), i64> {
     let handle = request + lay.req_handle;
     let ptr = read::word(handle + lay.string_ptr)?;
     let len = read::word(handle + lay.string_len)?;
-    let mut key = HandleKey { bytes: [0; HANDLE_KEY_LEN] };
+    let mut key = HandleKey {
+        bytes: [0; HANDLE_KEY_LEN],
+    };
     if len > 0 && len <= HANDLE_KEY_LEN as u64 {
         let mut n = len as usize;
         if n > HANDLE_KEY_LEN {
             n = HANDLE_KEY_LEN;
         }
         // SAFETY: n is bounded by the key's size.
-        unsafe { aya_ebpf::helpers::bpf_probe_read_user_buf(ptr as *const u8, &mut key.bytes[..n]) }
-            .map_err(i64::from)?;
+        unsafe {
+            aya_ebpf::helpers::bpf_probe_read_user_buf(ptr as *const u8, &mut key.bytes[..n])
+        }
+        .map_err(i64::from)?;
         // SAFETY: lookups copy nothing out; the value is read once.
-        if let Some(slot) = unsafe { HANDLE_APP.get(&key) } {
+        if let Some(slot) = unsafe { HANDLE_APP.get(key) } {
             bump(&APP_REQUESTS, *slot);
             return Ok(());
         }

@@ -6,7 +6,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
 use aya::programs::UProbe;
 use aya::{Ebpf, EbpfLoader};
-use observer_common::{method, stat, HandleKey, Layout, MAX_APP_SLOTS};
+use observer_common::{method, stat, HandleKey, Layout};
 use std::num::NonZeroU32;
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -55,6 +55,13 @@ impl Counters {
     pub fn read_errors(&self) -> Result<u64, aya::maps::MapError> {
         sum(&self.stats, stat::READ_ERRORS)
     }
+}
+
+/// The maps userspace works with: events in, handle -> app slots out, counters to scrape.
+pub struct Maps {
+    pub events: RingBuf<MapData>,
+    pub handles: BpfHashMap<MapData, HandleKey, u32>,
+    pub counters: Counters,
 }
 
 /// The loaded object. Dropping it detaches every link and unloads the programs: uprobes made
@@ -142,13 +149,7 @@ impl Kernel {
         Ok(())
     }
 
-    pub fn take_maps(
-        &mut self,
-    ) -> anyhow::Result<(
-        RingBuf<MapData>,
-        BpfHashMap<MapData, HandleKey, u32>,
-        Counters,
-    )> {
+    pub fn take_maps(&mut self) -> anyhow::Result<Maps> {
         let mut take = |name: &str| {
             self.ebpf
                 .take_map(name)
@@ -161,8 +162,11 @@ impl Kernel {
             app_requests: PerCpuArray::try_from(take("APP_REQUESTS")?)?,
             stats: PerCpuArray::try_from(take("OBSERVER_STATS")?)?,
         };
-        debug_assert!(MAX_APP_SLOTS > 1);
-        Ok((events, handles, counters))
+        Ok(Maps {
+            events,
+            handles,
+            counters,
+        })
     }
 
     pub fn program_stats(&self) -> Vec<ProgramStats> {

@@ -223,7 +223,11 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     if kernel.probes.iter().all(|p| p.attached == 0) {
         bail!("no probe could be attached to PID {pid}");
     }
-    let (events, mut handle_map, counters) = kernel.take_maps()?;
+    let kernel::Maps {
+        events,
+        handles: mut handle_map,
+        counters,
+    } = kernel.take_maps()?;
     let probes = kernel.probes.clone();
     let counters = Arc::new(counters);
     let kernel = Arc::new(Mutex::new(Some(kernel)));

@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -138,6 +139,7 @@ impl Testbed {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let log = std::fs::File::create(dir.join(format!("runtime{i}.log"))).unwrap();
             let child = Command::new(binary("rusty-workers-runtime"))
+                .process_group(0)
                 .args(["--listen", &addr.to_string()])
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -166,6 +168,7 @@ impl Testbed {
         std::fs::write(&config_file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
         let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
         let proxy = Command::new(binary("rusty-workers-proxy"))
+            .process_group(0)
             .arg("--config")
             .arg(&config_file)
             .stdout(Stdio::null())
