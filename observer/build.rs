@@ -35,7 +35,10 @@ fn main() {
         None => here.join("../observer-ebpf/target/bpfel-unknown-none/release/observer"),
     };
     println!("cargo:rerun-if-changed={}", object.display());
-    let sources = [here.join("../observer-ebpf/src"), here.join("../observer-common/src")];
+    let sources = [
+        here.join("../observer-ebpf/src"),
+        here.join("../observer-common/src"),
+    ];
     for s in &sources {
         println!("cargo:rerun-if-changed={}", s.display());
     }
