@@ -86,6 +86,22 @@ impl Observer {
         let log = self.log_text();
         assert!(status.success(), "observer exited with {status}:\n{log}");
         assert!(log.contains("detached"), "no detach message:\n{log}");
+        // Nothing stays in the kernel: no program of ours, no uprobe.
+        if let Ok(out) = Command::new("bpftool").args(["prog", "show"]).output() {
+            let progs = String::from_utf8_lossy(&out.stdout);
+            for name in ["rpc_call", "lru_insert", "lru_remove"] {
+                assert!(
+                    !progs.contains(&format!("name {name} ")),
+                    "{name} still loaded:\n{progs}"
+                );
+            }
+        }
+        let events =
+            std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
+        assert!(
+            !events.contains("rusty-workers"),
+            "uprobe left behind: {events}"
+        );
         log
     }
 }
@@ -270,4 +286,32 @@ fn observer_self(m: &BTreeMap<String, f64>) -> String {
         .filter(|(k, _)| k.starts_with("rusty_workers_observer_") && !k.contains("collector"))
         .map(|(k, v)| format!("{k} {v}\n"))
         .collect()
+}
+
+#[test]
+fn a_listen_port_in_use_is_named_with_the_fix() {
+    require_root();
+    let tb = Testbed::start(&Options {
+        runtimes: 1,
+        load_interval_ms: 0,
+        ..Options::default()
+    });
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let port = taken.local_addr().unwrap().port();
+    let out = Command::new(env!("CARGO_BIN_EXE_observer"))
+        .args([
+            "--pid",
+            &tb.proxy_pid().to_string(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .output()
+        .expect("running the observer");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("port {port} is already in use")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--listen"), "{stderr}");
 }

@@ -90,7 +90,46 @@ fn test() -> anyhow::Result<()> {
         "xtask: building the workspace (release: the test target uses rusty-workers' profile)"
     );
     run(cargo().args(["build", "--release", "--workspace"]))?;
-    run(cargo().args(["test", "--release", "--workspace"]))
+    // Stream the test output and close on one total, so the last line speaks for every test
+    // binary (not for whichever ran last).
+    let mut child = cargo()
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--all-targets",
+            "--no-fail-fast",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap())) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += tally(rest, "passed");
+            failed += tally(rest, "failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("xtask: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}
+
+/// The count before `word` in a libtest summary (`ok. 19 passed; 0 failed; ...`).
+fn tally(summary: &str, word: &str) -> u64 {
+    summary
+        .split(';')
+        .find_map(|part| {
+            let mut it = part.split_whitespace().rev();
+            (it.next()? == word).then_some(())?;
+            it.next()?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 fn demo(seconds: u64, listen: &str) -> anyhow::Result<()> {

@@ -1,0 +1,148 @@
+//! Bad input gets a clear error and a non-zero exit, never a panic or a hang.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+fn observer(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_observer"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running the observer");
+    // Every refusal here happens before anything is attached: it must be quick.
+    for _ in 0..200 {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("observer {args:?} hung");
+}
+
+fn refused(args: &[&str], want: &[&str]) {
+    let out = observer(args);
+    let stderr =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{args:?} must fail with exit 1:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+    for w in want {
+        assert!(stderr.contains(w), "{args:?}: want {w:?} in:\n{stderr}");
+    }
+}
+
+fn write_temp(name: &str, text: &str) -> String {
+    let p = std::env::temp_dir().join(format!("observer-cli-{}-{name}", std::process::id()));
+    std::fs::write(&p, text).expect("temp file");
+    p.display().to_string()
+}
+
+#[test]
+fn a_pid_that_does_not_exist() {
+    refused(
+        &["--pid", "2147483646"],
+        &["no process with PID 2147483646", "pgrep"],
+    );
+    refused(
+        &["probes", "--pid", "2147483646"],
+        &["no process with PID 2147483646"],
+    );
+}
+
+#[test]
+fn no_pid_at_all() {
+    refused(&[], &["missing --pid"]);
+}
+
+#[test]
+fn a_process_that_is_not_rusty_workers() {
+    let mut sleeper = Command::new("sleep").arg("30").spawn().expect("sleep");
+    let pid = sleeper.id().to_string();
+    // sleep is stripped on Debian: that is what the observer must say.
+    let out = observer(&["--pid", &pid]);
+    let _ = sleeper.kill();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("stripped") || stderr.contains("not a rusty-workers proxy"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_binary_that_is_not_rusty_workers() {
+    // The observer itself has a symbol table but none of the proxy's functions.
+    refused(
+        &["probes", "--binary", env!("CARGO_BIN_EXE_observer")],
+        &["UNRESOLVED", "is not a rusty-workers proxy"],
+    );
+}
+
+#[test]
+fn a_stripped_binary() {
+    let stripped =
+        std::env::temp_dir().join(format!("observer-cli-{}-stripped", std::process::id()));
+    std::fs::copy(env!("CARGO_BIN_EXE_observer"), &stripped).expect("copy");
+    let ok = Command::new("strip")
+        .arg(&stripped)
+        .status()
+        .expect("strip (binutils)");
+    assert!(ok.success());
+    refused(
+        &["probes", "--binary", &stripped.display().to_string()],
+        &["is stripped (no .symtab)"],
+    );
+}
+
+#[test]
+fn a_file_that_is_not_elf() {
+    let p = write_temp("not-elf", "hello\n");
+    refused(&["probes", "--binary", &p], &["is not an ELF executable"]);
+    refused(
+        &["probes", "--binary", "/nonexistent/proxy"],
+        &["cannot read /nonexistent/proxy"],
+    );
+}
+
+#[test]
+fn a_bad_catalog_names_line_and_field() {
+    let p = write_temp(
+        "catalog.toml",
+        "[[probe]]\nname = \"x\"\nprogram = \"no_such_program\"\nsymbol = \"f\"\n",
+    );
+    refused(
+        &[
+            "probes",
+            "--binary",
+            env!("CARGO_BIN_EXE_observer"),
+            "--catalog",
+            &p,
+        ],
+        &[":3: field `program`", "no_such_program", "rpc_call"],
+    );
+    let p = write_temp("catalog2.toml", "[[probe]\n");
+    refused(
+        &[
+            "probes",
+            "--binary",
+            env!("CARGO_BIN_EXE_observer"),
+            "--catalog",
+            &p,
+        ],
+        &["catalog2.toml", "line 1"],
+    );
+}
+
+#[test]
+fn a_bad_symbol_dump_names_the_line() {
+    let p = write_temp(
+        "dump.tsv",
+        "# address\tsize\n0000000000002000\tzz\tt\t_ZN1fE\tf\n",
+    );
+    refused(&["probes", "--symbols", &p], &["line 2", "size"]);
+}
