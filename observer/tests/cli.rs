@@ -66,6 +66,7 @@ fn a_process_that_is_not_rusty_workers() {
     // sleep is stripped on Debian: that is what the observer must say.
     let out = observer(&["--pid", &pid]);
     let _ = sleeper.kill();
+    let _ = sleeper.wait();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
