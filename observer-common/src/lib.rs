@@ -79,10 +79,18 @@ pub struct Event {
     pub ptr_b: u64,
     pub word_a: u64,
     pub word_b: u64,
+    /// `CACHE_INSERT`: how many entries the insert evicts to stay within capacity.
+    pub word_c: u64,
+    /// Bytes of `str2` that hold data.
+    pub str2_len: u32,
+    pub _pad: u32,
+    pub str2_full_len: u64,
     pub str: [u8; MAX_STR],
+    /// `CACHE_INSERT`: the first key the insert evicts (the least recently used).
+    pub str2: [u8; MAX_STR],
 }
 
-const _: () = assert!(core::mem::size_of::<Event>() == 8 + 8 + 8 + 4 * 8 + MAX_STR);
+const _: () = assert!(core::mem::size_of::<Event>() == 8 + 8 + 8 + 5 * 8 + 8 + 8 + 2 * MAX_STR);
 
 impl Event {
     pub const fn zeroed() -> Self {
@@ -95,7 +103,12 @@ impl Event {
             ptr_b: 0,
             word_a: 0,
             word_b: 0,
+            word_c: 0,
+            str2_len: 0,
+            _pad: 0,
+            str2_full_len: 0,
             str: [0; MAX_STR],
+            str2: [0; MAX_STR],
         }
     }
 }
@@ -128,9 +141,18 @@ pub struct Layout {
     pub req_spawn_appid: u64,
     /// Offset of `handle: WorkerHandle` inside the `TerminateWorker` and `Fetch` variants.
     pub req_handle: u64,
+    /// `lru_time_cache::LruCache`: offset of `capacity`, and of its LRU order
+    /// `list: VecDeque<Key>`'s buffer pointer, buffer capacity, head index and length.
+    pub lru_capacity: u64,
+    pub lru_list_ptr: u64,
+    pub lru_list_cap: u64,
+    pub lru_list_head: u64,
+    pub lru_list_len: u64,
+    /// Size of the cache's key (`AppId` / `String`).
+    pub lru_key_size: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Layout>() == 7 * 8);
+const _: () = assert!(core::mem::size_of::<Layout>() == 13 * 8);
 
 impl Layout {
     /// The RPC method of a request enum, from its tag word.
@@ -157,6 +179,13 @@ impl Layout {
         req_dataful_variant: method::SPAWN_WORKER as u64,
         req_spawn_appid: 0,
         req_handle: 8,
+        // LruCache { list: VecDeque { cap, ptr, head, len }, time_to_live, map, capacity }
+        lru_capacity: 72,
+        lru_list_ptr: 8,
+        lru_list_cap: 0,
+        lru_list_head: 16,
+        lru_list_len: 24,
+        lru_key_size: 24,
     };
 }
 

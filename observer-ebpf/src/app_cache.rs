@@ -6,7 +6,7 @@
 //! Both run only on app/route loads and evictions, never per request.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::uprobe, programs::ProbeContext};
-use observer_common::{kind, stat, Event};
+use observer_common::{kind, stat, Event, Layout};
 
 use crate::{bump, layout, read, EVENTS, OBSERVER_STATS};
 
@@ -25,6 +25,25 @@ pub fn lru_remove(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// `insert` of a new key into a full cache first drops the least recently used entries
+/// (`remove_lru`: `list.drain(..=len - capacity)`), inside itself: no `remove` call shows it.
+/// Reads how many, and the first of them, the front of the LRU order list.
+fn capacity_eviction(cache: u64, lay: &Layout, ev: &mut Event) -> Result<(), i64> {
+    let capacity = read::word(cache + lay.lru_capacity)?;
+    let len = read::word(cache + lay.lru_list_len)?;
+    if capacity == 0 || len < capacity {
+        return Ok(());
+    }
+    ev.word_c = len - capacity + 1;
+    let buf = read::word(cache + lay.lru_list_ptr)?;
+    let cap = read::word(cache + lay.lru_list_cap)?;
+    let mut head = read::word(cache + lay.lru_list_head)?;
+    if cap != 0 && head >= cap {
+        head -= cap;
+    }
+    read::string2(buf + head * lay.lru_key_size, lay, ev)
+}
+
 fn try_cache_event(ctx: &ProbeContext, k: u32) -> Result<(), i64> {
     let cache: u64 = ctx.arg(0).ok_or(1i64)?;
     let key: u64 = ctx.arg(1).ok_or(1i64)?;
@@ -38,13 +57,14 @@ fn try_cache_event(ctx: &ProbeContext, k: u32) -> Result<(), i64> {
     ev.kind = k;
     ev.ktime_ns = unsafe { bpf_ktime_get_ns() };
     ev.ptr_a = cache;
+    let lay = layout();
     if k == kind::CACHE_INSERT {
         let value: u64 = ctx.arg(2).unwrap_or(0);
         ev.ptr_b = value;
         ev.word_a = read::word(value).unwrap_or(0);
         ev.word_b = read::word(value + 8).unwrap_or(0);
+        let _ = capacity_eviction(cache, &lay, ev);
     }
-    let lay = layout();
     if read::string(key, &lay, ev).is_err() {
         entry.discard(0);
         return Err(1);

@@ -17,20 +17,37 @@ pub fn word(addr: u64) -> Result<u64, i64> {
 /// Reads the Rust `String` at `addr` into `ev.str` (cut at `MAX_STR`) and its full length.
 #[inline(always)]
 pub fn string(addr: u64, lay: &Layout, ev: &mut Event) -> Result<(), i64> {
+    let (len, n) = string_into(addr, lay, &mut ev.str)?;
+    ev.str_full_len = len;
+    ev.str_len = n;
+    Ok(())
+}
+
+/// Same into `ev.str2`.
+#[inline(always)]
+pub fn string2(addr: u64, lay: &Layout, ev: &mut Event) -> Result<(), i64> {
+    let (len, n) = string_into(addr, lay, &mut ev.str2)?;
+    ev.str2_full_len = len;
+    ev.str2_len = n;
+    Ok(())
+}
+
+/// Returns (full length, bytes copied).
+#[inline(always)]
+fn string_into(addr: u64, lay: &Layout, dst: &mut [u8; MAX_STR]) -> Result<(u64, u32), i64> {
     let ptr = word(addr + lay.string_ptr)?;
     let len = word(addr + lay.string_len)?;
-    ev.str_full_len = len;
     let mut n = len as usize;
     if n > MAX_STR {
         n = MAX_STR;
     }
-    ev.str_len = n as u32;
     if n == 0 {
-        return Ok(());
+        return Ok((len, 0));
     }
     // SAFETY: n is bounded by MAX_STR, the destination's size.
-    unsafe { bpf_probe_read_user_buf(ptr as *const u8, &mut ev.str[..n]) }.map_err(|e| {
+    unsafe { bpf_probe_read_user_buf(ptr as *const u8, &mut dst[..n]) }.map_err(|e| {
         bump(&OBSERVER_STATS, stat::READ_ERRORS);
         i64::from(e)
-    })
+    })?;
+    Ok((len, n as u32))
 }

@@ -11,6 +11,9 @@ pub enum Decoded {
         key: Bytes,
         /// The value argument looks like a freshly made `Arc` (strong = weak = 1).
         fresh_arc: bool,
+        /// Entries the insert drops to stay within capacity (if `key` is new), and the first.
+        evicts: u64,
+        evicted: Option<Bytes>,
         ktime_ns: u64,
     },
     CacheRemove {
@@ -70,6 +73,9 @@ pub fn decode(record: &[u8]) -> Result<Decoded, DecodeError> {
     if ev.str_len as usize > MAX_STR {
         return Err(DecodeError::StrLen(ev.str_len));
     }
+    if ev.str2_len as usize > MAX_STR {
+        return Err(DecodeError::StrLen(ev.str2_len));
+    }
     let s = Bytes {
         data: ev.str[..ev.str_len as usize].to_vec(),
         full_len: ev.str_full_len,
@@ -80,6 +86,11 @@ pub fn decode(record: &[u8]) -> Result<Decoded, DecodeError> {
             cache: ev.ptr_a,
             key: s,
             fresh_arc: ev.word_a == 1 && ev.word_b == 1,
+            evicts: ev.word_c,
+            evicted: (ev.word_c > 0).then(|| Bytes {
+                data: ev.str2[..ev.str2_len as usize].to_vec(),
+                full_len: ev.str2_full_len,
+            }),
             ktime_ns: t,
         },
         kind::CACHE_REMOVE => Decoded::CacheRemove {
@@ -153,6 +164,10 @@ mod tests {
     use super::*;
 
     fn record(kind: u32, s: &[u8], full: u64, words: [u64; 4]) -> Vec<u8> {
+        record2(kind, s, full, words, 0, b"")
+    }
+
+    fn record2(kind: u32, s: &[u8], full: u64, words: [u64; 4], evicts: u64, s2: &[u8]) -> Vec<u8> {
         let mut ev = Event::zeroed();
         ev.kind = kind;
         ev.str_len = s.len() as u32;
@@ -163,6 +178,10 @@ mod tests {
         ev.word_a = words[2];
         ev.word_b = words[3];
         ev.str[..s.len()].copy_from_slice(s);
+        ev.word_c = evicts;
+        ev.str2_len = s2.len() as u32;
+        ev.str2_full_len = s2.len() as u64;
+        ev.str2[..s2.len()].copy_from_slice(s2);
         let p = &ev as *const Event as *const u8;
         // SAFETY: reading the bytes of a plain old data value.
         unsafe { std::slice::from_raw_parts(p, std::mem::size_of::<Event>()) }.to_vec()
@@ -177,6 +196,19 @@ mod tests {
                     cache: 0x10,
                     key: Bytes::new("app"),
                     fresh_arc: true,
+                    evicts: 0,
+                    evicted: None,
+                    ktime_ns: 42,
+                },
+            ),
+            (
+                record2(kind::CACHE_INSERT, b"app", 3, [0x10, 0x20, 1, 1], 1, b"old"),
+                Decoded::CacheInsert {
+                    cache: 0x10,
+                    key: Bytes::new("app"),
+                    fresh_arc: true,
+                    evicts: 1,
+                    evicted: Some(Bytes::new("old")),
                     ktime_ns: 42,
                 },
             ),
@@ -191,6 +223,8 @@ mod tests {
                     cache: 0x10,
                     key: Bytes::new("example.com"),
                     fresh_arc: false,
+                    evicts: 0,
+                    evicted: None,
                     ktime_ns: 42,
                 },
             ),

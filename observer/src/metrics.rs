@@ -73,8 +73,8 @@ fn apps(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
     );
     let evictions = r.counter(
         "app_evictions_total",
-        "App evictions from the app cache (app changed or deleted).",
-        &["app"],
+        "App evictions from the app cache; reason: changed (the app changed or was deleted) or capacity (least recently used, the cache was full).",
+        &["app", "reason"],
     );
     let spawns = r.counter(
         "app_instance_spawns_total",
@@ -106,7 +106,12 @@ fn apps(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
         }
         inst.with_label_values(&l).set(a.alive as i64);
         loads.with_label_values(&l).inc_by(a.loads);
-        evictions.with_label_values(&l).inc_by(a.evictions);
+        evictions
+            .with_label_values(&[app.as_str(), "changed"])
+            .inc_by(a.evictions);
+        evictions
+            .with_label_values(&[app.as_str(), "capacity"])
+            .inc_by(a.capacity_evictions);
         spawns.with_label_values(&l).inc_by(a.spawns);
         terms.with_label_values(&l).inc_by(a.terminations);
         dropped.with_label_values(&l).inc_by(a.dropped);
@@ -220,6 +225,13 @@ fn observer(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
     )
     .with_label_values(NO_LABELS)
     .inc_by(c.unattributed_terminations);
+    r.counter(
+        "observer_capacity_evictions_unnamed_total",
+        "App cache capacity evictions past the first of one insert, whose app the probe does not read.",
+        &[],
+    )
+    .with_label_values(NO_LABELS)
+    .inc_by(c.unnamed_capacity_evictions);
     r.counter(
         "observer_handle_pairings_total",
         "New worker handles paired with the app of their spawn.",

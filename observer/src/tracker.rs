@@ -46,7 +46,10 @@ pub struct AppStats {
     /// CLOCK_MONOTONIC nanoseconds of the last load.
     pub loaded_at_ns: u64,
     pub loads: u64,
+    /// Removed from the app cache because the app changed or was deleted.
     pub evictions: u64,
+    /// Dropped by the app cache to make room (least recently used, past its capacity).
+    pub capacity_evictions: u64,
     pub spawns: u64,
     pub terminations: u64,
     /// Instances that left with their evicted app, never terminated.
@@ -63,6 +66,8 @@ pub struct SelfCounters {
     pub unattributed_requests: u64,
     pub unattributed_terminations: u64,
     pub pairings: u64,
+    /// Capacity evictions past the first of one insert (the probe names only the first).
+    pub unnamed_capacity_evictions: u64,
 }
 
 /// A change to the kernel's `HANDLE_APP` map.
@@ -70,6 +75,14 @@ pub struct SelfCounters {
 pub enum MapOp {
     Insert(HandleKey, u32),
     Remove(HandleKey),
+}
+
+/// A worker the observer knows the app of.
+#[derive(Debug, Clone)]
+struct Worker {
+    app: String,
+    /// Its app was evicted while it was alive: counted as dropped until (if ever) terminated.
+    dropped_at_ns: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -94,7 +107,7 @@ pub struct Tracker {
     pub apps: BTreeMap<String, AppStats>,
     app_cache: Option<u64>,
     other_caches: BTreeSet<u64>,
-    handles: HashMap<Bytes, String>,
+    handles: HashMap<Bytes, Worker>,
     pending: Vec<Pending>,
     deltas: BTreeSet<i64>,
     deferred: Vec<Deferred>,
@@ -192,6 +205,8 @@ impl Tracker {
                 cache,
                 key,
                 fresh_arc,
+                evicts,
+                evicted,
                 ktime_ns,
             } => {
                 let is_app_cache = match self.app_cache {
@@ -213,18 +228,29 @@ impl Tracker {
                         .collect();
                     self.unclassified_removes.retain(|(c, _)| *c != cache);
                     for k in replay {
-                        self.evict(&k);
+                        self.evict(&k, false, ktime_ns);
                     }
                 }
                 let label = self.label(&key);
+                // Re-inserting a present key only refreshes it; a new key past capacity evicts.
+                if !self.apps.get(&label).is_some_and(|a| a.loaded) || label == OTHER {
+                    if let Some(old) = evicted {
+                        self.evict(&old, true, ktime_ns);
+                        self.counters.unnamed_capacity_evictions += evicts.saturating_sub(1);
+                    }
+                }
                 let a = self.app(&label);
                 a.loads += 1;
                 a.loaded = true;
                 a.loaded_at_ns = ktime_ns;
             }
-            Decoded::CacheRemove { cache, key, .. } => {
+            Decoded::CacheRemove {
+                cache,
+                key,
+                ktime_ns,
+            } => {
                 if self.app_cache == Some(cache) {
-                    self.evict(&key);
+                    self.evict(&key, false, ktime_ns);
                 } else if !self.other_caches.contains(&cache) {
                     if self.unclassified_removes.len() == MAX_UNCLASSIFIED {
                         self.unclassified_removes.pop_front();
@@ -258,10 +284,17 @@ impl Tracker {
                 });
             }
             Decoded::Terminate { handle, .. } => match self.handles.remove(&handle) {
-                Some(label) => {
-                    let a = self.app(&label);
+                Some(w) => {
+                    let a = self.app(&w.app);
                     a.terminations += 1;
-                    a.alive = a.alive.saturating_sub(1);
+                    // An instance of an evicted app can still be terminated (it was in the
+                    // terminate queue, or in flight): then it was not lost after all. This keeps
+                    // the counts independent of how eviction and termination interleave.
+                    if w.dropped_at_ns.is_some() {
+                        a.dropped = a.dropped.saturating_sub(1);
+                    } else {
+                        a.alive = a.alive.saturating_sub(1);
+                    }
                     if let Some(k) = handle_key(&handle) {
                         self.ops.push(MapOp::Remove(k));
                     }
@@ -271,39 +304,45 @@ impl Tracker {
         }
     }
 
-    fn evict(&mut self, key: &Bytes) {
+    fn evict(&mut self, key: &Bytes, capacity: bool, now_ns: u64) {
         let label = self.label(key);
         let a = self.app(&label);
-        a.evictions += 1;
+        if capacity {
+            a.capacity_evictions += 1;
+        } else {
+            a.evictions += 1;
+        }
         a.loaded = false;
         a.dropped += a.alive;
         a.alive = 0;
-        // The app's state, its pool with it, is gone: its handles are no longer this app's.
-        let gone: Vec<Bytes> = self
-            .handles
-            .iter()
-            .filter(|(_, l)| **l == label)
-            .map(|(h, _)| h.clone())
-            .collect();
-        for h in gone {
-            self.handles.remove(&h);
-            if let Some(k) = handle_key(&h) {
-                self.ops.push(MapOp::Remove(k));
+        // The app's state goes, its pool of instances with it: they will not be terminated,
+        // unless one was already on its way out. Requests still in flight on them stay this
+        // app's (the kernel keeps their handles).
+        for w in self.handles.values_mut() {
+            if w.app == label && w.dropped_at_ns.is_none() {
+                w.dropped_at_ns = Some(now_ns);
             }
         }
     }
 
     /// Returns whether the fetch was attributed (now or by pairing).
     fn fetch_unknown(&mut self, mut f: Deferred) -> bool {
-        if let Some(label) = self.handles.get(&f.handle).cloned() {
+        if let Some(w) = self.handles.get(&f.handle) {
             // The kernel looked the handle up before userspace had added it.
+            let label = w.app.clone();
             self.app(&label).requests_user += 1;
             return true;
         }
         match self.pair(&f) {
             Some(label) => {
                 self.counters.pairings += 1;
-                self.handles.insert(f.handle.clone(), label.clone());
+                self.handles.insert(
+                    f.handle.clone(),
+                    Worker {
+                        app: label.clone(),
+                        dropped_at_ns: None,
+                    },
+                );
                 let a = self.app(&label);
                 a.alive += 1;
                 a.requests_user += 1;
@@ -387,9 +426,22 @@ impl Tracker {
         }
     }
 
-    /// Ages out spawns that never got a fetch and fetches that never got a pairing.
+    /// Ages out spawns that never got a fetch, fetches that never got a pairing, and workers of
+    /// evicted apps that were never terminated (leaked in their runtime; no request reaches them).
     pub fn housekeeping(&mut self, now_ns: u64) {
         let ttl = self.cfg.pending_ttl_ns;
+        let ops = &mut self.ops;
+        self.handles.retain(|h, w| {
+            let keep = w
+                .dropped_at_ns
+                .is_none_or(|t| now_ns.saturating_sub(t) < 10 * ttl);
+            if !keep {
+                if let Some(k) = handle_key(h) {
+                    ops.push(MapOp::Remove(k));
+                }
+            }
+            keep
+        });
         self.pending
             .retain(|p| now_ns.saturating_sub(p.ktime_ns) < ttl);
         let before = self.deferred.len();
@@ -415,6 +467,18 @@ mod tests {
             cache,
             key: b(app),
             fresh_arc: fresh,
+            evicts: 0,
+            evicted: None,
+            ktime_ns: 1,
+        }
+    }
+    fn insert_evicting(cache: u64, app: &str, old: &str) -> Decoded {
+        Decoded::CacheInsert {
+            cache,
+            key: b(app),
+            fresh_arc: true,
+            evicts: 1,
+            evicted: Some(b(old)),
             ktime_ns: 1,
         }
     }
@@ -473,6 +537,26 @@ mod tests {
     }
 
     #[test]
+    fn a_full_app_cache_evicts_its_least_recently_used_app() {
+        let t = run(vec![
+            insert(0xB00, "app1", true),
+            spawn(0x1000, "app1"),
+            fetch(0x1100, "h1"),
+            insert(0xB00, "app2", true),
+            insert_evicting(0xB00, "app3", "app1"),
+            insert_evicting(0xA00, "example.org", "example.com"), // the route cache: ignored
+        ]);
+        let a1 = &t.apps["app1"];
+        assert_eq!(
+            (a1.loaded, a1.capacity_evictions, a1.evictions, a1.dropped),
+            (false, 1, 0, 1)
+        );
+        assert!(t.apps["app3"].loaded);
+        assert!(!t.apps.contains_key("example.com"));
+        assert_eq!(t.counters.unnamed_capacity_evictions, 0);
+    }
+
+    #[test]
     fn lone_cold_start_pairs_and_teaches_the_distance() {
         let mut t = run(vec![
             insert(0xB00, "app1", true),
@@ -511,10 +595,10 @@ mod tests {
         assert_eq!(t.learned_distances(), vec![0x100]);
         assert_eq!(t.deferred_fetches(), 0);
         assert_eq!(t.pending_spawns(), 0);
-        assert_eq!(t.handles[&b("h1")], "app1");
-        assert_eq!(t.handles[&b("h2")], "app2");
-        assert_eq!(t.handles[&b("h3")], "app1");
-        assert_eq!(t.handles[&b("h4")], "app3");
+        assert_eq!(t.handles[&b("h1")].app, "app1");
+        assert_eq!(t.handles[&b("h2")].app, "app2");
+        assert_eq!(t.handles[&b("h3")].app, "app1");
+        assert_eq!(t.handles[&b("h4")].app, "app3");
         assert_eq!(t.apps["app1"].alive, 2);
     }
 
@@ -543,15 +627,15 @@ mod tests {
             at(fetch(0x1500, "hC"), 23), // 0x100 now has three votes: learned
         ]);
         assert_eq!(t.learned_distances(), vec![0x100]);
-        assert_eq!(t.handles[&b("hA")], "app1");
-        assert_eq!(t.handles[&b("hB")], "app2");
-        assert_eq!(t.handles[&b("hC")], "app3");
+        assert_eq!(t.handles[&b("hA")].app, "app1");
+        assert_eq!(t.handles[&b("hB")].app, "app2");
+        assert_eq!(t.handles[&b("hC")].app, "app3");
         assert_eq!(t.pending_spawns(), 1);
     }
 
     #[test]
-    fn eviction_drops_the_apps_instances() {
-        let mut t = run(vec![
+    fn eviction_drops_the_apps_instances_unless_terminated_after() {
+        let events = vec![
             insert(0xB00, "app1", true),
             spawn(0x1000, "app1"),
             fetch(0x1100, "h1"),
@@ -559,18 +643,30 @@ mod tests {
             fetch(0x1100, "h2"),
             remove(0xB00, "app1"),
             term("h1"),
-        ]);
+        ];
+        let mut t = run(events.clone());
         let a = &t.apps["app1"];
         assert_eq!(
             (a.alive, a.dropped, a.terminations, a.loaded),
-            (0, 2, 0, false)
+            (0, 1, 1, false)
         );
-        assert_eq!(t.counters.unattributed_terminations, 1);
-        let ops = t.take_map_ops();
+        assert_eq!(t.counters.unattributed_terminations, 0);
         assert_eq!(
-            ops.iter().filter(|o| matches!(o, MapOp::Remove(_))).count(),
-            2
+            t.take_map_ops()
+                .iter()
+                .filter(|o| matches!(o, MapOp::Remove(_)))
+                .count(),
+            1
         );
+        // The same events with the termination before the eviction: the same counts.
+        let mut swapped = events;
+        swapped.swap(5, 6);
+        let u = run(swapped);
+        assert_eq!(u.apps["app1"], t.apps["app1"]);
+        // A dropped worker no request reaches is forgotten after a while.
+        t.housekeeping(2 + 10 * Config::default().pending_ttl_ns);
+        assert!(t.handles.is_empty());
+        assert_eq!(t.take_map_ops().len(), 1);
     }
 
     #[test]

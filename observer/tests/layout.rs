@@ -104,3 +104,43 @@ fn arc_inner_starts_with_strong_and_weak_counts() {
     let inner = std::sync::Arc::as_ptr(&a) as usize - 16;
     assert_eq!((word(inner), word(inner + 8)), (1, 1));
 }
+
+#[test]
+fn lru_cache_capacity_and_lru_order_read_as_the_probe_reads_them() {
+    let lay = Layout::DEFAULT;
+    let key = |k: &str| AppId(format!("{k}-{}", "x".repeat(20)));
+    let mut cache: lru_time_cache::LruCache<AppId, std::sync::Arc<u8>> =
+        lru_time_cache::LruCache::with_capacity(3);
+    // Wrap the LRU list's ring buffer around, so head != 0.
+    for (i, k) in ["a", "b", "c", "d", "e", "f", "g"].iter().enumerate() {
+        let base = &cache as *const _ as usize;
+        let cap = word(base + lay.lru_capacity as usize);
+        let len = word(base + lay.lru_list_len as usize);
+        assert_eq!(cap, 3, "capacity");
+        assert_eq!(len, i.min(3) as u64, "LRU list length before inserting {k}");
+        if len >= cap {
+            // What the probe reports as evicted: the front of the LRU list.
+            let buf = word(base + lay.lru_list_ptr as usize) as usize;
+            let ring = word(base + lay.lru_list_cap as usize);
+            let mut head = word(base + lay.lru_list_head as usize);
+            if head >= ring {
+                head -= ring;
+            }
+            let front = string_at(buf + (head * lay.lru_key_size) as usize, &lay);
+            // Keys are ordered by insertion here (no gets), so the LRU one is the oldest.
+            let oldest = key(["a", "b", "c", "d", "e", "f", "g"][i - 3]).0;
+            assert_eq!(front, oldest, "front of the LRU list before inserting {k}");
+        }
+        cache.insert(key(k), std::sync::Arc::new(0));
+    }
+    // A get makes an entry the most recently used: the next eviction is the one after it.
+    assert!(cache.get(&key("e")).is_some());
+    let base = &cache as *const _ as usize;
+    let buf = word(base + lay.lru_list_ptr as usize) as usize;
+    let head = word(base + lay.lru_list_head as usize) % word(base + lay.lru_list_cap as usize);
+    assert_eq!(
+        string_at(buf + (head * lay.lru_key_size) as usize, &lay),
+        key("f").0
+    );
+    assert_eq!(std::mem::size_of::<AppId>() as u64, lay.lru_key_size);
+}

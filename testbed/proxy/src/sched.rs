@@ -346,7 +346,13 @@ impl Scheduler {
             ready_instances: AsyncMutex::new(VecDeque::new()),
         };
         truth::app_loaded(&id.0);
-        self.apps.lock().await.insert(id, Arc::new(state));
+        let mut apps = self.apps.lock().await;
+        // Ground truth for capacity evictions, which the cache does inside insert.
+        let before: Vec<AppId> = apps.peek_iter().map(|(k, _)| k.clone()).collect();
+        apps.insert(id, Arc::new(state));
+        for gone in before.iter().filter(|k| apps.peek(k).is_none()) {
+            truth::app_evicted(&gone.0, true);
+        }
     }
 
     async fn apps_gc_task(&self) {
@@ -365,7 +371,7 @@ impl Scheduler {
                     Err(_) => false,
                 };
                 if remove && self.apps.lock().await.remove(&id).is_some() {
-                    truth::app_evicted(&id.0);
+                    truth::app_evicted(&id.0, false);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -7,11 +7,14 @@ use std::sync::Mutex;
 #[derive(Serialize, Default, Clone)]
 pub struct AppTruth {
     pub loads: u64,
+    /// Removed because the app changed or was deleted.
     pub evictions: u64,
+    /// Dropped by the full app cache (least recently used).
+    pub capacity_evictions: u64,
     /// spawn_worker RPCs sent.
     pub spawns: u64,
     pub terminations: u64,
-    /// Instances dropped without a terminate RPC (their app was evicted).
+    /// Instances that left with their evicted app and were not terminated.
     pub dropped: u64,
     /// Fetch RPCs sent to an instance of this app.
     pub requests: u64,
@@ -24,8 +27,9 @@ pub struct Truth {
     pub apps: BTreeMap<String, AppTruth>,
     pub rpc_calls: BTreeMap<String, u64>,
     pub apps_loaded: u64,
+    /// handle -> (app, dropped with its evicted app)
     #[serde(skip)]
-    handles: BTreeMap<String, String>,
+    handles: BTreeMap<String, (String, bool)>,
 }
 
 static TRUTH: Mutex<Option<Truth>> = Mutex::new(None);
@@ -48,14 +52,22 @@ pub fn app_loaded(app: &str) {
 }
 
 /// An app left the cache: its pooled instances go with its state, never terminated.
-pub fn app_evicted(app: &str) {
+pub fn app_evicted(app: &str, capacity: bool) {
     with(|t| {
         let a = t.apps.entry(app.to_string()).or_default();
-        a.evictions += 1;
+        if capacity {
+            a.capacity_evictions += 1;
+        } else {
+            a.evictions += 1;
+        }
         a.loaded = false;
         a.dropped += a.instances_alive;
         a.instances_alive = 0;
-        t.handles.retain(|_, v| v != app);
+        for (owner, dropped) in t.handles.values_mut() {
+            if owner == app {
+                *dropped = true;
+            }
+        }
     });
 }
 
@@ -69,16 +81,23 @@ pub fn spawned(app: &str, handle: &str) {
     with(|t| {
         let a = t.apps.entry(app.to_string()).or_default();
         a.instances_alive += 1;
-        t.handles.insert(handle.to_string(), app.to_string());
+        t.handles
+            .insert(handle.to_string(), (app.to_string(), false));
     });
 }
 
+/// A terminate RPC for `handle` is about to be sent. An instance dropped with its evicted app
+/// and terminated after all was not lost: it counts as terminated, no longer as dropped.
 pub fn terminated(handle: &str) {
     with(|t| {
-        if let Some(app) = t.handles.remove(handle) {
+        if let Some((app, dropped)) = t.handles.remove(handle) {
             let a = t.apps.entry(app).or_default();
             a.terminations += 1;
-            a.instances_alive = a.instances_alive.saturating_sub(1);
+            if dropped {
+                a.dropped = a.dropped.saturating_sub(1);
+            } else {
+                a.instances_alive = a.instances_alive.saturating_sub(1);
+            }
         }
     });
 }
