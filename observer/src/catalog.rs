@@ -1,5 +1,6 @@
 //! The probe catalog: which functions of the target to probe, with which eBPF program.
 
+use observer_common::Layout;
 use serde::Deserialize;
 use std::collections::HashSet;
 use thiserror::Error;
@@ -29,6 +30,52 @@ pub enum CatalogError {
 struct RawCatalog {
     #[serde(default)]
     probe: Vec<RawProbe>,
+    #[serde(default)]
+    layout: RawLayout,
+}
+
+/// Overrides of `observer_common::Layout::DEFAULT`, for a target built by a compiler that lays
+/// the types out differently (byte offsets).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLayout {
+    string_ptr: Option<u64>,
+    string_len: Option<u64>,
+    req_tag_offset: Option<u64>,
+    req_niche_base: Option<u64>,
+    req_dataful_variant: Option<u64>,
+    req_spawn_appid: Option<u64>,
+    req_handle: Option<u64>,
+    lru_capacity: Option<u64>,
+    lru_list_ptr: Option<u64>,
+    lru_list_cap: Option<u64>,
+    lru_list_head: Option<u64>,
+    lru_list_len: Option<u64>,
+    lru_key_size: Option<u64>,
+}
+
+impl RawLayout {
+    fn apply(&self, mut l: Layout) -> Layout {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { l.$f = v; } )* };
+        }
+        take!(
+            string_ptr,
+            string_len,
+            req_tag_offset,
+            req_niche_base,
+            req_dataful_variant,
+            req_spawn_appid,
+            req_handle,
+            lru_capacity,
+            lru_list_ptr,
+            lru_list_cap,
+            lru_list_head,
+            lru_list_len,
+            lru_key_size
+        );
+        l
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +108,8 @@ pub struct Probe {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Catalog {
     pub probes: Vec<Probe>,
+    /// How the probes read the target's types.
+    pub layout: Layout,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -149,7 +198,15 @@ impl Catalog {
                 why: p.why,
             });
         }
-        Ok(Catalog { probes })
+        let layout = raw.layout.apply(Layout::DEFAULT);
+        if layout.string_ptr == layout.string_len || layout.lru_key_size == 0 {
+            return Err(CatalogError::Syntax {
+                source_name: source_name.to_string(),
+                msg: "[layout]: string_ptr and string_len must differ, lru_key_size must be > 0"
+                    .to_string(),
+            });
+        }
+        Ok(Catalog { probes, layout })
     }
 
     pub fn builtin_proxy() -> Self {
@@ -174,6 +231,23 @@ mod tests {
     }
 
     #[test]
+    fn layout_overrides_apply_over_the_default() {
+        let c = Catalog::parse(
+            "[layout]\nstring_ptr = 0\nstring_len = 16\n[[probe]]\nname = \"a\"\nprogram = \"rpc_call\"\nsymbol = \"x\"\n",
+            "t.toml",
+        )
+        .expect("valid catalog");
+        assert_eq!(
+            c.layout,
+            Layout {
+                string_ptr: 0,
+                ..Layout::DEFAULT
+            }
+        );
+        assert_eq!(Catalog::builtin_proxy().layout, Layout::DEFAULT);
+    }
+
+    #[test]
     fn errors_name_line_and_field() {
         let cases: &[(&str, &str)] = &[
             ("[[probe]]\nname = \"a\"\nprogram = \"nope\"\nsymbol = \"x\"\n", ":3: field `program`"),
@@ -191,6 +265,14 @@ mod tests {
             ("[[probe]]\nname = \"a\"\n", "missing field"),
             ("probe = 3", "invalid type"),
             ("", "no [[probe]] entries"),
+            (
+                "[[probe]]\nname = \"a\"\nprogram = \"rpc_call\"\nsymbol = \"x\"\n[layout]\nstring_pointer = 8\n",
+                "unknown field `string_pointer`",
+            ),
+            (
+                "[[probe]]\nname = \"a\"\nprogram = \"rpc_call\"\nsymbol = \"x\"\n[layout]\nstring_ptr = 16\n",
+                "must differ",
+            ),
         ];
         for (text, want) in cases {
             let err = Catalog::parse(text, "t.toml").expect_err(text).to_string();

@@ -28,16 +28,17 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["pid", "binary", "symbols"])))]
 struct ProbesArgs {
     /// A running proxy.
-    #[arg(long, group = "target", required = true)]
+    #[arg(long)]
     pid: Option<u32>,
     /// A proxy executable on disk.
-    #[arg(long, group = "target")]
+    #[arg(long)]
     binary: Option<PathBuf>,
     /// A symbol table dump instead of a binary (tab-separated: address size type mangled
     /// demangled, hex numbers), such as shared/rusty-workers/proxy-release.functions.tsv.
-    #[arg(long, group = "target")]
+    #[arg(long)]
     symbols: Option<PathBuf>,
     /// With --symbols: file offset = address - this (0x1000 for a Rust PIE's .text).
     #[arg(long, default_value = "0x1000", value_parser = parse_hex)]
@@ -59,8 +60,8 @@ struct RunArgs {
     #[arg(long)]
     catalog: Option<PathBuf>,
     /// Distinct app labels before further apps are counted under app="other".
-    #[arg(long, default_value_t = 1000)]
-    max_apps: usize,
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..4096))]
+    max_apps: u16,
 }
 
 fn load_catalog(path: Option<&Path>) -> anyhow::Result<Catalog> {
@@ -206,7 +207,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     preflight()?;
     let listener = bind(a.listen).await?;
 
-    let mut kernel = kernel::Kernel::load(&observer_common::Layout::DEFAULT)?;
+    let mut kernel = kernel::Kernel::load(&catalog.layout)?;
     kernel.attach(&resolutions, &exe, pid)?;
     for p in &kernel.probes {
         if p.attached > 0 {
@@ -233,7 +234,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let kernel = Arc::new(Mutex::new(Some(kernel)));
     let shared = Arc::new(Mutex::new(Shared {
         tracker: tracker::Tracker::new(tracker::Config {
-            max_apps: a.max_apps,
+            max_apps: a.max_apps as usize,
             ..Default::default()
         }),
         events_received: 0,
