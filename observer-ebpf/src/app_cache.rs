@@ -5,10 +5,10 @@
 //! share a name; both are probed and userspace tells them apart by their arguments.
 //! Both run only on app/route loads and evictions, never per request.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::uprobe, programs::ProbeContext};
-use observer_common::{kind, stat, Event, Layout};
+use aya_ebpf::{macros::uprobe, programs::ProbeContext};
+use observer_common::{kind, Event, Layout};
 
-use crate::{bump, layout, read, EVENTS, OBSERVER_STATS};
+use crate::{layout, read, send};
 
 /// `fn insert(&mut self, key: Key, value: Value) -> Option<Value>`: the key (24 bytes) is
 /// passed by reference, an `Arc` value in a register, a `BTreeMap` value by reference.
@@ -47,28 +47,15 @@ fn capacity_eviction(cache: u64, lay: &Layout, ev: &mut Event) -> Result<(), i64
 fn try_cache_event(ctx: &ProbeContext, k: u32) -> Result<(), i64> {
     let cache: u64 = ctx.arg(0).ok_or(1i64)?;
     let key: u64 = ctx.arg(1).ok_or(1i64)?;
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        bump(&OBSERVER_STATS, stat::EVENTS_LOST);
-        return Err(1);
-    };
-    // SAFETY: the entry is ours until submitted; zeroed first so no stale bytes leak out.
-    let ev = unsafe { &mut *entry.as_mut_ptr() };
-    *ev = Event::zeroed();
-    ev.kind = k;
-    ev.ktime_ns = unsafe { bpf_ktime_get_ns() };
-    ev.ptr_a = cache;
     let lay = layout();
-    if k == kind::CACHE_INSERT {
-        let value: u64 = ctx.arg(2).unwrap_or(0);
-        ev.ptr_b = value;
-        ev.word_a = read::word(value).unwrap_or(0);
-        ev.word_b = read::word(value + 8).unwrap_or(0);
-        let _ = capacity_eviction(cache, &lay, ev);
-    }
-    if read::string(key, &lay, ev).is_err() {
-        entry.discard(0);
-        return Err(1);
-    }
-    entry.submit(0);
-    Ok(())
+    send(k, cache, |ev| {
+        if k == kind::CACHE_INSERT {
+            let value: u64 = ctx.arg(2).unwrap_or(0);
+            ev.ptr_b = value;
+            ev.word_a = read::word(value).unwrap_or(0);
+            ev.word_b = read::word(value + 8).unwrap_or(0);
+            let _ = capacity_eviction(cache, &lay, ev);
+        }
+        read::string(key, &lay, ev)
+    })
 }

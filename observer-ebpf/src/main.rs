@@ -7,10 +7,11 @@ mod read;
 mod rpc;
 
 use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
 };
-use observer_common::{method, stat, HandleKey, Layout, MAX_APP_SLOTS};
+use observer_common::{method, stat, Event, HandleKey, Layout, MAX_APP_SLOTS};
 
 /// Events for userspace; sized for bursts of app loads and cold starts, which are the only
 /// events on the request path (a fetch on a handle already mapped to an app stays in-kernel).
@@ -49,6 +50,37 @@ fn bump(map: &PerCpuArray<u64>, index: u32) {
     if let Some(p) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *p += 1 }
+    }
+}
+
+/// Reserves a zeroed event (counted as lost when the ring buffer is full), lets `fill` complete
+/// it, then submits it, or discards it if `fill` fails.
+#[inline(always)]
+fn send(
+    kind: u32,
+    ptr_a: u64,
+    fill: impl FnOnce(&mut Event) -> Result<(), i64>,
+) -> Result<(), i64> {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        bump(&OBSERVER_STATS, stat::EVENTS_LOST);
+        return Err(1);
+    };
+    // SAFETY: the entry is ours until submitted; zeroed first so no stale bytes leak out.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    *ev = Event::zeroed();
+    ev.kind = kind;
+    // SAFETY: no preconditions.
+    ev.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    ev.ptr_a = ptr_a;
+    match fill(ev) {
+        Ok(()) => {
+            entry.submit(0);
+            Ok(())
+        }
+        Err(e) => {
+            entry.discard(0);
+            Err(e)
+        }
     }
 }
 

@@ -7,10 +7,10 @@
 //! the fetch path is one map lookup and one counter; only spawns, terminations and the first
 //! fetch of each new worker reach userspace.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::uprobe, programs::ProbeContext};
-use observer_common::{kind, method, stat, Event, HandleKey, Layout, HANDLE_KEY_LEN};
+use aya_ebpf::{macros::uprobe, programs::ProbeContext};
+use observer_common::{kind, method, HandleKey, Layout, HANDLE_KEY_LEN};
 
-use crate::{bump, layout, read, APP_REQUESTS, EVENTS, HANDLE_APP, OBSERVER_STATS, RPC_CALLS};
+use crate::{bump, layout, read, send, APP_REQUESTS, HANDLE_APP, RPC_CALLS};
 
 #[uprobe]
 pub fn rpc_call(ctx: ProbeContext) -> u32 {
@@ -67,20 +67,5 @@ fn fetch(channel: u64, request: u64, lay: &Layout) -> Result<(), i64> {
 }
 
 fn emit(k: u32, channel: u64, string: u64, lay: &Layout) -> Result<(), i64> {
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        bump(&OBSERVER_STATS, stat::EVENTS_LOST);
-        return Err(1);
-    };
-    // SAFETY: the entry is ours until submitted.
-    let ev = unsafe { &mut *entry.as_mut_ptr() };
-    *ev = Event::zeroed();
-    ev.kind = k;
-    ev.ktime_ns = unsafe { bpf_ktime_get_ns() };
-    ev.ptr_a = channel;
-    if read::string(string, lay, ev).is_err() {
-        entry.discard(0);
-        return Err(1);
-    }
-    entry.submit(0);
-    Ok(())
+    send(k, channel, |ev| read::string(string, lay, ev))
 }

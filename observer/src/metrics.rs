@@ -39,6 +39,18 @@ impl Reg {
         self.0.register(Box::new(g.clone())).expect("unique metric");
         g
     }
+    /// An unlabelled counter, set to `value`.
+    fn total(&self, name: &str, help: &str, value: u64) {
+        self.counter(name, help, NO_LABELS)
+            .with_label_values(NO_LABELS)
+            .inc_by(value);
+    }
+    /// An unlabelled integer gauge, set to `value`.
+    fn level(&self, name: &str, help: &str, value: i64) {
+        self.int_gauge(name, help, NO_LABELS)
+            .with_label_values(NO_LABELS)
+            .set(value);
+    }
     fn int_gauge(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
         let g = IntGaugeVec::new(Opts::new(format!("{PREFIX}_{name}"), help), labels)
             .expect("valid metric");
@@ -142,13 +154,11 @@ fn observer(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
     )
     .with_label_values(&[env!("CARGO_PKG_VERSION")])
     .set(1);
-    r.int_gauge(
+    r.level(
         "observer_target_up",
         "1 while the watched proxy process exists.",
-        &[],
-    )
-    .with_label_values(NO_LABELS)
-    .set(i.target_up as i64);
+        i.target_up as i64,
+    );
     let attached = r.int_gauge(
         "observer_probe_attached",
         "1 if every site of the probe is attached; reason says why not (unresolved, load_failed, attach_failed).",
@@ -165,42 +175,32 @@ fn observer(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
             .set((p.reason.is_empty() && p.attached > 0) as i64);
         sites.with_label_values(&[&p.name]).set(p.attached as i64);
     }
-    r.counter(
+    r.total(
         "observer_events_total",
         "Events received from the probes.",
-        &[],
-    )
-    .with_label_values(NO_LABELS)
-    .inc_by(i.events_received);
-    r.counter(
+        i.events_received,
+    );
+    r.total(
         "observer_events_lost_total",
         "Events dropped in the kernel because the ring buffer was full.",
-        &[],
-    )
-    .with_label_values(NO_LABELS)
-    .inc_by(i.counters.events_lost()?);
-    r.counter(
+        i.counters.events_lost()?,
+    );
+    r.total(
         "observer_target_read_errors_total",
         "Reads of the target's memory that failed in a probe.",
-        &[],
-    )
-    .with_label_values(NO_LABELS)
-    .inc_by(i.counters.read_errors()?);
-    r.counter(
+        i.counters.read_errors()?,
+    );
+    r.total(
         "observer_decode_errors_total",
         "Events that did not decode.",
-        &[],
-    )
-    .with_label_values(NO_LABELS)
-    .inc_by(i.decode_errors);
+        i.decode_errors,
+    );
     let c = &i.tracker.counters;
-    r.counter(
+    r.total(
         "observer_label_overflow_total",
         "App ids counted under app=\"other\" because the label cap was reached.",
-        &[],
-    )
-    .with_label_values(NO_LABELS)
-    .inc_by(c.label_overflow);
+        c.label_overflow,
+    );
     let refused = r.counter(
         "observer_label_refused_total",
         "App ids read from the target and refused as label values, counted under app=\"other\".",
@@ -211,41 +211,23 @@ fn observer(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
             .with_label_values(&[reason])
             .inc_by(c.label_refused.get(reason).copied().unwrap_or(0));
     }
-    r.counter(
-        "observer_unattributed_requests_total",
-        "Fetches on a worker handle the observer could not pair with an app (instances spawned before it attached).",
-        &[],
-    )
-    .with_label_values(NO_LABELS)
-    .inc_by(c.unattributed_requests);
-    r.counter(
+    r.total("observer_unattributed_requests_total", "Fetches on a worker handle the observer could not pair with an app (instances spawned before it attached).", c.unattributed_requests);
+    r.total(
         "observer_unattributed_terminations_total",
         "terminate_worker RPCs on a handle with no known app.",
-        &[],
-    )
-    .with_label_values(NO_LABELS)
-    .inc_by(c.unattributed_terminations);
-    r.counter(
-        "observer_capacity_evictions_unnamed_total",
-        "App cache capacity evictions past the first of one insert, whose app the probe does not read.",
-        &[],
-    )
-    .with_label_values(NO_LABELS)
-    .inc_by(c.unnamed_capacity_evictions);
-    r.counter(
+        c.unattributed_terminations,
+    );
+    r.total("observer_capacity_evictions_unnamed_total", "App cache capacity evictions past the first of one insert, whose app the probe does not read.", c.unnamed_capacity_evictions);
+    r.total(
         "observer_handle_pairings_total",
         "New worker handles paired with the app of their spawn.",
-        &[],
-    )
-    .with_label_values(NO_LABELS)
-    .inc_by(c.pairings);
-    r.int_gauge(
+        c.pairings,
+    );
+    r.level(
         "observer_pending_spawns",
         "spawn_worker RPCs whose worker has not been seen in a fetch yet.",
-        &[],
-    )
-    .with_label_values(NO_LABELS)
-    .set(i.tracker.pending_spawns() as i64);
+        i.tracker.pending_spawns() as i64,
+    );
     let runs = r.counter(
         "observer_bpf_program_runs_total",
         "Runs of each eBPF program (kernel BPF stats).",
