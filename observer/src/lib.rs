@@ -7,4 +7,5 @@ pub mod kernel;
 pub mod metrics;
 pub mod resolve;
 pub mod symbols;
+pub mod target;
 pub mod tracker;

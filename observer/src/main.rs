@@ -4,6 +4,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use observer::catalog::Catalog;
 use observer::symbols::SymbolTable;
+use observer::target::Target;
 use observer::{decode, kernel, metrics, resolve, tracker};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -75,30 +76,13 @@ fn load_catalog(path: Option<&Path>) -> anyhow::Result<Catalog> {
     }
 }
 
-/// The executable of `pid`, as the kernel sees it; `/proc/<pid>/exe` resolves inside the
-/// process's own mount namespace, so it reaches binaries in containers too.
-fn target_exe(pid: u32) -> anyhow::Result<PathBuf> {
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    if !proc_dir.exists() {
-        bail!("no process with PID {pid}: pass the PID of a running rusty-workers proxy (pgrep -f rusty-workers-proxy)");
-    }
-    let exe = proc_dir.join("exe");
-    std::fs::metadata(&exe).with_context(|| {
-        format!(
-            "cannot open {} (a kernel thread, or not permitted: run as root)",
-            exe.display()
-        )
-    })?;
-    Ok(exe)
-}
-
 fn probes_cmd(a: ProbesArgs) -> anyhow::Result<()> {
     let catalog = load_catalog(a.catalog.as_deref())?;
     let (path, table) = match (a.pid, a.binary, a.symbols) {
         (Some(pid), _, _) => {
-            let exe = target_exe(pid)?;
-            let t = SymbolTable::from_elf_file(&exe)?;
-            (exe, t)
+            let target = Target::open(pid)?;
+            let t = SymbolTable::from_elf_file(&target.exe_link)?;
+            (target.exe_path, t)
         }
         (None, Some(b), _) => {
             let t = SymbolTable::from_elf_file(&b)?;
@@ -124,7 +108,7 @@ fn probes_cmd(a: ProbesArgs) -> anyhow::Result<()> {
     let resolved = res.iter().filter(|r| !r.sites().is_empty()).count();
     println!("{resolved}/{} probes resolved", res.len());
     if resolved == 0 {
-        bail!("none of the catalog's probes resolved: {} is not a rusty-workers proxy (or the catalog is for another build)", real.display());
+        bail!("none of the catalog's probes resolved: {} is not a rusty-workers proxy (or the catalog is for another build)", path.display());
     }
     Ok(())
 }
@@ -187,10 +171,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         );
     };
     let catalog = load_catalog(a.catalog.as_deref())?;
-    let exe = target_exe(pid)?;
-    let table = SymbolTable::from_elf_file(&exe)?;
+    let target = Target::open(pid)?;
+    let table = SymbolTable::from_elf_file(&target.exe_link)?;
     let resolutions = resolve::resolve(&catalog, &table);
-    let real = std::fs::read_link(&exe).unwrap_or(exe.clone());
+    let real = target.exe_path.clone();
     if resolutions.iter().all(|r| r.sites().is_empty()) {
         bail!(
             "PID {pid} ({}) is not a rusty-workers proxy: none of the catalog's {} probes resolved\n{}",
@@ -208,7 +192,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let listener = bind(a.listen).await?;
 
     let mut kernel = kernel::Kernel::load(&catalog.layout)?;
-    kernel.attach(&resolutions, &exe, pid)?;
+    kernel.attach(&resolutions, &target.exe_link, pid)?;
     for p in &kernel.probes {
         if p.attached > 0 {
             log::info!(
@@ -280,7 +264,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                     guard.clear_ready();
                 }
                 _ = tick.tick() => {
-                    let up = Path::new(&format!("/proc/{pid}")).exists();
+                    let up = target.is_alive();
                     let mut s = loop_shared.lock().unwrap();
                     if s.target_up && !up {
                         log::warn!("proxy PID {pid} exited");
