@@ -94,11 +94,11 @@ impl Observer {
         self.try_scrape().expect("scraping the observer")
     }
 
-    /// SIGINT, as an operator's Ctrl-C: must detach and exit 0.
-    fn stop(mut self) -> String {
+    /// SIGINT (an operator's Ctrl-C, 2) or SIGTERM (systemd, 15): must detach and exit 0.
+    fn stop(mut self, signal: i32) -> String {
         self.stopped = true;
         // SAFETY: kill(2) on our own child.
-        unsafe { libc_kill(self.child.id() as i32, 2) };
+        unsafe { libc_kill(self.child.id() as i32, signal) };
         let status = self.child.wait().expect("observer exit");
         let log = self.log_text();
         assert!(status.success(), "observer exited with {status}:\n{log}");
@@ -342,7 +342,7 @@ fn metrics_equal_ground_truth() {
         truth_u64(&truth, &["rpc_calls", "fetch"]),
         truth_u64(&truth, &["rpc_calls", "spawn_worker"]),
     );
-    obs.stop();
+    obs.stop(2);
 }
 
 #[test]
@@ -388,7 +388,7 @@ fn capacity_evictions_equal_ground_truth() {
     assert!(capacity > 0, "the scenario must evict by capacity: {truth}");
     let checked = assert_metrics_equal_truth(&m, &truth, &t0, &apps);
     eprintln!("e2e: {checked} series equal ground truth; {capacity} capacity evictions");
-    obs.stop();
+    obs.stop(15);
 }
 
 #[test]
