@@ -6,7 +6,9 @@
 use crate::kernel::{Counters, ProbeStatus, ProgramStats};
 use crate::tracker::Tracker;
 use observer_common::method;
-use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    CounterVec, Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 use std::time::Instant;
 
 pub const PREFIX: &str = "rusty_workers";
@@ -29,6 +31,13 @@ struct Reg(Registry);
 impl Reg {
     fn counter(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
         let c = IntCounterVec::new(Opts::new(format!("{PREFIX}_{name}"), help), labels)
+            .expect("valid metric");
+        self.0.register(Box::new(c.clone())).expect("unique metric");
+        c
+    }
+    /// A counter of seconds (a float).
+    fn seconds(&self, name: &str, help: &str, labels: &[&str]) -> CounterVec {
+        let c = CounterVec::new(Opts::new(format!("{PREFIX}_{name}"), help), labels)
             .expect("valid metric");
         self.0.register(Box::new(c.clone())).expect("unique metric");
         c
@@ -233,14 +242,14 @@ fn observer(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
         "Runs of each eBPF program (kernel BPF stats).",
         &["program"],
     );
-    let secs = r.gauge(
+    let secs = r.seconds(
         "observer_bpf_program_run_seconds_total",
         "Time spent in each eBPF program (kernel BPF stats; the uprobe trap itself is not included).",
         &["program"],
     );
     for p in i.programs {
         runs.with_label_values(&[&p.program]).inc_by(p.runs);
-        secs.with_label_values(&[&p.program]).set(p.run_seconds);
+        secs.with_label_values(&[&p.program]).inc_by(p.run_seconds);
     }
     Ok(())
 }

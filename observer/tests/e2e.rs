@@ -90,6 +90,35 @@ impl Observer {
         Ok(parse_metrics(&body))
     }
 
+    /// The exposition must pass `promtool check metrics` (Prometheus' own linter), when installed.
+    fn lint(&self) {
+        let (_, body) =
+            http_get(self.addr, "localhost", "/metrics").expect("scraping the observer");
+        let Ok(mut child) = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        else {
+            return;
+        };
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn scrape(&self) -> BTreeMap<String, f64> {
         self.try_scrape().expect("scraping the observer")
     }
@@ -325,6 +354,7 @@ fn metrics_equal_ground_truth() {
     let m = obs.scrape();
 
     let checked = assert_metrics_equal_truth(&m, &truth, &t0, &apps);
+    obs.lint();
     // At most 2 runs per request in steady state: the fetch is one; spawns, terminations and
     // loads are the rest.
     let runs = bpf_runs_per_request(&m, &truth);
