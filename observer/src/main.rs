@@ -236,7 +236,15 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 guard = events.readable_mut() => {
-                    let mut guard = guard.expect("ring buffer fd");
+                    let mut guard = match guard {
+                        Ok(g) => g,
+                        Err(e) => {
+                            // Without events the metrics would silently freeze: stop instead
+                            // (exiting closes every link, so nothing stays attached).
+                            log::error!("polling the ring buffer failed: {e}; exiting");
+                            std::process::exit(1);
+                        }
+                    };
                     let ops = {
                         let mut s = loop_shared.lock().unwrap();
                         let rb = guard.get_inner_mut();
