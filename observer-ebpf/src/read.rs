@@ -44,10 +44,16 @@ fn string_into(addr: u64, lay: &Layout, dst: &mut [u8; MAX_STR]) -> Result<(u64,
     if n == 0 {
         return Ok((len, 0));
     }
-    // SAFETY: n is bounded by MAX_STR, the destination's size.
-    unsafe { bpf_probe_read_user_buf(ptr as *const u8, &mut dst[..n]) }.map_err(|e| {
+    bytes(ptr, &mut dst[..n])?;
+    Ok((len, n as u32))
+}
+
+/// Reads `dst.len()` bytes at `ptr` (callers bound the length for the verifier).
+#[inline(always)]
+pub fn bytes(ptr: u64, dst: &mut [u8]) -> Result<(), i64> {
+    // SAFETY: bpf_probe_read_user checks the address; a bad one returns an error.
+    unsafe { bpf_probe_read_user_buf(ptr as *const u8, dst) }.map_err(|e| {
         bump(&OBSERVER_STATS, stat::READ_ERRORS);
         i64::from(e)
-    })?;
-    Ok((len, n as u32))
+    })
 }

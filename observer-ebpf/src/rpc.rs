@@ -48,15 +48,9 @@ fn fetch(channel: u64, request: u64, lay: &Layout) -> Result<(), i64> {
         bytes: [0; HANDLE_KEY_LEN],
     };
     if len > 0 && len <= HANDLE_KEY_LEN as u64 {
-        let mut n = len as usize;
-        if n > HANDLE_KEY_LEN {
-            n = HANDLE_KEY_LEN;
-        }
-        // SAFETY: n is bounded by the key's size.
-        unsafe {
-            aya_ebpf::helpers::bpf_probe_read_user_buf(ptr as *const u8, &mut key.bytes[..n])
-        }
-        .map_err(i64::from)?;
+        // Checked again so the verifier sees the slice bound.
+        let n = (len as usize).min(HANDLE_KEY_LEN);
+        read::bytes(ptr, &mut key.bytes[..n])?;
         // SAFETY: lookups copy nothing out; the value is read once.
         if let Some(slot) = unsafe { HANDLE_APP.get(key) } {
             bump(&APP_REQUESTS, *slot);

@@ -18,7 +18,6 @@ pub static EBPF_OBJECT: &[u8] = include_bytes!(env!("OBSERVER_EBPF_OBJECT"));
 #[derive(Debug, Clone)]
 pub struct ProbeStatus {
     pub name: String,
-    pub program: String,
     pub sites: usize,
     pub attached: usize,
     /// Empty when every site is attached; otherwise a bounded reason for a label.
@@ -108,7 +107,6 @@ impl Kernel {
         for r in resolutions {
             let mut status = ProbeStatus {
                 name: r.probe.name.clone(),
-                program: r.probe.program.clone(),
                 sites: r.sites().len(),
                 attached: 0,
                 reason: "",

@@ -8,9 +8,9 @@
 //! the future's state across the await) and the fetch on `instance.client` (a local of
 //! `handle_request`, same future). Their addresses differ by a constant of the compiled
 //! future's layout, so a new handle's fetch is paired with the pending spawn whose client sits
-//! at that distance. The distance is learned from the first unambiguous cold start (one spawn
-//! pending) and then used to pair concurrent cold starts exactly; fetches that cannot be paired
-//! yet wait until it is known.
+//! at that distance. The distance is learned from the first lone cold start (one spawn pending),
+//! or, under concurrent cold starts, as the one distance that recurs across the waiting fetches;
+//! then it pairs exactly. Fetches that cannot be paired yet wait until it is known.
 
 use crate::decode::{app_label, Bytes, Decoded, Refused};
 use observer_common::{HandleKey, HANDLE_KEY_LEN, MAX_APP_SLOTS};
@@ -59,6 +59,13 @@ pub struct AppStats {
     pub requests_user: u64,
 }
 
+impl AppStats {
+    /// Which of the app's successive states (one per load) is current.
+    fn generation(&self) -> u64 {
+        self.evictions + self.capacity_evictions
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SelfCounters {
     pub label_refused: BTreeMap<&'static str, u64>,
@@ -89,6 +96,8 @@ struct Worker {
 struct Pending {
     client: u64,
     app: String,
+    /// The app's evictions when the spawn was sent: the app state it was sent for.
+    generation: u64,
     ktime_ns: u64,
 }
 
@@ -264,10 +273,13 @@ impl Tracker {
                 ktime_ns,
             } => {
                 let label = self.label(&app);
-                self.app(&label).spawns += 1;
+                let a = self.app(&label);
+                a.spawns += 1;
+                let generation = a.generation();
                 self.pending.push(Pending {
                     client,
                     app: label,
+                    generation,
                     ktime_ns,
                 });
             }
@@ -325,44 +337,51 @@ impl Tracker {
         }
     }
 
-    /// Returns whether the fetch was attributed (now or by pairing).
-    fn fetch_unknown(&mut self, mut f: Deferred) -> bool {
+    /// Attributes a fetch on a handle the kernel did not know, now or once it can be paired.
+    fn fetch_unknown(&mut self, mut f: Deferred) {
         if let Some(w) = self.handles.get(&f.handle) {
             // The kernel looked the handle up before userspace had added it.
             let label = w.app.clone();
             self.app(&label).requests_user += 1;
-            return true;
+            return;
         }
+        let known = self.deltas.len();
         match self.pair(&f) {
-            Some(label) => {
+            Some(spawn) => {
                 self.counters.pairings += 1;
-                self.handles.insert(
-                    f.handle.clone(),
-                    Worker {
-                        app: label.clone(),
-                        dropped_at_ns: None,
-                    },
-                );
-                let a = self.app(&label);
-                a.alive += 1;
+                let a = self.app(&spawn.app);
+                // Spawned for an app state evicted since: the worker goes into that state's
+                // pool and is lost with it, whenever its response came back.
+                let dropped = a.generation() != spawn.generation;
+                if dropped {
+                    a.dropped += 1;
+                } else {
+                    a.alive += 1;
+                }
                 a.requests_user += 1;
                 let slot = a.slot;
                 if let Some(k) = handle_key(&f.handle) {
                     self.ops.push(MapOp::Insert(k, slot));
                 }
-                true
+                self.handles.insert(
+                    f.handle,
+                    Worker {
+                        app: spawn.app,
+                        dropped_at_ns: dropped.then_some(f.ktime_ns),
+                    },
+                );
+                // A lone cold start just taught the distance: the fetches waiting for it pair now.
+                if self.deltas.len() > known {
+                    self.retry_deferred();
+                }
             }
-            None if self.pending.is_empty() => {
-                self.counters.unattributed_requests += 1;
-                true
-            }
+            None if self.pending.is_empty() => self.counters.unattributed_requests += 1,
             None => {
                 f.votes = self.candidates(&f).into_iter().map(|(_, d)| d).collect();
                 self.deferred.push(f);
                 if self.learn_from_votes() {
                     self.retry_deferred();
                 }
-                false
             }
         }
     }
@@ -379,7 +398,7 @@ impl Tracker {
             .collect()
     }
 
-    fn pair(&mut self, f: &Deferred) -> Option<String> {
+    fn pair(&mut self, f: &Deferred) -> Option<Pending> {
         let near = self.candidates(f);
         // At a known distance, the latest spawn there is this request's: an older one at the
         // same address belonged to an earlier request whose memory this one reuses.
@@ -396,7 +415,7 @@ impl Tracker {
             }
             _ => return None,
         };
-        Some(self.pending.remove(index).app)
+        Some(self.pending.remove(index))
     }
 
     /// Concurrent cold starts: each waiting fetch has several candidate distances, but only the
@@ -667,6 +686,36 @@ mod tests {
         t.housekeeping(2 + 10 * Config::default().pending_ttl_ns);
         assert!(t.handles.is_empty());
         assert_eq!(t.take_map_ops().len(), 1);
+    }
+
+    #[test]
+    fn a_lone_cold_start_releases_the_fetches_waiting_for_the_distance() {
+        let t = run(vec![
+            spawn(0x1000, "app1"),
+            spawn(0x5000, "app2"),
+            fetch(0x1100, "h1"), // two candidates, no votes yet: waits
+            spawn(0x40000, "app3"),
+            fetch(0x40100, "h3"), // alone within reach: teaches 0x100
+        ]);
+        assert_eq!(t.deferred_fetches(), 0);
+        assert_eq!(t.handles[&b("h1")].app, "app1");
+        assert_eq!(t.handles[&b("h3")].app, "app3");
+        assert_eq!(t.pending_spawns(), 1);
+    }
+
+    #[test]
+    fn a_worker_spawned_for_an_evicted_app_state_is_dropped_with_it() {
+        let t = run(vec![
+            insert(0xB00, "app1", true),
+            spawn(0x1000, "app1"),
+            remove(0xB00, "app1"), // evicted while the spawn is in flight
+            fetch(0x1100, "h1"),
+        ]);
+        let a = &t.apps["app1"];
+        assert_eq!(
+            (a.spawns, a.alive, a.dropped, a.requests_user),
+            (1, 0, 1, 1)
+        );
     }
 
     #[test]

@@ -123,7 +123,7 @@ impl AppState {
         let mut client = client.clone();
         drop(clients);
         truth::rpc("spawn_worker");
-        truth::spawn_attempt(&self.id.0);
+        let generation = truth::spawn_attempt(&self.id.0);
         let handle = client
             .spawn_worker(
                 tarpc::context::current(),
@@ -132,7 +132,7 @@ impl AppState {
                 self.bundle.clone(),
             )
             .await??;
-        truth::spawned(&self.id.0, &handle.id);
+        truth::spawned(&self.id.0, &handle.id, generation);
         Ok(ReadyInstance {
             rtid,
             last_active: Instant::now(),

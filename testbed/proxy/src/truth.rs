@@ -71,18 +71,29 @@ pub fn app_evicted(app: &str, capacity: bool) {
     });
 }
 
-/// A spawn_worker RPC is about to be sent for `app`.
-pub fn spawn_attempt(app: &str) {
-    with(|t| t.apps.entry(app.to_string()).or_default().spawns += 1);
-}
-
-/// The runtime answered a spawn with `handle`.
-pub fn spawned(app: &str, handle: &str) {
+/// A spawn_worker RPC is about to be sent for `app`; returns the app's generation (one per
+/// load), which names the app state the instance will belong to.
+pub fn spawn_attempt(app: &str) -> u64 {
     with(|t| {
         let a = t.apps.entry(app.to_string()).or_default();
-        a.instances_alive += 1;
+        a.spawns += 1;
+        a.evictions + a.capacity_evictions
+    })
+}
+
+/// The runtime answered a spawn with `handle`. If the app state it was spawned for has been
+/// evicted meanwhile, the instance goes into that state's pool and is lost with it.
+pub fn spawned(app: &str, handle: &str, generation: u64) {
+    with(|t| {
+        let a = t.apps.entry(app.to_string()).or_default();
+        let dropped = a.evictions + a.capacity_evictions != generation;
+        if dropped {
+            a.dropped += 1;
+        } else {
+            a.instances_alive += 1;
+        }
         t.handles
-            .insert(handle.to_string(), (app.to_string(), false));
+            .insert(handle.to_string(), (app.to_string(), dropped));
     });
 }
 
