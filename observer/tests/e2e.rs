@@ -3,6 +3,7 @@
 //!
 //! Needs root (eBPF) and the release build of the test target (`cargo xtask test`).
 
+use observer_common::method;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -263,14 +264,7 @@ fn assert_metrics_equal_truth(
         "apps loaded"
     );
     // RPCs: the observer counts from its attach; ground truth from the proxy's start.
-    for method in [
-        "id",
-        "spawn_worker",
-        "terminate_worker",
-        "list_workers",
-        "fetch",
-        "load",
-    ] {
+    for method in &method::NAMES[..method::UNKNOWN as usize] {
         let want = truth_u64(truth, &["rpc_calls", method]) - truth_u64(t0, &["rpc_calls", method]);
         let got = m[&format!("rusty_workers_runtime_rpcs_total{{method=\"{method}\"}}")];
         assert_eq!(got, want as f64, "runtime_rpcs_total{{method={method}}}");

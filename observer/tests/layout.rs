@@ -21,17 +21,7 @@ fn string_at(addr: usize, lay: &Layout) -> String {
 }
 
 fn cfg() -> WorkerConfiguration {
-    WorkerConfiguration {
-        executor: ExecutorConfiguration {
-            max_ab_memory_mb: 16,
-            max_time_ms: 100,
-            max_io_concurrency: 10,
-            max_io_per_request: 50,
-        },
-        fetch_service: "127.0.0.1:3000".parse().unwrap(),
-        env: Default::default(),
-        kv_namespaces: Default::default(),
-    }
+    WorkerConfiguration::for_tests()
 }
 
 #[test]

@@ -17,6 +17,23 @@ pub struct WorkerConfiguration {
     pub kv_namespaces: BTreeMap<String, String>,
 }
 
+impl WorkerConfiguration {
+    /// The limits the test proxy gives every worker.
+    pub fn for_tests() -> Self {
+        WorkerConfiguration {
+            executor: ExecutorConfiguration {
+                max_ab_memory_mb: 16,
+                max_time_ms: 100,
+                max_io_concurrency: 10,
+                max_io_per_request: 50,
+            },
+            fetch_service: "127.0.0.1:3000".parse().unwrap(),
+            env: Default::default(),
+            kv_namespaces: Default::default(),
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Eq, PartialEq)]
 pub struct ExecutorConfiguration {
     pub max_ab_memory_mb: u32,

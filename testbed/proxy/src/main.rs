@@ -59,17 +59,7 @@ async fn main() -> anyhow::Result<()> {
     let config: config::Config =
         serde_json::from_str(&text).with_context(|| format!("parsing {path}"))?;
 
-    let worker_config = WorkerConfiguration {
-        executor: ExecutorConfiguration {
-            max_ab_memory_mb: 16,
-            max_time_ms: 100,
-            max_io_concurrency: 10,
-            max_io_per_request: 50,
-        },
-        fetch_service: "127.0.0.1:3000".parse().unwrap(),
-        env: Default::default(),
-        kv_namespaces: Default::default(),
-    };
+    let worker_config = WorkerConfiguration::for_tests();
     let scheduler = sched::Scheduler::new(
         worker_config,
         config.local.clone(),
