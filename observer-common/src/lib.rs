@@ -30,7 +30,35 @@ pub mod kind {
     /// A `fetch` RPC on a worker handle the kernel had no app for; `str` = handle,
     /// `ptr_a` = the client it was sent on.
     pub const RPC_FETCH_UNKNOWN: u32 = 5;
+    /// A `fetch` RPC on a handle the kernel knows: `word_a` = its app slot.
+    pub const RPC_FETCH: u32 = 6;
+    /// Any other RPC (`id`, `load`, `list_workers`): `word_a` = the method.
+    pub const RPC_OTHER: u32 = 7;
+    /// hyper's HTTP/1 server took a request: `ptr_a` = the request's key (what
+    /// `Server::recv_msg` receives: the box its service future goes into).
+    pub const HTTP_REQUEST: u32 = 8;
+    /// hyper's HTTP/1 server encodes a response head: `ptr_a` = the connection, `ptr_b` = the
+    /// request key read from it (0 until userspace has learnt where it is).
+    pub const HTTP_RESPONSE: u32 = 9;
+    /// `SchedError::build_response`: `word_a` = the error's discriminant.
+    pub const SCHED_ERROR: u32 = 10;
+    /// A runtime's answer reached its caller's oneshot: `ptr_a` = the oneshot, `str` = the
+    /// first `MAX_STR` bytes of the in-memory `tarpc::Response`, `str2` = its string (runtime
+    /// id, worker handle), and the runtime's address as the thread last received from it:
+    /// `ptr_b`/`word_b` = its 16 bytes (IPv4: the first 4), `word_c` = port | family << 16
+    /// (0: unknown).
+    pub const RPC_RESPONSE: u32 = 11;
+    /// A call's response future is dropped: `ptr_a` = its oneshot, `ptr_b` = its connection,
+    /// `word_b`/`word_c` = its trace id, `word_a` = 1 if it completed.
+    pub const RPC_DONE: u32 = 12;
 }
+
+/// The RPC kinds (`RPC_SPAWN` .. `RPC_OTHER`) all carry the call's identity: `ptr_a` = the
+/// client (`&mut Channel`), `ptr_b` = its connection (the cancellation sender's `Arc`, one per
+/// runtime connection), `word_b`/`word_c` = the trace id of its context (random per
+/// `tarpc::context::current()`, which rusty-workers makes for every call; the request id is
+/// taken inside the call, too late to read race-free at its entry).
+pub const RPC_FIRST: u32 = kind::RPC_SPAWN;
 
 /// RPC methods of rusty-workers' `RuntimeService`, in declaration order (which is also the
 /// order of the variants of the tarpc-generated request enum).
@@ -83,7 +111,8 @@ pub struct Event {
     pub word_c: u64,
     /// Bytes of `str2` that hold data.
     pub str2_len: u32,
-    pub _pad: u32,
+    /// The thread that ran the probe.
+    pub tid: u32,
     pub str2_full_len: u64,
     pub str: [u8; MAX_STR],
     /// `CACHE_INSERT`: the first key the insert evicts (the least recently used).
@@ -105,7 +134,7 @@ impl Event {
             word_b: 0,
             word_c: 0,
             str2_len: 0,
-            _pad: 0,
+            tid: 0,
             str2_full_len: 0,
             str: [0; MAX_STR],
             str2: [0; MAX_STR],
@@ -150,9 +179,26 @@ pub struct Layout {
     pub lru_list_len: u64,
     /// Size of the cache's key (`AppId` / `String`).
     pub lru_key_size: u64,
+    /// tarpc `Channel`: offset of its cancellation sender (an `Arc`, one per connection).
+    pub chan_cancel: u64,
+    /// `tarpc::context::Context`: offset of its trace id (a `u128`).
+    pub ctx_trace_id: u64,
+    /// tarpc `DispatchResponse`: offsets of its context, oneshot receiver, cancellation
+    /// sender and `complete` flag.
+    pub dr_ctx: u64,
+    pub dr_response: u64,
+    pub dr_cancel: u64,
+    pub dr_complete: u64,
+    /// `tarpc::Response<RuntimeServiceResponse>`: the niche base of its first word, the tags
+    /// of the `Id` and `SpawnWorker` answers, and where their strings are.
+    pub resp_niche_base: u64,
+    pub resp_tag_id: u64,
+    pub resp_tag_spawn: u64,
+    pub resp_id_string: u64,
+    pub resp_spawn_string: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Layout>() == 13 * 8);
+const _: () = assert!(core::mem::size_of::<Layout>() == 24 * 8);
 
 impl Layout {
     /// The RPC method of a request enum, from its tag word.
@@ -186,11 +232,60 @@ impl Layout {
         lru_list_head: 16,
         lru_list_len: 24,
         lru_key_size: 24,
+        chan_cancel: 0,
+        ctx_trace_id: 16,
+        dr_ctx: 0,
+        dr_response: 64,
+        dr_cancel: 72,
+        dr_complete: 88,
+        resp_niche_base: 0x8000_0000_0000_0000,
+        resp_tag_id: 1,
+        resp_tag_spawn: 2,
+        resp_id_string: 8,
+        resp_spawn_string: 16,
     };
 }
 
+/// How the response-head probe finds the request key from the connection: learnt by
+/// userspace (hyper's dispatcher holds both, at an offset the compiler chose), then set here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnKey {
+    /// 0: not learnt yet; 1: the key is the word at `conn + offset`; 2: it is `conn + offset`.
+    pub mode: u64,
+    pub offset: i64,
+}
+
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 16);
+
+pub mod conn_key {
+    pub const UNKNOWN: u64 = 0;
+    pub const LOAD: u64 = 1;
+    pub const ADDRESS: u64 = 2;
+}
+
+/// Address families of `Peer::family` (include/linux/socket.h).
+pub mod family {
+    pub const INET: u16 = 2;
+    pub const INET6: u16 = 10;
+}
+
+/// The last peer a thread received from (the `sock_recv` tracepoint's output).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Peer>() == 24);
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::HandleKey {}
     unsafe impl aya::Pod for super::Layout {}

@@ -1,16 +1,25 @@
-//! Every runtime RPC of the proxy: `<tarpc::client::Channel<Req, Resp> as Client<Req>>::call`.
+//! Runtime RPCs of the proxy, from the call to the answer.
 //!
-//! rusty-workers' `RuntimeServiceClient::{spawn_worker, fetch, ...}` are inlined; all of them
-//! end in this one generic function, which receives the request enum by reference
-//! (`call(&mut self, ctx, request)` with the returned future in the sret slot: rdi = sret,
-//! rsi = self, rdx = &ctx, rcx = &request). It runs once per proxied request (the fetch), so
-//! the fetch path is one map lookup and one counter; only spawns, terminations and the first
-//! fetch of each new worker reach userspace.
+//! - `<tarpc::client::Channel<Req, Resp> as Client<Req>>::call`: every RPC.
+//!   rusty-workers' `RuntimeServiceClient::{spawn_worker, fetch, ...}` are inlined; all of them
+//!   end in this one generic function, which receives the request enum by reference
+//!   (`call(&mut self, ctx, request)` with the returned future in the sret slot: rdi = sret,
+//!   rsi = self, rdx = &ctx, rcx = &request).
+//! - `futures_channel::oneshot::Sender<Response<_>>::send`: tarpc's dispatch task hands the
+//!   runtime's answer to the waiting call (`send(self, t) -> Result<(), T>`: rdi = the sret
+//!   slot, rsi = the oneshot's `Arc`, rdx = &t; measured with bpftrace on the test target).
+//! - `drop_in_place::<DispatchResponse<_>>` and `<DispatchResponse<_> as Drop>::drop`: the
+//!   call's response future ends, completed or not; it holds the oneshot, the connection and
+//!   the request id, which tie the two above. Which of the two runs depends on inlining at
+//!   each drop site, so both are probed; userspace drops the second sighting.
+//!
+//! With request metrics off (`DETAIL` = 0), the fetch path stays one map lookup and one
+//! counter, and only spawns, terminations and the first fetch of new workers reach userspace.
 
-use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use observer_common::{kind, method, HandleKey, Layout, HANDLE_KEY_LEN};
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
+use observer_common::{kind, method, Event, HandleKey, Layout, HANDLE_KEY_LEN, MAX_STR};
 
-use crate::{bump, layout, read, send, APP_REQUESTS, HANDLE_APP, RPC_CALLS};
+use crate::{bump, detail, layout, read, send, APP_REQUESTS, HANDLE_APP, LAST_PEER, RPC_CALLS};
 
 #[uprobe]
 pub fn rpc_call(ctx: ProbeContext) -> u32 {
@@ -18,29 +27,57 @@ pub fn rpc_call(ctx: ProbeContext) -> u32 {
     0
 }
 
+#[uprobe]
+pub fn rpc_response(ctx: ProbeContext) -> u32 {
+    let _ = try_rpc_response(&ctx);
+    0
+}
+
+#[uprobe]
+pub fn rpc_done(ctx: ProbeContext) -> u32 {
+    let _ = try_rpc_done(&ctx);
+    0
+}
+
+/// The call's identity: its connection (the cancellation sender's `Arc`, one per runtime
+/// connection) and its context's trace id, which its `DispatchResponse` keeps.
+fn identify(ev: &mut Event, channel: u64, context: u64, lay: &Layout) {
+    ev.ptr_b = read::word(channel + lay.chan_cancel).unwrap_or(0);
+    ev.word_b = read::word(context + lay.ctx_trace_id).unwrap_or(0);
+    ev.word_c = read::word(context + lay.ctx_trace_id + 8).unwrap_or(0);
+}
+
 fn try_rpc_call(ctx: &ProbeContext) -> Result<(), i64> {
     let channel: u64 = ctx.arg(1).ok_or(1i64)?;
+    let context: u64 = ctx.arg(2).ok_or(1i64)?;
     let request: u64 = ctx.arg(3).ok_or(1i64)?;
+    let call = Call { channel, context };
     let lay = layout();
     let tag = read::word(request + lay.req_tag_offset)?;
     let m = lay.method_of(tag);
     bump(&RPC_CALLS, m);
+    let full = detail();
     match m {
-        method::FETCH => fetch(channel, request, &lay),
-        method::SPAWN_WORKER => emit(
-            kind::RPC_SPAWN,
-            channel,
-            request + lay.req_spawn_appid,
-            &lay,
-        ),
+        method::FETCH => fetch(&call, request, &lay, full),
+        method::SPAWN_WORKER => emit(kind::RPC_SPAWN, &call, request + lay.req_spawn_appid, &lay),
         method::TERMINATE_WORKER => {
-            emit(kind::RPC_TERMINATE, channel, request + lay.req_handle, &lay)
+            emit(kind::RPC_TERMINATE, &call, request + lay.req_handle, &lay)
         }
+        _ if full => send(kind::RPC_OTHER, channel, |ev| {
+            ev.word_a = m as u64;
+            identify(ev, channel, context, &lay);
+            Ok(())
+        }),
         _ => Ok(()),
     }
 }
 
-fn fetch(channel: u64, request: u64, lay: &Layout) -> Result<(), i64> {
+struct Call {
+    channel: u64,
+    context: u64,
+}
+
+fn fetch(call: &Call, request: u64, lay: &Layout, full: bool) -> Result<(), i64> {
     let handle = request + lay.req_handle;
     let ptr = read::word(handle + lay.string_ptr)?;
     let len = read::word(handle + lay.string_len)?;
@@ -53,13 +90,78 @@ fn fetch(channel: u64, request: u64, lay: &Layout) -> Result<(), i64> {
         read::bytes(ptr, &mut key.bytes[..n])?;
         // SAFETY: lookups copy nothing out; the value is read once.
         if let Some(slot) = unsafe { HANDLE_APP.get(key) } {
-            bump(&APP_REQUESTS, *slot);
-            return Ok(());
+            let slot = *slot;
+            bump(&APP_REQUESTS, slot);
+            if !full {
+                return Ok(());
+            }
+            return send(kind::RPC_FETCH, call.channel, |ev| {
+                ev.word_a = slot as u64;
+                identify(ev, call.channel, call.context, lay);
+                Ok(())
+            });
         }
     }
-    emit(kind::RPC_FETCH_UNKNOWN, channel, handle, lay)
+    emit(kind::RPC_FETCH_UNKNOWN, call, handle, lay)
 }
 
-fn emit(k: u32, channel: u64, string: u64, lay: &Layout) -> Result<(), i64> {
-    send(k, channel, |ev| read::string(string, lay, ev))
+fn emit(k: u32, call: &Call, string: u64, lay: &Layout) -> Result<(), i64> {
+    send(k, call.channel, |ev| {
+        identify(ev, call.channel, call.context, lay);
+        read::string(string, lay, ev)
+    })
+}
+
+fn try_rpc_response(ctx: &ProbeContext) -> Result<(), i64> {
+    let oneshot: u64 = ctx.arg(1).ok_or(1i64)?;
+    let response: u64 = ctx.arg(2).ok_or(1i64)?;
+    let lay = layout();
+    send(kind::RPC_RESPONSE, oneshot, |ev| {
+        read::bytes(response, &mut ev.str)?;
+        ev.str_len = MAX_STR as u32;
+        ev.str_full_len = MAX_STR as u64;
+        let tag = read::word(response)?;
+        let string = if tag == lay.resp_niche_base.wrapping_add(lay.resp_tag_id) {
+            lay.resp_id_string
+        } else if tag == lay.resp_niche_base.wrapping_add(lay.resp_tag_spawn) {
+            lay.resp_spawn_string
+        } else {
+            0
+        };
+        if string != 0 {
+            // An error answer has no string there: userspace only uses it for an `Ok`.
+            let _ = read::string2(response + string, &lay, ev);
+        }
+        let tid = bpf_get_current_pid_tgid() as u32;
+        // SAFETY: a copy out of a per-thread entry; a stale one is harmless (a wrong name is
+        // not possible: it is the last peer this thread received from).
+        if let Some(p) = unsafe { LAST_PEER.get(tid) } {
+            let lo = u64::from_ne_bytes([
+                p.addr[0], p.addr[1], p.addr[2], p.addr[3], p.addr[4], p.addr[5], p.addr[6],
+                p.addr[7],
+            ]);
+            let hi = u64::from_ne_bytes([
+                p.addr[8], p.addr[9], p.addr[10], p.addr[11], p.addr[12], p.addr[13], p.addr[14],
+                p.addr[15],
+            ]);
+            ev.ptr_b = lo;
+            ev.word_b = hi;
+            ev.word_c = p.port as u64 | (p.family as u64) << 16;
+        }
+        Ok(())
+    })
+}
+
+fn try_rpc_done(ctx: &ProbeContext) -> Result<(), i64> {
+    let dr: u64 = ctx.arg(0).ok_or(1i64)?;
+    let lay = layout();
+    let oneshot = read::word(dr + lay.dr_response)?;
+    send(kind::RPC_DONE, oneshot, |ev| {
+        ev.ptr_b = read::word(dr + lay.dr_cancel)?;
+        let trace = dr + lay.dr_ctx + lay.ctx_trace_id;
+        ev.word_b = read::word(trace)?;
+        ev.word_c = read::word(trace + 8)?;
+        ev.word_a = read::word(dr + lay.dr_complete)? & 0xff;
+        Ok(())
+    })
 }

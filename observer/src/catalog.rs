@@ -10,7 +10,16 @@ use toml::Spanned;
 pub const PROXY_CATALOG: &str = include_str!("../../catalog/rusty-workers-proxy.toml");
 
 /// The eBPF programs of observer-ebpf a catalog may name.
-pub const PROGRAMS: &[&str] = &["lru_insert", "lru_remove", "rpc_call"];
+pub const PROGRAMS: &[&str] = &[
+    "lru_insert",
+    "lru_remove",
+    "rpc_call",
+    "rpc_response",
+    "rpc_done",
+    "http_request",
+    "http_response",
+    "sched_error",
+];
 
 #[derive(Debug, Error, PartialEq)]
 pub enum CatalogError {
@@ -52,6 +61,17 @@ struct RawLayout {
     lru_list_head: Option<u64>,
     lru_list_len: Option<u64>,
     lru_key_size: Option<u64>,
+    chan_cancel: Option<u64>,
+    ctx_trace_id: Option<u64>,
+    dr_ctx: Option<u64>,
+    dr_response: Option<u64>,
+    dr_cancel: Option<u64>,
+    dr_complete: Option<u64>,
+    resp_niche_base: Option<u64>,
+    resp_tag_id: Option<u64>,
+    resp_tag_spawn: Option<u64>,
+    resp_id_string: Option<u64>,
+    resp_spawn_string: Option<u64>,
 }
 
 impl RawLayout {
@@ -72,7 +92,18 @@ impl RawLayout {
             lru_list_cap,
             lru_list_head,
             lru_list_len,
-            lru_key_size
+            lru_key_size,
+            chan_cancel,
+            ctx_trace_id,
+            dr_ctx,
+            dr_response,
+            dr_cancel,
+            dr_complete,
+            resp_niche_base,
+            resp_tag_id,
+            resp_tag_spawn,
+            resp_id_string,
+            resp_spawn_string
         );
         l
     }
@@ -91,6 +122,8 @@ struct RawProbe {
     #[serde(default)]
     optional: bool,
     #[serde(default)]
+    request_metrics: bool,
+    #[serde(default)]
     why: String,
 }
 
@@ -102,6 +135,8 @@ pub struct Probe {
     pub hashes: Option<Vec<String>>,
     pub per_request: bool,
     pub optional: bool,
+    /// Serves only the request metrics: not attached with `--no-request-metrics`.
+    pub request_metrics: bool,
     pub why: String,
 }
 
@@ -195,6 +230,7 @@ impl Catalog {
                 hashes: p.hashes.map(Spanned::into_inner),
                 per_request: p.per_request,
                 optional: p.optional,
+                request_metrics: p.request_metrics,
                 why: p.why,
             });
         }
@@ -222,12 +258,17 @@ mod tests {
     #[test]
     fn builtin_catalog_parses() {
         let c = Catalog::builtin_proxy();
-        assert_eq!(c.probes.len(), 3);
-        let per_request = c.probes.iter().filter(|p| p.per_request).count();
-        assert!(
-            per_request <= 2,
-            "the request-path budget is 2 BPF runs per request"
-        );
+        assert_eq!(c.probes.len(), 9);
+        // Without request metrics the request path keeps the spine's budget of 2 uprobes.
+        let lean = c
+            .probes
+            .iter()
+            .filter(|p| p.per_request && !p.request_metrics)
+            .count();
+        assert!(lean <= 2, "the lean request path is 2 BPF runs per request");
+        for p in &c.probes {
+            assert!(!p.why.is_empty(), "probe {} says why", p.name);
+        }
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub enum Decoded {
         handle: Bytes,
         ktime_ns: u64,
     },
+    /// An event only the request metrics use (`crate::requests`), which read it raw.
+    PerRequest,
 }
 
 /// A string from target memory: the bytes read and the length it claimed.
@@ -63,7 +65,8 @@ pub enum DecodeError {
     StrLen(u32),
 }
 
-pub fn decode(record: &[u8]) -> Result<Decoded, DecodeError> {
+/// A ring buffer record as an `Event`, its lengths checked.
+pub fn event(record: &[u8]) -> Result<Event, DecodeError> {
     let want = std::mem::size_of::<Event>();
     if record.len() < want {
         return Err(DecodeError::Size(record.len(), want));
@@ -76,6 +79,33 @@ pub fn decode(record: &[u8]) -> Result<Decoded, DecodeError> {
     if ev.str2_len as usize > MAX_STR {
         return Err(DecodeError::StrLen(ev.str2_len));
     }
+    if !(kind::CACHE_INSERT..=kind::RPC_DONE).contains(&ev.kind) {
+        return Err(DecodeError::Kind(ev.kind));
+    }
+    Ok(ev)
+}
+
+/// `ev.str` as a string read from the target.
+pub fn str1(ev: &Event) -> Bytes {
+    Bytes {
+        data: ev.str[..ev.str_len as usize].to_vec(),
+        full_len: ev.str_full_len,
+    }
+}
+
+/// `ev.str2` as a string read from the target.
+pub fn str2(ev: &Event) -> Bytes {
+    Bytes {
+        data: ev.str2[..ev.str2_len as usize].to_vec(),
+        full_len: ev.str2_full_len,
+    }
+}
+
+pub fn decode(record: &[u8]) -> Result<Decoded, DecodeError> {
+    decode_event(&event(record)?)
+}
+
+pub fn decode_event(ev: &Event) -> Result<Decoded, DecodeError> {
     let s = Bytes {
         data: ev.str[..ev.str_len as usize].to_vec(),
         full_len: ev.str_full_len,
@@ -87,10 +117,7 @@ pub fn decode(record: &[u8]) -> Result<Decoded, DecodeError> {
             key: s,
             fresh_arc: ev.word_a == 1 && ev.word_b == 1,
             evicts: ev.word_c,
-            evicted: (ev.word_c > 0).then(|| Bytes {
-                data: ev.str2[..ev.str2_len as usize].to_vec(),
-                full_len: ev.str2_full_len,
-            }),
+            evicted: (ev.word_c > 0).then(|| str2(ev)),
             ktime_ns: t,
         },
         kind::CACHE_REMOVE => Decoded::CacheRemove {
@@ -112,6 +139,7 @@ pub fn decode(record: &[u8]) -> Result<Decoded, DecodeError> {
             handle: s,
             ktime_ns: t,
         },
+        kind::RPC_FETCH..=kind::RPC_DONE => Decoded::PerRequest,
         k => return Err(DecodeError::Kind(k)),
     })
 }

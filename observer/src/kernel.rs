@@ -2,11 +2,11 @@
 
 use crate::resolve::Resolution;
 use anyhow::{anyhow, Context as _};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
-use aya::programs::UProbe;
+use aya::programs::{TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
-use observer_common::{method, stat, HandleKey, Layout};
+use observer_common::{method, stat, ConnKey, HandleKey, Layout};
 use std::num::NonZeroU32;
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -60,6 +60,7 @@ impl Counters {
 pub struct Maps {
     pub events: RingBuf<MapData>,
     pub handles: BpfHashMap<MapData, HandleKey, u32>,
+    pub conn_key: Array<MapData, ConnKey>,
     pub counters: Counters,
 }
 
@@ -68,6 +69,8 @@ pub struct Maps {
 pub struct Kernel {
     ebpf: Ebpf,
     pub probes: Vec<ProbeStatus>,
+    /// Per-request events on (request metrics).
+    detail: bool,
     _stats: Option<OwnedFd>,
 }
 
@@ -80,19 +83,58 @@ pub struct ProgramStats {
 }
 
 impl Kernel {
-    pub fn load(layout: &Layout) -> anyhow::Result<Self> {
+    /// Loads the programs for the proxy `pid`; `detail`: per-request events (request metrics).
+    pub fn load(layout: &Layout, pid: u32, detail: bool) -> anyhow::Result<Self> {
         // Run-time statistics cost two clock reads a run, against the microseconds of a uprobe
         // trap; they give the observer's own cost per program.
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
         let ebpf = EbpfLoader::new()
             .override_global("LAYOUT", layout, true)
+            .override_global("TARGET_TGID", &pid, true)
+            .override_global("DETAIL", &u32::from(detail), true)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object into the kernel")?;
         Ok(Kernel {
             ebpf,
             probes: Vec::new(),
+            detail,
             _stats: stats,
         })
+    }
+
+    /// The socket tracepoint that names the runtime of each answer (request metrics only).
+    pub fn attach_tracepoints(&mut self) -> anyhow::Result<()> {
+        if !self.detail {
+            return Ok(());
+        }
+        let mut status = ProbeStatus {
+            name: "runtime_peer".into(),
+            sites: 1,
+            attached: 0,
+            reason: "",
+            detail: String::new(),
+        };
+        let prog: &mut TracePoint = self
+            .ebpf
+            .program_mut("sock_recv")
+            .ok_or_else(|| anyhow!("eBPF object has no program sock_recv"))?
+            .try_into()?;
+        let res = match prog.load() {
+            Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => prog
+                .attach("sock", "sock_recv_length")
+                .map(|_| ())
+                .map_err(|e| ("attach_failed", e)),
+            Err(e) => Err(("load_failed", e)),
+        };
+        match res {
+            Ok(()) => status.attached = 1,
+            Err((reason, e)) => {
+                status.reason = reason;
+                status.detail = format!("tracepoint sock:sock_recv_length: {e}");
+            }
+        }
+        self.probes.push(status);
+        Ok(())
     }
 
     /// Attaches every resolved site of every probe to `target` (a path the kernel resolves;
@@ -105,6 +147,9 @@ impl Kernel {
     ) -> anyhow::Result<()> {
         let pid = NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 is not a process"))?;
         for r in resolutions {
+            if r.probe.request_metrics && !self.detail {
+                continue;
+            }
             let mut status = ProbeStatus {
                 name: r.probe.name.clone(),
                 sites: r.sites().len(),
@@ -155,6 +200,7 @@ impl Kernel {
         };
         let events = RingBuf::try_from(take("EVENTS")?)?;
         let handles = BpfHashMap::try_from(take("HANDLE_APP")?)?;
+        let conn_key = Array::try_from(take("CONN_KEY")?)?;
         let counters = Counters {
             rpc_calls: PerCpuArray::try_from(take("RPC_CALLS")?)?,
             app_requests: PerCpuArray::try_from(take("APP_REQUESTS")?)?,
@@ -163,6 +209,7 @@ impl Kernel {
         Ok(Maps {
             events,
             handles,
+            conn_key,
             counters,
         })
     }

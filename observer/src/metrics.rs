@@ -4,6 +4,7 @@
 //! never outlives what it describes and counters come straight from their source.
 
 use crate::kernel::{Counters, ProbeStatus, ProgramStats};
+use crate::requests::Requests;
 use crate::tracker::Tracker;
 use observer_common::method;
 use prometheus::{
@@ -17,6 +18,8 @@ const NO_LABELS: &[&str] = &[];
 /// Everything a scrape reads.
 pub struct Inputs<'a> {
     pub tracker: &'a Tracker,
+    /// None with `--no-request-metrics`.
+    pub requests: Option<&'a Requests>,
     pub counters: &'a Counters,
     pub probes: &'a [ProbeStatus],
     pub programs: &'a [ProgramStats],
@@ -254,7 +257,69 @@ fn observer(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
     Ok(())
 }
 
-const COLLECTORS: &[(&str, Collector)] = &[("apps", apps), ("rpcs", rpcs), ("observer", observer)];
+fn requests(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
+    let Some(q) = i.requests else {
+        return Ok(());
+    };
+    for c in q.metrics.collectors() {
+        r.0.register(c)?;
+    }
+    let info = r.int_gauge(
+        "runtime_info",
+        "Runtimes that answered an id RPC: their address and RuntimeId.",
+        &["runtime", "runtime_id"],
+    );
+    for (rt, id) in &q.runtime_ids {
+        info.with_label_values(&[rt.as_str(), id.as_str()]).set(1);
+    }
+    let c = &q.counters;
+    r.total(
+        "observer_unmatched_rpc_calls_total",
+        "RPC ends whose call was not seen (in flight at attach) or not matched.",
+        c.unmatched_calls,
+    );
+    r.total(
+        "observer_unmatched_responses_total",
+        "HTTP response heads whose request start was not seen (in flight at attach) or not keyed.",
+        c.unmatched_responses,
+    );
+    r.total(
+        "observer_unattributed_calls_total",
+        "fetch and spawn_worker RPCs not tied to a request (while the call distance was being learnt).",
+        c.unattributed_calls,
+    );
+    r.total(
+        "observer_abandoned_requests_total",
+        "Requests whose response was never seen.",
+        c.abandoned_requests,
+    );
+    r.level(
+        "observer_open_requests",
+        "Requests started and not answered yet.",
+        q.open_requests() as i64,
+    );
+    r.level(
+        "observer_open_rpc_calls",
+        "RPC calls not ended yet.",
+        q.open_calls() as i64,
+    );
+    let learnt = r.int_gauge(
+        "observer_layout_learnt",
+        "1 once the observer has learnt a relation of the target's memory it joins events by.",
+        &["relation"],
+    );
+    for (name, known) in q.learnt() {
+        learnt.with_label_values(&[name]).set(known as i64);
+    }
+    Ok(())
+}
+
+const COLLECTORS: &[(&str, Collector)] = &[
+    ("apps", apps),
+    ("rpcs", rpcs),
+    ("requests", requests),
+    ("observer", observer),
+];
 
 pub fn render(i: &Inputs) -> String {
     let reg = Reg(Registry::new());

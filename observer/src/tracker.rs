@@ -122,6 +122,8 @@ pub struct Tracker {
     deferred: Vec<Deferred>,
     unclassified_removes: VecDeque<(u64, Bytes)>,
     next_slot: u32,
+    /// Slot -> label (slot 0: `other`).
+    slot_names: Vec<String>,
     pub counters: SelfCounters,
     ops: Vec<MapOp>,
 }
@@ -148,6 +150,7 @@ impl Tracker {
             ..Default::default()
         };
         t.apps.insert(OTHER.to_string(), AppStats::default());
+        t.slot_names.push(OTHER.to_string());
         t
     }
 
@@ -172,12 +175,31 @@ impl Tracker {
         self.app_cache
     }
 
+    /// The label an app id already has (after `apply` saw it), else `other`.
+    pub fn label_of(&self, b: &Bytes) -> String {
+        match app_label(b) {
+            Ok(s) if self.apps.contains_key(&s) => s,
+            _ => OTHER.to_string(),
+        }
+    }
+
+    /// The app of a kernel app slot (`APP_REQUESTS` index).
+    pub fn app_of_slot(&self, slot: u32) -> Option<&str> {
+        self.slot_names.get(slot as usize).map(String::as_str)
+    }
+
+    /// The app of a worker handle, once paired.
+    pub fn app_of_handle(&self, h: &Bytes) -> Option<&str> {
+        self.handles.get(h).map(|w| w.app.as_str())
+    }
+
     fn label(&mut self, b: &Bytes) -> String {
         match app_label(b) {
             Ok(s) if self.apps.contains_key(&s) => s,
             Ok(s) if self.apps.len() - 1 < self.cfg.max_apps => {
                 let slot = self.next_slot;
                 self.next_slot += 1;
+                self.slot_names.push(s.clone());
                 self.apps.insert(
                     s.clone(),
                     AppStats {
@@ -313,6 +335,7 @@ impl Tracker {
                 }
                 None => self.counters.unattributed_terminations += 1,
             },
+            Decoded::PerRequest => {}
         }
     }
 

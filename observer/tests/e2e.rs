@@ -8,7 +8,21 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use testbed_harness::{free_port, http_get, load, parse_metrics, App, Options, Testbed};
+use testbed_harness::{
+    free_port, http_get, load, load_requests, parse_metrics, App, Options, Request, Testbed,
+};
+
+/// Probes of the lean mode (`--no-request-metrics`), and those request metrics add.
+const SPINE_PROBES: &[&str] = &["app_cache_insert", "app_cache_remove", "runtime_rpc"];
+const REQUEST_PROBES: &[&str] = &[
+    "http_request",
+    "http_response",
+    "sched_error",
+    "rpc_response",
+    "rpc_done",
+    "rpc_done_direct",
+    "runtime_peer",
+];
 
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -42,11 +56,21 @@ impl Drop for Observer {
 }
 
 impl Observer {
-    fn start(pid: u32, dir: &std::path::Path) -> Observer {
+    /// Starts the observer with request metrics (the default), or without (`lean`).
+    fn start(pid: u32, dir: &std::path::Path, lean: bool) -> Observer {
         let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = dir.join("observer.log");
+        let mut args = vec![
+            "--pid".to_string(),
+            pid.to_string(),
+            "--listen".to_string(),
+            addr.to_string(),
+        ];
+        if lean {
+            args.push("--no-request-metrics".into());
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_observer"))
-            .args(["--pid", &pid.to_string(), "--listen", &addr.to_string()])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -60,13 +84,12 @@ impl Observer {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(m) = o.try_scrape() {
-                let attached = ["app_cache_insert", "app_cache_remove", "runtime_rpc"]
-                    .iter()
-                    .all(|p| {
-                        m.get(&format!(
-                            "rusty_workers_observer_probe_attached{{probe=\"{p}\",reason=\"\"}}"
-                        )) == Some(&1.0)
-                    });
+                let extra = if lean { &[][..] } else { REQUEST_PROBES };
+                let attached = SPINE_PROBES.iter().chain(extra).all(|p| {
+                    m.get(&format!(
+                        "rusty_workers_observer_probe_attached{{probe=\"{p}\",reason=\"\"}}"
+                    )) == Some(&1.0)
+                });
                 assert!(attached, "not every probe attached:\n{}", o.log_text());
                 return o;
             }
@@ -141,10 +164,20 @@ impl Observer {
                 break;
             };
             let progs = String::from_utf8_lossy(&out.stdout).to_string();
-            let left: Vec<&str> = ["rpc_call", "lru_insert", "lru_remove"]
-                .into_iter()
-                .filter(|n| progs.contains(&format!("name {n} ")))
-                .collect();
+            let left: Vec<&str> = [
+                "rpc_call",
+                "lru_insert",
+                "lru_remove",
+                "rpc_response",
+                "rpc_done",
+                "http_request",
+                "http_response",
+                "sched_error",
+                "sock_recv",
+            ]
+            .into_iter()
+            .filter(|n| progs.contains(&format!("name {n} ")))
+            .collect();
             if left.is_empty() {
                 break;
             }
@@ -316,7 +349,8 @@ fn metrics_equal_ground_truth() {
         ..Options::default()
     };
     let tb = Testbed::start(&opts);
-    let obs = Observer::start(tb.proxy_pid(), &tb.dir);
+    // Lean mode: the spine's metrics and its request-path budget.
+    let obs = Observer::start(tb.proxy_pid(), &tb.dir, true);
     let t0 = tb.truth();
 
     // N requests over K apps from 8 concurrent clients: concurrent cold starts included.
@@ -349,8 +383,8 @@ fn metrics_equal_ground_truth() {
 
     let checked = assert_metrics_equal_truth(&m, &truth, &t0, &apps);
     obs.lint();
-    // At most 2 runs per request in steady state: the fetch is one; spawns, terminations and
-    // loads are the rest.
+    // Lean mode: at most 2 runs per request in steady state: the fetch is one; spawns,
+    // terminations and loads are the rest.
     let runs = bpf_runs_per_request(&m, &truth);
     assert!(runs <= 2.0, "{runs} BPF runs per request");
     let terminations: u64 = apps
@@ -382,7 +416,8 @@ fn capacity_evictions_equal_ground_truth() {
         ..Options::default()
     };
     let tb = Testbed::start(&opts);
-    let obs = Observer::start(tb.proxy_pid(), &tb.dir);
+    // With request metrics on: the spine's metrics do not depend on the mode.
+    let obs = Observer::start(tb.proxy_pid(), &tb.dir, false);
     let t0 = tb.truth();
     for round in 0..3 {
         // Sequential sweeps (each app reloaded after being pushed out) then a concurrent mix.
@@ -448,4 +483,343 @@ fn observer_self(m: &BTreeMap<String, f64>) -> String {
         .filter(|(k, _)| k.starts_with("rusty_workers_observer_") && !k.contains("collector"))
         .map(|(k, v)| format!("{k} {v}\n"))
         .collect()
+}
+
+/// A counter's value in `after` minus `before` (0 for a series absent from both).
+fn delta(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>, series: &str) -> u64 {
+    let a = after.get(series).copied().unwrap_or(0.0);
+    let b = before.get(series).copied().unwrap_or(0.0);
+    (a - b).round() as u64
+}
+
+/// Per app, per outcome / start: what the truth counted between two snapshots.
+fn truth_delta(after: &Value, before: &Value, app: &str, path: &[&str]) -> u64 {
+    let full = |v: &Value| {
+        let mut x = &v["apps"][app];
+        for p in path {
+            x = &x[*p];
+        }
+        x.as_u64().unwrap_or(0)
+    };
+    full(after) - full(before)
+}
+
+/// Index of the latency bucket (by upper bound) holding quantile `q` of a histogram delta.
+fn bucket_of_quantile(
+    after: &BTreeMap<String, f64>,
+    before: &BTreeMap<String, f64>,
+    app: &str,
+    q: f64,
+) -> usize {
+    let bounds = observer::requests::BUCKETS;
+    let count = |le: String| {
+        delta(
+            after,
+            before,
+            &format!(
+                "rusty_workers_app_request_duration_seconds_bucket{{app=\"{app}\",le=\"{le}\"}}"
+            ),
+        )
+    };
+    let total = count("+Inf".into());
+    assert!(total > 0, "no requests observed for {app}");
+    let rank = (q * total as f64).ceil().max(1.0) as u64;
+    bounds
+        .iter()
+        .position(|b| count(b.to_string()) >= rank)
+        .unwrap_or(bounds.len())
+}
+
+fn bucket_of(seconds: f64) -> usize {
+    let bounds = observer::requests::BUCKETS;
+    bounds
+        .iter()
+        .position(|b| seconds <= *b)
+        .unwrap_or(bounds.len())
+}
+
+fn client_quantile(mut lat: Vec<Duration>, q: f64) -> f64 {
+    lat.sort();
+    let rank = ((q * lat.len() as f64).ceil() as usize).clamp(1, lat.len());
+    lat[rank - 1].as_secs_f64()
+}
+
+/// Until every relation the joins need is learnt (the first requests after attach teach it).
+fn warm_up(tb: &Testbed, obs: &Observer, apps: &[App]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
+    loop {
+        let m = obs.scrape();
+        let learnt = ["fetch_call", "spawn_call", "response_connection"]
+            .iter()
+            .all(|r| {
+                m.get(&format!(
+                    "rusty_workers_observer_layout_learnt{{relation=\"{r}\"}}"
+                )) == Some(&1.0)
+            });
+        if learnt {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the observer did not learn its joins:\n{}\n{}",
+            observer_self(&m),
+            obs.log_text()
+        );
+        // One at a time, each on an app whose pool was just emptied by a fresh bundle: every
+        // request is alone in flight and cold.
+        let reqs: Vec<Request> = apps
+            .iter()
+            .map(|a| Request::get(&format!("{}/warm{round}", a.prefix)))
+            .collect();
+        load_requests(tb.http, &reqs, 1);
+        round += 1;
+    }
+}
+
+#[test]
+fn request_metrics_equal_ground_truth() {
+    require_root();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let slow = [("lat-5", 5u64), ("lat-50", 50), ("lat-200", 200)];
+    let mut apps: Vec<App> = slow.iter().map(|(id, ms)| App::slow(id, *ms)).collect();
+    // Failure injection by the apps' scripts: an execution error that ends the worker, one
+    // that does not, and a worker the runtime has lost (the proxy retries, then gives up).
+    apps.push(App::failing("crashes", "runtime_throws"));
+    apps.push(App::failing("throws", "script"));
+    apps.push(App::failing("lost", "no_such_worker"));
+    apps.push(App::new("plain"));
+    let opts = Options {
+        apps: apps.clone(),
+        load_interval_ms: 0,
+        // Expiry off the test's time scale: instances stay pooled.
+        ready_instance_expiration_ms: 60_000,
+        dropout_rate: 0.0,
+        max_request_body_size_bytes: 1024,
+        ..Options::default()
+    };
+    let mut tb = Testbed::start(&opts);
+    let obs = Observer::start(tb.proxy_pid(), &tb.dir, false);
+    warm_up(&tb, &obs, &apps);
+    let t0 = settle(&tb);
+    let m0 = obs.scrape();
+
+    // Latency: 60 requests per slow app from 6 clients; the client measures each.
+    let mut latency_reqs = Vec::new();
+    for i in 0..60 {
+        for (id, _) in &slow {
+            latency_reqs.push((id.to_string(), Request::get(&format!("/{id}/l{i}"))));
+        }
+    }
+    let reqs: Vec<Request> = latency_reqs.iter().map(|(_, r)| r.clone()).collect();
+    let answers = load_requests(tb.http, &reqs, 6);
+    // Every outcome: failures, no route, a body too large, alongside plain traffic.
+    let mut mixed = Vec::new();
+    for i in 0..40 {
+        mixed.push(Request::get(&format!("/crashes/c{i}")));
+        mixed.push(Request::get(&format!("/throws/t{i}")));
+        mixed.push(Request::get(&format!("/plain/p{i}")));
+        if i % 4 == 0 {
+            mixed.push(Request::get(&format!("/lost/n{i}")));
+            mixed.push(Request::get(&format!("/no-such-app/x{i}")));
+            mixed.push(Request {
+                body: vec![b'x'; 4096],
+                ..Request::get(&format!("/plain/big{i}"))
+            });
+        }
+    }
+    load_requests(tb.http, &mixed, 6);
+    // A runtime that disappears: its instances' fetches fail, the proxy drops the runtime and
+    // retries elsewhere; spawns sent to it fail.
+    tb.kill_runtime(0);
+    let after_kill: Vec<Request> = (0..60)
+        .map(|i| Request::get(&format!("/{}/k{i}", ["plain", "lat-5", "throws"][i % 3])))
+        .collect();
+    load_requests(tb.http, &after_kill, 3);
+    let t1 = settle(&tb);
+    std::thread::sleep(Duration::from_millis(300));
+    let m1 = obs.scrape();
+    obs.lint();
+
+    // Per app (and app="" for requests that never reached one), every outcome counter equals
+    // the proxy's count, cold and warm starts too, and the histogram counts every request.
+    let mut names: Vec<String> = apps.iter().map(|a| a.id.clone()).collect();
+    names.push(String::new());
+    let outcomes = observer::requests::OUTCOMES;
+    let mut checked = 0;
+    let mut seen = BTreeMap::new();
+    for app in &names {
+        let mut requests = 0;
+        for o in outcomes {
+            let want = truth_delta(&t1, &t0, app, &["outcomes", o]);
+            let got = delta(
+                &m1,
+                &m0,
+                &format!("rusty_workers_app_responses_total{{app=\"{app}\",outcome=\"{o}\"}}"),
+            );
+            assert_eq!(
+                got,
+                want,
+                "app {app:?} outcome {o}: observer {got}, ground truth {want}\n{}\n{}\n{}",
+                t1["apps"][app.as_str()],
+                m1.iter()
+                    .filter(|(k, _)| k.starts_with("rusty_workers_app_responses_total"))
+                    .map(|(k, v)| format!("{k} {v}\n"))
+                    .collect::<String>(),
+                observer_self(&m1)
+            );
+            requests += want;
+            *seen.entry(*o).or_insert(0) += want;
+            checked += 1;
+        }
+        let count = delta(
+            &m1,
+            &m0,
+            &format!("rusty_workers_app_request_duration_seconds_count{{app=\"{app}\"}}"),
+        );
+        assert_eq!(count, requests, "histogram count of app {app:?}");
+        if !app.is_empty() {
+            for start in ["cold", "warm"] {
+                let want = truth_delta(&t1, &t0, app, &[start]);
+                let got = delta(
+                    &m1,
+                    &m0,
+                    &format!(
+                        "rusty_workers_app_request_starts_total{{app=\"{app}\",start=\"{start}\"}}"
+                    ),
+                );
+                assert_eq!(got, want, "app {app:?} {start} starts");
+                checked += 1;
+            }
+        }
+    }
+    for o in [
+        "ok",
+        "execution_error",
+        "no_route",
+        "retries_exhausted",
+        "body_too_large",
+    ] {
+        assert!(
+            seen[o] > 0,
+            "the scenario must produce outcome {o}: {seen:?}"
+        );
+    }
+
+    // Latency: the observer's p50 and p99 fall in the bucket of the client's.
+    for (id, ms) in &slow {
+        let lat: Vec<Duration> = latency_reqs
+            .iter()
+            .zip(&answers)
+            .filter(|((app, _), (status, _))| app == id && *status == 200)
+            .map(|(_, (_, d))| *d)
+            .collect();
+        assert_eq!(lat.len(), 60, "{id}: every latency request succeeds");
+        for q in [0.5, 0.99] {
+            let client = client_quantile(lat.clone(), q);
+            let want = bucket_of(client);
+            let got = bucket_of_quantile(&m1, &m0, id, q);
+            let mut slowest = lat.clone();
+            slowest.sort();
+            slowest.reverse();
+            slowest.truncate(5);
+            assert_eq!(
+                got, want,
+                "{id} ({ms} ms injected): observer p{} in bucket {got}, client's {client:.4} s in bucket {want}; slowest at the client: {slowest:?}",
+                q * 100.0
+            );
+        }
+    }
+
+    // Per runtime: every fetch is either answered (timed) or failed without an answer.
+    let by_method = |m: &BTreeMap<String, f64>, name: &str, method: &str| -> u64 {
+        m.iter()
+            .filter(|(k, _)| k.starts_with(name) && k.contains(&format!("method=\"{method}\"")))
+            .map(|(_, v)| *v as u64)
+            .sum()
+    };
+    for method in ["fetch", "spawn_worker"] {
+        let answered = by_method(
+            &m1,
+            "rusty_workers_runtime_rpc_duration_seconds_count",
+            method,
+        ) - by_method(
+            &m0,
+            "rusty_workers_runtime_rpc_duration_seconds_count",
+            method,
+        );
+        let unanswered = ["connection_reset", "no_answer"]
+            .iter()
+            .map(|r| {
+                let f = |m: &BTreeMap<String, f64>| -> u64 {
+                    m.iter()
+                        .filter(|(k, _)| {
+                            k.starts_with("rusty_workers_runtime_rpc_failures_total")
+                                && k.contains(&format!("method=\"{method}\""))
+                                && k.contains(&format!("reason=\"{r}\""))
+                        })
+                        .map(|(_, v)| *v as u64)
+                        .sum()
+                };
+                f(&m1) - f(&m0)
+            })
+            .sum::<u64>();
+        let want = truth_u64(&t1, &["rpc_calls", method]) - truth_u64(&t0, &["rpc_calls", method]);
+        assert_eq!(
+            answered + unanswered,
+            want,
+            "{method} RPCs: answered + unanswered"
+        );
+        checked += 1;
+    }
+    let errors: u64 = m1
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("rusty_workers_runtime_rpc_failures_total")
+                && k.contains("reason=\"error_answer\"")
+                && k.contains("method=\"fetch\"")
+        })
+        .map(|(_, v)| *v as u64)
+        .sum();
+    assert!(errors > 0, "execution errors are failed fetches");
+    let dead: u64 = m1
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("rusty_workers_runtime_rpc_failures_total")
+                && (k.contains("reason=\"connection_reset\"") || k.contains("reason=\"no_answer\""))
+        })
+        .map(|(_, v)| *v as u64)
+        .sum();
+    assert!(dead > 0, "the killed runtime's calls fail on the transport");
+    assert!(
+        m1.keys().all(|k| !k.contains("runtime=\"unknown\"")),
+        "every runtime is named:\n{}",
+        m1.keys()
+            .filter(|k| k.contains("runtime=\"unknown\""))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Spawn latency per app: one observation per spawn (of the apps that never met the
+    // killed runtime, whose spawns all got an answer).
+    for id in ["lat-50", "lat-200", "crashes"] {
+        let spawns = truth_delta(&t1, &t0, id, &["spawns"]);
+        let got = delta(
+            &m1,
+            &m0,
+            &format!("rusty_workers_app_spawn_duration_seconds_count{{app=\"{id}\"}}"),
+        );
+        assert!(spawns > 0, "{id} spawns");
+        assert_eq!(got, spawns, "{id}: spawn durations");
+    }
+    for c in [
+        "rusty_workers_observer_unmatched_rpc_calls_total",
+        "rusty_workers_observer_unmatched_responses_total",
+        "rusty_workers_observer_unattributed_calls_total",
+    ] {
+        assert_eq!(delta(&m1, &m0, c), 0, "{c}\n{}", observer_self(&m1));
+    }
+    assert_eq!(m1["rusty_workers_observer_events_lost_total"], 0.0);
+    eprintln!("e2e: {checked} request series equal ground truth; outcomes {seen:?}");
+    obs.stop(2);
 }

@@ -184,14 +184,22 @@ fn demo(seconds: u64, listen: &str) -> anyhow::Result<()> {
             changed[round / 10 % apps.len()].bundle_id = format!("v{round}");
             tb.set_apps(&changed);
         }
-        eprint!("\rdemo: {} requests sent", round * 200);
+        if round.is_multiple_of(25) {
+            eprintln!("demo: {} requests sent", round * 200);
+        }
     }
     eprintln!();
     let (_, metrics) = http_get(addr, "localhost", "/metrics")?;
     println!("--- observer metrics (excerpt) ---");
     for line in metrics.lines().filter(|l| {
         !l.starts_with('#')
-            && (l.starts_with("rusty_workers_app") || l.starts_with("rusty_workers_runtime"))
+            && !l.contains("_bucket{")
+            && (l.starts_with("rusty_workers_app")
+                || l.starts_with("rusty_workers_runtime")
+                || l.starts_with("rusty_workers_observer_unmatched")
+                || l.starts_with("rusty_workers_observer_unattributed")
+                || l.starts_with("rusty_workers_observer_layout_learnt")
+                || l.starts_with("rusty_workers_observer_bpf_program_runs_total"))
     }) {
         println!("{line}");
     }

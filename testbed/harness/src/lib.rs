@@ -59,6 +59,24 @@ impl App {
             prefix: format!("/{id}"),
         }
     }
+
+    /// An app whose script (its bundle) waits `delay_ms` on every request.
+    pub fn slow(id: &str, delay_ms: u64) -> Self {
+        App {
+            bundle_id: format!("v1;delay_ms={delay_ms}"),
+            ..App::new(id)
+        }
+    }
+
+    /// An app whose script fails every request with `kind` (the runtime's `x-fail` kinds:
+    /// no_such_worker, runtime_throws, time_limit, memory_limit, io_timeout; anything else
+    /// throws a script exception).
+    pub fn failing(id: &str, kind: &str) -> Self {
+        App {
+            bundle_id: format!("v1;fail={kind}"),
+            ..App::new(id)
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +89,8 @@ pub struct Options {
     pub app_cache_size: usize,
     /// 0: the proxy never sends `load` RPCs.
     pub load_interval_ms: u64,
+    /// Larger request bodies are refused with RequestBodyTooLarge.
+    pub max_request_body_size_bytes: u64,
 }
 
 impl Default for Options {
@@ -83,6 +103,7 @@ impl Default for Options {
             dropout_rate: 0.05,
             app_cache_size: 100,
             load_interval_ms: 1000,
+            max_request_body_size_bytes: 1 << 20,
         }
     }
 }
@@ -158,7 +179,7 @@ impl Testbed {
                 "max_ready_instances_per_app": opts.max_ready_instances_per_app,
                 "ready_instance_expiration_ms": opts.ready_instance_expiration_ms,
                 "request_timeout_ms": 10000,
-                "max_request_body_size_bytes": 1048576,
+                "max_request_body_size_bytes": opts.max_request_body_size_bytes,
                 "dropout_rate": opts.dropout_rate,
                 "route_cache_size": 1000,
                 "app_cache_size": opts.app_cache_size,
@@ -191,6 +212,13 @@ impl Testbed {
         self.proxy.id()
     }
 
+    /// Kills runtime `i` (SIGKILL): the proxy's connection to it breaks.
+    pub fn kill_runtime(&mut self, i: usize) {
+        let r = &mut self.runtimes[i];
+        let _ = r.kill();
+        let _ = r.wait();
+    }
+
     pub fn set_apps(&self, apps: &[App]) {
         write_apps(&self.apps_file, apps);
     }
@@ -215,14 +243,62 @@ impl Drop for Testbed {
     }
 }
 
+/// One HTTP request to the proxy.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub host: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    /// Sent with POST when not empty.
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    pub fn get(path: &str) -> Self {
+        Request {
+            host: "localhost".into(),
+            path: path.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn header(mut self, k: &str, v: &str) -> Self {
+        self.headers.push((k.into(), v.into()));
+        self
+    }
+}
+
 /// One HTTP/1.1 GET on a fresh connection: (status, body).
 pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(
+        addr,
+        &Request {
+            host: host.into(),
+            ..Request::get(path)
+        },
+    )
+}
+
+/// One HTTP/1.1 request on a fresh connection: (status, body).
+pub fn http_request(addr: SocketAddr, r: &Request) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(15)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
+    let method = if r.body.is_empty() { "GET" } else { "POST" };
+    let mut head = format!(
+        "{method} {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+        r.path, r.host
+    );
+    for (k, v) in &r.headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !r.body.is_empty() {
+        head.push_str(&format!("Content-Length: {}\r\n", r.body.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes())?;
+    // The proxy may answer (413) before reading all of a large body: a write error then is
+    // not the request's failure.
+    let _ = s.write_all(&r.body);
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
     let status = buf
@@ -264,6 +340,39 @@ pub fn load(addr: SocketAddr, paths: &[String], concurrency: usize) -> BTreeMap<
         }
     }
     total
+}
+
+/// Sends `requests` from `concurrency` threads, each on a fresh connection; returns, per
+/// request in order, its status (0: no answer) and the latency the client measured.
+pub fn load_requests(
+    addr: SocketAddr,
+    requests: &[Request],
+    concurrency: usize,
+) -> Vec<(u16, Duration)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(requests.to_vec());
+    let threads: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (next, requests) = (next.clone(), requests.clone());
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(r) = requests.get(i) else { break };
+                    let start = Instant::now();
+                    let status = http_request(addr, r).map(|r| r.0).unwrap_or(0);
+                    seen.push((i, status, start.elapsed()));
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut all: Vec<(usize, u16, Duration)> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("load thread"))
+        .collect();
+    all.sort_by_key(|x| x.0);
+    all.into_iter().map(|(_, s, d)| (s, d)).collect()
 }
 
 /// Prometheus text format -> `name{labels}` -> value (labels as exposed, in order).

@@ -21,31 +21,62 @@ async fn serve_request(
     scheduler: Arc<sched::Scheduler>,
     req: Request<Body>,
 ) -> Result<Response<Body>, Infallible> {
-    Ok(match scheduler.handle_request(req).await {
-        Ok(res) => res,
-        Err(e) => {
-            let status = e
-                .downcast_ref::<sched::SchedError>()
-                .map(|s| s.status())
-                .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-            let mut res = Response::new(Body::from(format!("{e}\n")));
-            *res.status_mut() = status;
-            res
-        }
-    })
+    let scope = std::cell::RefCell::new(sched::RequestTruth::default());
+    sched::REQUEST
+        .scope(scope, async move {
+            let res = scheduler.handle_request(req).await;
+            let t = sched::REQUEST.with(|r| r.borrow().clone());
+            // Recorded before the response leaves, so a client that has its answer can read it.
+            truth::answered(&t.app, sched::outcome(&res, &t), t.cold);
+            // As rusty-workers' main.rs.
+            Ok(match res {
+                Ok(res) => res,
+                Err(e) => match e.downcast::<sched::SchedError>() {
+                    Ok(e) => e.build_response(),
+                    Err(_) => {
+                        let mut res = Response::new(Body::from("internal server error"));
+                        *res.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                        res
+                    }
+                },
+            })
+        })
+        .await
 }
 
-async fn serve_admin(req: Request<Body>) -> Result<Response<Body>, Infallible> {
-    Ok(match req.uri().path() {
-        "/truth" => Response::new(Body::from(
-            serde_json::to_string_pretty(&truth::snapshot()).unwrap(),
-        )),
-        _ => {
-            let mut r = Response::new(Body::from("not found\n"));
-            *r.status_mut() = hyper::StatusCode::NOT_FOUND;
-            r
-        }
-    })
+/// The admin endpoint, by hand rather than a second hyper server: the real proxy runs one
+/// HTTP server, and the observer's request probes see every request hyper serves.
+async fn serve_admin(listener: tokio::net::TcpListener) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16384 {
+                match sock.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&buf);
+            let path = head.split(' ').nth(1).unwrap_or("");
+            let (status, body) = match path {
+                "/truth" => (
+                    "200 OK",
+                    serde_json::to_string_pretty(&truth::snapshot()).unwrap(),
+                ),
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let out = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(out.as_bytes()).await;
+        });
+    }
 }
 
 #[tokio::main]
@@ -78,12 +109,10 @@ async fn main() -> anyhow::Result<()> {
         });
     }
 
-    let admin = Server::try_bind(&config.admin_listen)
-        .with_context(|| format!("binding admin {}", config.admin_listen))?
-        .serve(make_service_fn(|_| async {
-            Ok::<_, Infallible>(service_fn(serve_admin))
-        }));
-    tokio::spawn(admin);
+    let admin = tokio::net::TcpListener::bind(&config.admin_listen)
+        .await
+        .with_context(|| format!("binding admin {}", config.admin_listen))?;
+    tokio::spawn(serve_admin(admin));
 
     let server = Server::try_bind(&config.http_listen)
         .with_context(|| format!("binding {}", config.http_listen))?

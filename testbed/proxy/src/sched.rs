@@ -30,13 +30,55 @@ pub enum SchedError {
 }
 
 impl SchedError {
-    pub fn status(&self) -> hyper::StatusCode {
-        match self {
+    /// As rusty-workers' (a plain function in its release build too).
+    #[inline(never)]
+    pub fn build_response(&self) -> hyper::Response<hyper::Body> {
+        let status = match self {
             SchedError::NoAvailableInstance => hyper::StatusCode::SERVICE_UNAVAILABLE,
             SchedError::NoRouteMapping => hyper::StatusCode::BAD_GATEWAY,
             SchedError::RequestBodyTooLarge => hyper::StatusCode::PAYLOAD_TOO_LARGE,
             SchedError::RequestFailedAfterRetries => hyper::StatusCode::SERVICE_UNAVAILABLE,
-        }
+        };
+        let mut res = hyper::Response::new(hyper::Body::from(
+            status.canonical_reason().unwrap_or("unknown error"),
+        ));
+        *res.status_mut() = status;
+        res
+    }
+}
+
+/// Ground truth of the request being served, kept in its task.
+#[derive(Default, Clone)]
+pub struct RequestTruth {
+    /// The app whose state served the request ("" until the app is resolved).
+    pub app: String,
+    /// A spawn_worker was sent for it.
+    pub cold: bool,
+    /// Its last fetch was answered with an execution error other than NoSuchWorker.
+    pub execution_error: bool,
+}
+
+tokio::task_local! {
+    pub static REQUEST: std::cell::RefCell<RequestTruth>;
+}
+
+fn note(f: impl FnOnce(&mut RequestTruth)) {
+    let _ = REQUEST.try_with(|r| f(&mut r.borrow_mut()));
+}
+
+/// The outcome of a request, by the proxy's own error kinds.
+pub fn outcome(
+    res: &anyhow::Result<hyper::Response<hyper::Body>>,
+    t: &RequestTruth,
+) -> &'static str {
+    let Err(e) = res else { return "ok" };
+    match e.downcast_ref::<SchedError>() {
+        Some(SchedError::NoAvailableInstance) => "no_instance",
+        Some(SchedError::NoRouteMapping) => "no_route",
+        Some(SchedError::RequestBodyTooLarge) => "body_too_large",
+        Some(SchedError::RequestFailedAfterRetries) if t.execution_error => "execution_error",
+        Some(SchedError::RequestFailedAfterRetries) => "retries_exhausted",
+        None => "internal_error",
     }
 }
 
@@ -123,6 +165,7 @@ impl AppState {
         let mut client = client.clone();
         drop(clients);
         truth::rpc("spawn_worker");
+        note(|r| r.cold = true);
         let generation = truth::spawn_attempt(&self.id.0);
         let handle = client
             .spawn_worker(
@@ -245,6 +288,7 @@ impl Scheduler {
             }
         }
         let app = app.ok_or(SchedError::NoRouteMapping)?;
+        note(|r| r.app = appid.0.clone());
 
         for _ in 0..3usize {
             let mut instance = app.get_instance(self).await?;
@@ -260,16 +304,25 @@ impl Scheduler {
             let fetch_res = match fetch_res {
                 Ok(x) => x,
                 Err(_) => {
+                    note(|r| r.execution_error = false);
                     self.clients.write().await.remove(&instance.rtid);
+                    truth::discarded(&instance.handle.id);
                     continue;
                 }
             };
             let res = match fetch_res {
                 Ok(x) => x,
-                Err(ExecutionError::NoSuchWorker) => continue,
+                Err(ExecutionError::NoSuchWorker) => {
+                    note(|r| r.execution_error = false);
+                    truth::discarded(&instance.handle.id);
+                    continue;
+                }
                 Err(e) => {
+                    note(|r| r.execution_error = true);
                     if !e.terminates_worker() {
                         app.pool_instance(self, instance).await;
+                    } else {
+                        truth::discarded(&instance.handle.id);
                     }
                     break;
                 }

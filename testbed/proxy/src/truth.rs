@@ -20,6 +20,13 @@ pub struct AppTruth {
     pub requests: u64,
     pub loaded: bool,
     pub instances_alive: u64,
+    /// Instances the proxy let go after a failed fetch (the runtime lost or ended them).
+    pub discarded: u64,
+    /// Requests answered, by outcome (`sched::outcome`).
+    pub outcomes: BTreeMap<String, u64>,
+    /// Requests that sent a spawn_worker (cold) or not (warm), among those with an app.
+    pub cold: u64,
+    pub warm: u64,
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -108,6 +115,37 @@ pub fn terminated(handle: &str) {
                 a.dropped = a.dropped.saturating_sub(1);
             } else {
                 a.instances_alive = a.instances_alive.saturating_sub(1);
+            }
+        }
+    });
+}
+
+/// The proxy let an instance go after a failed fetch: neither pooled nor terminated.
+pub fn discarded(handle: &str) {
+    with(|t| {
+        if let Some((app, dropped)) = t.handles.remove(handle) {
+            let a = t.apps.entry(app).or_default();
+            a.discarded += 1;
+            if dropped {
+                a.dropped = a.dropped.saturating_sub(1);
+            } else {
+                a.instances_alive = a.instances_alive.saturating_sub(1);
+            }
+        }
+    });
+}
+
+/// A request is answered (recorded before its response goes out). `app` is "" when the
+/// request never got to an app (no route).
+pub fn answered(app: &str, outcome: &str, cold: bool) {
+    with(|t| {
+        let a = t.apps.entry(app.to_string()).or_default();
+        *a.outcomes.entry(outcome.to_string()).or_default() += 1;
+        if !app.is_empty() {
+            if cold {
+                a.cold += 1;
+            } else {
+                a.warm += 1;
             }
         }
     });

@@ -14,7 +14,29 @@ use tarpc::server::Channel;
 #[derive(Clone)]
 struct RuntimeServer {
     id: RuntimeId,
-    workers: Arc<Mutex<HashMap<WorkerHandle, String>>>,
+    workers: Arc<Mutex<HashMap<WorkerHandle, (String, Script)>>>,
+}
+
+/// What an app's "script" does on every fetch, read from its bundle: the test proxy's bundles
+/// are `// bundle <bundle id>`, and a bundle id may carry `;delay_ms=N` and `;fail=KIND`
+/// (KIND as the `x-fail` header). Per-request headers override it.
+#[derive(Clone, Default, Debug)]
+struct Script {
+    delay_ms: u64,
+    fail: Option<String>,
+}
+
+fn script(bundle: &[u8]) -> Script {
+    let text = String::from_utf8_lossy(bundle);
+    let mut s = Script::default();
+    for part in text.trim().split(';').skip(1) {
+        match part.split_once('=') {
+            Some(("delay_ms", v)) => s.delay_ms = v.parse().unwrap_or(0),
+            Some(("fail", v)) => s.fail = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    s
 }
 
 #[tarpc::server]
@@ -28,10 +50,13 @@ impl RuntimeService for RuntimeServer {
         _: context::Context,
         appid: String,
         _configuration: WorkerConfiguration,
-        _bundle: Vec<u8>,
+        bundle: Vec<u8>,
     ) -> GenericResult<WorkerHandle> {
         let handle = WorkerHandle::generate();
-        self.workers.lock().unwrap().insert(handle.clone(), appid);
+        self.workers
+            .lock()
+            .unwrap()
+            .insert(handle.clone(), (appid, script(&bundle)));
         Ok(handle)
     }
 
@@ -49,19 +74,41 @@ impl RuntimeService for RuntimeServer {
         handle: WorkerHandle,
         req: RequestObject,
     ) -> ExecutionResult<ResponseObject> {
-        let app = match self.workers.lock().unwrap().get(&handle) {
-            Some(app) => app.clone(),
+        let (app, script) = match self.workers.lock().unwrap().get(&handle) {
+            Some(w) => w.clone(),
             None => return Err(ExecutionError::NoSuchWorker),
         };
-        // Injected latency, as a script would spend it: `x-delay-ms` request header.
+        // Injected latency, as a script would spend it: the app's, or the `x-delay-ms` header.
         let delay_ms: u64 = req
             .headers
             .get("x-delay-ms")
             .and_then(|v| v.first())
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+            .unwrap_or(script.delay_ms);
         if delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        }
+        // Injected failure, as rusty-workers' runtime reports it: `x-fail` request header.
+        // Errors that terminate the worker remove it, as the real runtime does.
+        let fail = req
+            .headers
+            .get("x-fail")
+            .and_then(|v| v.first())
+            .cloned()
+            .or(script.fail);
+        if let Some(kind) = fail {
+            let err = match kind.as_str() {
+                "no_such_worker" => ExecutionError::NoSuchWorker,
+                "runtime_throws" => ExecutionError::RuntimeThrowsException,
+                "time_limit" => ExecutionError::TimeLimitExceeded,
+                "memory_limit" => ExecutionError::MemoryLimitExceeded,
+                "io_timeout" => ExecutionError::IoTimeout,
+                other => ExecutionError::ScriptThrowsException(format!("injected: {other}")),
+            };
+            if err.terminates_worker() {
+                self.workers.lock().unwrap().remove(&handle);
+            }
+            return Err(err);
         }
         let body = format!("app={} worker={} url={}\n", app, handle.id, req.url);
         Ok(ResponseObject {

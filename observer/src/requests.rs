@@ -1,0 +1,1057 @@
+//! Per-app request metrics and per-runtime RPC metrics, joined from the request probes.
+//!
+//! A request lives from hyper's `recv_msg` (its key: the box its service future goes into) to
+//! the `encode_head` of its response. Between them, its RPCs tell its app and how it went:
+//!
+//! - A call (`Channel::call`) is made on a client (`&mut Channel`) that lives inside the
+//!   request's service future, at a distance from the request key fixed by the compiled
+//!   future's layout: learnt from the calls of lone requests, then exact. Spawn and fetch are
+//!   called from different frames (`get_instance` is inlined into `handle_request`), so each
+//!   has its own distance.
+//! - A call's answer arrives on its oneshot (`rpc_response`); the call's response future then
+//!   ends (`rpc_done`), naming its oneshot, connection and request id: that joins answer and
+//!   call. A future that ends without an answer failed on the transport (timeout, reset,
+//!   cancelled).
+//! - The response's connection holds the request key at an offset hyper's dispatcher layout
+//!   fixes: learnt by finding an open request's key in the connection's memory, then handed to
+//!   the kernel (`CONN_KEY`), which reads it in the probe from then on.
+//! - `SchedError::build_response` runs on the thread that then encodes the response head: the
+//!   proxy's own error is the next head's on that thread.
+
+use crate::decode::{str1, str2, Bytes};
+use crate::tracker::Tracker;
+use observer_common::{conn_key, family, kind, method, ConnKey, Event, Layout, MAX_STR};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// Latency buckets (seconds): fine below 10 ms where a warm request lives, coarse up to the
+/// proxy's request timeouts.
+pub const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Outcomes of a request, by the proxy's own error kinds (rusty-workers-proxy/src/sched.rs).
+pub const OUTCOMES: &[&str] = &[
+    "ok",
+    "execution_error",
+    "no_route",
+    "no_instance",
+    "retries_exhausted",
+    "body_too_large",
+    "internal_error",
+];
+
+/// Reasons an RPC failed.
+pub const RPC_FAILURES: &[&str] = &[
+    "error_answer",
+    "server_error",
+    "connection_reset",
+    "no_answer",
+];
+
+/// `SchedError`'s discriminants, in declaration order.
+const NO_AVAILABLE_INSTANCE: u64 = 0;
+const NO_ROUTE_MAPPING: u64 = 1;
+const REQUEST_BODY_TOO_LARGE: u64 = 2;
+const REQUEST_FAILED_AFTER_RETRIES: u64 = 3;
+
+/// Lone samples a distance needs, and how far ahead of the next one, before it is trusted.
+const MIN_VOTES: u32 = 8;
+/// Calls farther than this from a request key are not its (a service future is smaller).
+const MAX_CALL_DISTANCE: u64 = 64 * 1024;
+/// Bytes searched on each side of a connection for the request key.
+const CONN_WINDOW: u64 = 4096;
+
+/// How `tarpc::Response<RuntimeServiceResponse>` reads in memory beyond what the kernel needs
+/// (`Layout`): where the request id is, the tags of the other answers, the `Ok` of a
+/// `GenericResult`, the execution errors. rustc 1.95's layout, checked by tests/layout.rs.
+pub mod answer_layout {
+    pub const REQUEST_ID: usize = 56;
+    /// Tag (first word, minus the niche base) of `Fetch(Err(_))`; any word below the niche base
+    /// is `Fetch(Ok(_))`, the dataful variant.
+    pub const TAG_FETCH_ERR: u64 = 0;
+    pub const TAG_TERMINATE: u64 = 3;
+    pub const TAG_LIST: u64 = 4;
+    pub const TAG_LOAD: u64 = 6;
+    pub const TAG_SERVER_ERROR: u64 = 7;
+    /// Second word of an `Ok` `GenericResult` (`SpawnWorker`, `Load`, `ListWorkers`): the
+    /// niche past `GenericError`'s variants.
+    pub const GENERIC_OK: u64 = 11;
+    /// `Fetch(Err(e))`: the second word is the niche base + the variant for the fieldless
+    /// `ExecutionError`s, in declaration order; anything else is `ScriptThrowsException`.
+    pub const EXECUTION_ERRORS: &[&str] = &[
+        "no_such_worker",
+        "runtime_throws",
+        "time_limit",
+        "memory_limit",
+        "io_timeout",
+    ];
+}
+
+/// A runtime's answer, decoded from the bytes `rpc_response` copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub request_id: u64,
+    /// The method it answers (`observer_common::method`), `UNKNOWN` if the tag did not decode.
+    pub method: u32,
+    pub result: AnswerResult,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerResult {
+    Ok,
+    /// The method's own error; for a fetch, which `ExecutionError`.
+    Error(&'static str),
+    /// tarpc's `ServerError`: the server could not run the method.
+    ServerError,
+}
+
+fn word(raw: &[u8], at: usize) -> u64 {
+    u64::from_ne_bytes(raw[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Decodes the first `MAX_STR` bytes of an in-memory `tarpc::Response<RuntimeServiceResponse>`.
+pub fn decode_answer(raw: &[u8; MAX_STR], lay: &Layout) -> Answer {
+    use answer_layout as A;
+    let request_id = word(raw, A::REQUEST_ID);
+    let w0 = word(raw, 0);
+    let w1 = word(raw, 8);
+    let generic = |w: u64| {
+        if w == A::GENERIC_OK {
+            AnswerResult::Ok
+        } else {
+            AnswerResult::Error("generic_error")
+        }
+    };
+    let (method, result) = if w0 < lay.resp_niche_base {
+        (method::FETCH, AnswerResult::Ok)
+    } else {
+        match w0 - lay.resp_niche_base {
+            A::TAG_FETCH_ERR => {
+                let kind = w1
+                    .checked_sub(lay.resp_niche_base)
+                    .and_then(|k| A::EXECUTION_ERRORS.get(k as usize))
+                    .copied()
+                    .unwrap_or("script_throws");
+                (method::FETCH, AnswerResult::Error(kind))
+            }
+            t if t == lay.resp_tag_id => (method::ID, AnswerResult::Ok),
+            t if t == lay.resp_tag_spawn => (method::SPAWN_WORKER, generic(w1)),
+            A::TAG_TERMINATE => (method::TERMINATE_WORKER, AnswerResult::Ok),
+            A::TAG_LIST => (method::LIST_WORKERS, generic(w1)),
+            A::TAG_LOAD => (method::LOAD, generic(w1)),
+            A::TAG_SERVER_ERROR => (method::UNKNOWN, AnswerResult::ServerError),
+            _ => (method::UNKNOWN, AnswerResult::Error("undecoded")),
+        }
+    };
+    Answer {
+        request_id,
+        method,
+        result,
+    }
+}
+
+/// How a request's last fetch went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchEnd {
+    Ok,
+    /// NoSuchWorker: the proxy retries on another instance.
+    NoSuchWorker,
+    /// Any other execution error: the proxy gives up (RequestFailedAfterRetries).
+    ExecutionError,
+    /// No answer (network error, timeout): the proxy retries.
+    Transport,
+}
+
+/// The outcome of a request from the proxy's error (if it built one) and its last fetch.
+pub fn outcome_of(sched_error: Option<u64>, last_fetch: Option<FetchEnd>) -> &'static str {
+    match sched_error {
+        Some(NO_AVAILABLE_INSTANCE) => "no_instance",
+        Some(NO_ROUTE_MAPPING) => "no_route",
+        Some(REQUEST_BODY_TOO_LARGE) => "body_too_large",
+        Some(REQUEST_FAILED_AFTER_RETRIES) => match last_fetch {
+            Some(FetchEnd::ExecutionError) => "execution_error",
+            _ => "retries_exhausted",
+        },
+        Some(_) => "internal_error",
+        None => match last_fetch {
+            Some(FetchEnd::Ok) => "ok",
+            _ => "internal_error",
+        },
+    }
+}
+
+/// A runtime's address from the `rpc_response` event's words.
+pub fn peer_name(lo: u64, hi: u64, port_family: u64) -> Option<String> {
+    let port = (port_family & 0xffff) as u16;
+    let fam = (port_family >> 16) as u16;
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&lo.to_ne_bytes());
+    b[8..].copy_from_slice(&hi.to_ne_bytes());
+    let ip = match fam {
+        family::INET => IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])),
+        family::INET6 => {
+            let v6 = Ipv6Addr::from(b);
+            v6.to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port).to_string())
+}
+
+/// Learns a constant distance from samples that each offer one or more candidates: only the
+/// true distance recurs in every sample.
+#[derive(Debug, Default, Clone)]
+pub struct Learner {
+    votes: HashMap<i64, u32>,
+    known: Option<i64>,
+}
+
+impl Learner {
+    pub fn known(&self) -> Option<i64> {
+        self.known
+    }
+
+    /// One sample's candidates (deduplicated by the caller or not: each counts once).
+    pub fn vote(&mut self, candidates: &[i64]) -> Option<i64> {
+        if self.known.is_some() {
+            return self.known;
+        }
+        let mut seen: Vec<i64> = candidates.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        for d in seen {
+            *self.votes.entry(d).or_default() += 1;
+        }
+        let mut top: Vec<(i64, u32)> = self.votes.iter().map(|(d, n)| (*d, *n)).collect();
+        // Most votes first; among equals, the nearest (neighbouring allocations of the same
+        // size repeat the true distance shifted by their size).
+        top.sort_by_key(|(d, n)| (std::cmp::Reverse(*n), d.unsigned_abs()));
+        if let [(d, n), rest @ ..] = top.as_slice() {
+            let second = rest.first().map_or(0, |(_, m)| *m);
+            if *n >= MIN_VOTES && *n >= 2 * second {
+                self.known = Some(*d);
+                self.votes.clear();
+            }
+        }
+        self.known
+    }
+}
+
+/// Reads the target's memory (the proxy's `/proc/<pid>/mem`); a trait so tests can fake it.
+pub trait Memory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool;
+}
+
+pub struct ProcMem(pub std::fs::File);
+
+impl Memory for ProcMem {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, addr).is_ok()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Open {
+    start_ns: u64,
+    app: Option<String>,
+    cold: bool,
+    last_fetch: Option<FetchEnd>,
+}
+
+#[derive(Debug, Clone)]
+struct Call {
+    method: u32,
+    ktime_ns: u64,
+    app: Option<String>,
+    /// The request it was made for (fetch and spawn).
+    request: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    answer: Answer,
+    ktime_ns: u64,
+    peer: Option<String>,
+    /// The string of an `Id` answer (the RuntimeId).
+    string: Bytes,
+}
+
+/// The observer's own counts of what it could not join.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct JoinCounters {
+    /// Ended calls whose start was not seen (in flight at attach) or not matched.
+    pub unmatched_calls: u64,
+    /// Response heads whose request start was not seen or could not be keyed.
+    pub unmatched_responses: u64,
+    /// Fetches and spawns not tied to a request (before the distance was learnt).
+    pub unattributed_calls: u64,
+    /// Requests that never saw their response (lost events, or in flight at exit).
+    pub abandoned_requests: u64,
+}
+
+/// The metrics this module keeps (persistent: histograms cannot be rebuilt per scrape).
+pub struct Metrics {
+    pub request_duration: HistogramVec,
+    pub responses: IntCounterVec,
+    pub starts: IntCounterVec,
+    pub spawn_duration: HistogramVec,
+    pub rpc_duration: HistogramVec,
+    pub rpc_failures: IntCounterVec,
+}
+
+fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(format!("{}_{name}", crate::metrics::PREFIX), help)
+            .buckets(BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid histogram")
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(
+        Opts::new(format!("{}_{name}", crate::metrics::PREFIX), help),
+        labels,
+    )
+    .expect("valid counter")
+}
+
+impl Metrics {
+    fn new() -> Self {
+        Metrics {
+            request_duration: histogram(
+                "app_request_duration_seconds",
+                "Requests by app, from hyper handing the request to the proxy to its response head (app=\"\": no app, e.g. no route).",
+                &["app"],
+            ),
+            responses: counter(
+                "app_responses_total",
+                "Requests answered, by app and outcome: ok, execution_error, no_route, no_instance, retries_exhausted, body_too_large, internal_error.",
+                &["app", "outcome"],
+            ),
+            starts: counter(
+                "app_request_starts_total",
+                "Requests by app that had to spawn an instance (start=cold) or found one ready (start=warm).",
+                &["app", "start"],
+            ),
+            spawn_duration: histogram(
+                "app_spawn_duration_seconds",
+                "spawn_worker RPCs answered, by app: the instance cold-start cost.",
+                &["app"],
+            ),
+            rpc_duration: histogram(
+                "runtime_rpc_duration_seconds",
+                "Runtime RPCs answered, by runtime (its address) and method, from the call to the answer.",
+                &["runtime", "method"],
+            ),
+            rpc_failures: counter(
+                "runtime_rpc_failures_total",
+                "Runtime RPCs that failed, by runtime, method and reason: error_answer (the method's own error), server_error (tarpc's), connection_reset (the connection ended while waiting), no_answer (given up without an answer: deadline, connection already gone, or the caller went away).",
+                &["runtime", "method", "reason"],
+            ),
+        }
+    }
+
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.request_duration.clone()),
+            Box::new(self.responses.clone()),
+            Box::new(self.starts.clone()),
+            Box::new(self.spawn_duration.clone()),
+            Box::new(self.rpc_duration.clone()),
+            Box::new(self.rpc_failures.clone()),
+        ]
+    }
+}
+
+/// Open requests, calls and answers, joined into metrics.
+pub struct Requests {
+    layout: Layout,
+    open: HashMap<u64, Open>,
+    /// (connection, trace id low, trace id high) -> call.
+    calls: HashMap<(u64, u64, u64), Call>,
+    answers: HashMap<u64, Pending>,
+    sched_errors: HashMap<u32, (u64, u64)>,
+    fetch_distance: Learner,
+    spawn_distance: Learner,
+    conn_offset: Learner,
+    conn_mode: u64,
+    conn_key_update: Option<ConnKey>,
+    /// Calls ended lately, oldest first: a call's end can be seen twice (`rpc_done`).
+    ended: std::collections::VecDeque<(u64, u64, u64)>,
+    ended_set: std::collections::HashSet<(u64, u64, u64)>,
+    /// Connection (the cancellation sender's Arc) -> runtime name.
+    runtimes: HashMap<u64, String>,
+    /// Runtime name -> its RuntimeId, from `id` answers.
+    pub runtime_ids: BTreeMap<String, String>,
+    pub counters: JoinCounters,
+    pub metrics: Metrics,
+}
+
+/// Ended calls remembered to recognise a second sighting of their end.
+const MAX_ENDED: usize = 4096;
+
+/// Ages after which half-joined state is given up (ns).
+const OPEN_TTL_NS: u64 = 300_000_000_000;
+const ANSWER_TTL_NS: u64 = 60_000_000_000;
+const SCHED_ERROR_TTL_NS: u64 = 10_000_000_000;
+
+impl Requests {
+    pub fn new(layout: Layout) -> Self {
+        Requests {
+            layout,
+            open: HashMap::new(),
+            calls: HashMap::new(),
+            answers: HashMap::new(),
+            sched_errors: HashMap::new(),
+            fetch_distance: Learner::default(),
+            spawn_distance: Learner::default(),
+            conn_offset: Learner::default(),
+            conn_mode: conn_key::UNKNOWN,
+            conn_key_update: None,
+            ended: Default::default(),
+            ended_set: Default::default(),
+            runtimes: HashMap::new(),
+            runtime_ids: BTreeMap::new(),
+            counters: JoinCounters::default(),
+            metrics: Metrics::new(),
+        }
+    }
+
+    pub fn open_requests(&self) -> usize {
+        self.open.len()
+    }
+
+    pub fn open_calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Which of the learnt relations are known: (fetch distance, spawn distance, connection).
+    pub fn learnt(&self) -> [(&'static str, bool); 3] {
+        [
+            ("fetch_call", self.fetch_distance.known().is_some()),
+            ("spawn_call", self.spawn_distance.known().is_some()),
+            ("response_connection", self.conn_mode != conn_key::UNKNOWN),
+        ]
+    }
+
+    /// The connection -> request key relation to hand to the kernel, once learnt.
+    pub fn take_conn_key(&mut self) -> Option<ConnKey> {
+        self.conn_key_update.take()
+    }
+
+    pub fn apply(&mut self, ev: &Event, tracker: &Tracker, mem: &dyn Memory) {
+        match ev.kind {
+            kind::HTTP_REQUEST => {
+                let old = self.open.insert(
+                    ev.ptr_a,
+                    Open {
+                        start_ns: ev.ktime_ns,
+                        app: None,
+                        cold: false,
+                        last_fetch: None,
+                    },
+                );
+                if old.is_some() {
+                    self.counters.abandoned_requests += 1;
+                }
+            }
+            kind::RPC_SPAWN..=kind::RPC_OTHER => self.call(ev, tracker),
+            kind::RPC_RESPONSE => {
+                let mut raw = [0u8; MAX_STR];
+                raw.copy_from_slice(&ev.str);
+                let answer = decode_answer(&raw, &self.layout);
+                self.answers.insert(
+                    ev.ptr_a,
+                    Pending {
+                        answer,
+                        ktime_ns: ev.ktime_ns,
+                        peer: peer_name(ev.ptr_b, ev.word_b, ev.word_c),
+                        string: str2(ev),
+                    },
+                );
+            }
+            kind::RPC_DONE => self.done(ev),
+            kind::SCHED_ERROR => {
+                self.sched_errors.insert(ev.tid, (ev.word_a, ev.ktime_ns));
+            }
+            kind::HTTP_RESPONSE => self.response(ev, mem),
+            _ => {}
+        }
+    }
+
+    fn call(&mut self, ev: &Event, tracker: &Tracker) {
+        let (m, app) = match ev.kind {
+            kind::RPC_SPAWN => (method::SPAWN_WORKER, Some(tracker.label_of(&str1(ev)))),
+            kind::RPC_TERMINATE => (method::TERMINATE_WORKER, None),
+            kind::RPC_FETCH => (
+                method::FETCH,
+                tracker.app_of_slot(ev.word_a as u32).map(str::to_string),
+            ),
+            kind::RPC_FETCH_UNKNOWN => (
+                method::FETCH,
+                tracker.app_of_handle(&str1(ev)).map(str::to_string),
+            ),
+            _ => (ev.word_a as u32, None),
+        };
+        let request = match m {
+            method::FETCH | method::SPAWN_WORKER => self.request_of(ev.ptr_a, ev.ktime_ns, m),
+            _ => None,
+        };
+        if let Some(o) = request.and_then(|r| self.open.get_mut(&r)) {
+            if m == method::SPAWN_WORKER {
+                o.cold = true;
+            }
+            if app.is_some() {
+                o.app = app.clone();
+            }
+        }
+        self.calls.insert(
+            (ev.ptr_b, ev.word_b, ev.word_c),
+            Call {
+                method: m,
+                ktime_ns: ev.ktime_ns,
+                app,
+                request,
+            },
+        );
+    }
+
+    /// The open request whose service future holds `client`.
+    fn request_of(&mut self, client: u64, t: u64, m: u32) -> Option<u64> {
+        let learner = if m == method::SPAWN_WORKER {
+            &mut self.spawn_distance
+        } else {
+            &mut self.fetch_distance
+        };
+        if let Some(d) = learner.known() {
+            let key = client.wrapping_sub(d as u64);
+            if self.open.contains_key(&key) {
+                return Some(key);
+            }
+            self.counters.unattributed_calls += 1;
+            return None;
+        }
+        let near: Vec<(u64, i64)> = self
+            .open
+            .iter()
+            .filter(|(_, o)| o.start_ns <= t)
+            .map(|(k, _)| (*k, client.wrapping_sub(*k) as i64))
+            .filter(|(_, d)| d.unsigned_abs() <= MAX_CALL_DISTANCE)
+            .collect();
+        let votes: Vec<i64> = near.iter().map(|(_, d)| *d).collect();
+        learner.vote(&votes);
+        // Every fetch and spawn is made by an open request: a lone one is certainly its.
+        match near.as_slice() {
+            [(k, _)] => Some(*k),
+            _ => {
+                self.counters.unattributed_calls += 1;
+                None
+            }
+        }
+    }
+
+    fn runtime(&self, conn: u64) -> String {
+        self.runtimes
+            .get(&conn)
+            .cloned()
+            .unwrap_or_else(|| "unknown".to_string())
+    }
+
+    fn done(&mut self, ev: &Event) {
+        let answer = self.answers.remove(&ev.ptr_a);
+        let conn = ev.ptr_b;
+        if let Some(peer) = answer.as_ref().and_then(|a| a.peer.clone()) {
+            self.runtimes.insert(conn, peer);
+        }
+        let id = (conn, ev.word_b, ev.word_c);
+        let Some(call) = self.calls.remove(&id) else {
+            if !self.ended_set.contains(&id) {
+                self.counters.unmatched_calls += 1;
+            }
+            return;
+        };
+        if self.ended.len() == MAX_ENDED {
+            if let Some(old) = self.ended.pop_front() {
+                self.ended_set.remove(&old);
+            }
+        }
+        self.ended.push_back(id);
+        self.ended_set.insert(id);
+        let rt = self.runtime(conn);
+        let mname = method::NAMES[call.method.min(method::UNKNOWN) as usize];
+        let end = match &answer {
+            Some(a) => {
+                let secs = a.ktime_ns.saturating_sub(call.ktime_ns) as f64 / 1e9;
+                self.metrics
+                    .rpc_duration
+                    .with_label_values(&[&rt, mname])
+                    .observe(secs);
+                if call.method == method::SPAWN_WORKER {
+                    if let Some(app) = &call.app {
+                        self.metrics
+                            .spawn_duration
+                            .with_label_values(&[app])
+                            .observe(secs);
+                    }
+                }
+                if call.method == method::ID && a.answer.result == AnswerResult::Ok {
+                    if let Ok(id) = std::str::from_utf8(&a.string.data) {
+                        if crate::decode::app_label(&a.string).is_ok() {
+                            self.runtime_ids.insert(rt.clone(), id.to_string());
+                        }
+                    }
+                }
+                match a.answer.result {
+                    AnswerResult::Ok => FetchEnd::Ok,
+                    AnswerResult::Error(kind) => {
+                        self.fail(&rt, mname, "error_answer");
+                        if kind == "no_such_worker" {
+                            FetchEnd::NoSuchWorker
+                        } else {
+                            FetchEnd::ExecutionError
+                        }
+                    }
+                    AnswerResult::ServerError => {
+                        self.fail(&rt, mname, "server_error");
+                        FetchEnd::Transport
+                    }
+                }
+            }
+            None => {
+                let completed = ev.word_a != 0;
+                let reason = if completed {
+                    "connection_reset"
+                } else {
+                    "no_answer"
+                };
+                self.fail(&rt, mname, reason);
+                FetchEnd::Transport
+            }
+        };
+        if call.method == method::FETCH {
+            if let Some(o) = call.request.and_then(|r| self.open.get_mut(&r)) {
+                o.last_fetch = Some(end);
+            }
+        }
+    }
+
+    fn fail(&self, rt: &str, m: &str, reason: &str) {
+        self.metrics
+            .rpc_failures
+            .with_label_values(&[rt, m, reason])
+            .inc();
+    }
+
+    /// The request key of a response head's connection.
+    fn key_of(&mut self, conn: u64, from_kernel: u64, mem: &dyn Memory) -> Option<u64> {
+        if from_kernel != 0 {
+            return Some(from_kernel);
+        }
+        if self.conn_mode == conn_key::UNKNOWN {
+            let lone = self.learn_conn(conn, mem);
+            if self.conn_mode == conn_key::UNKNOWN {
+                return lone;
+            }
+        }
+        let d = self.conn_offset.known()?;
+        let at = conn.wrapping_add(d as u64);
+        match self.conn_mode {
+            conn_key::ADDRESS => Some(at),
+            conn_key::LOAD => {
+                let mut b = [0u8; 8];
+                mem.read(at, &mut b).then(|| u64::from_ne_bytes(b))
+            }
+            _ => None,
+        }
+    }
+
+    /// Finds open request keys in the connection's memory (the dispatcher holds it) or at a
+    /// distance from it, and votes for their offsets. Returns the key if only one open
+    /// request qualifies (the response is then certainly its).
+    fn learn_conn(&mut self, conn: u64, mem: &dyn Memory) -> Option<u64> {
+        let lo = conn.saturating_sub(CONN_WINDOW);
+        let mut buf = vec![0u8; (2 * CONN_WINDOW) as usize];
+        let mut candidates = Vec::new();
+        let mut keys = Vec::new();
+        if mem.read(lo, &mut buf) {
+            for (i, w) in buf.chunks_exact(8).enumerate() {
+                let w = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+                if w != 0 && self.open.contains_key(&w) {
+                    candidates.push(lo.wrapping_add(8 * i as u64).wrapping_sub(conn) as i64);
+                    keys.push(w);
+                }
+            }
+        }
+        // Both kinds of relation vote in one learner: a load offset is tagged by the low bit
+        // (word offsets are 8-aligned), so they cannot be confused.
+        let mut votes: Vec<i64> = candidates.iter().map(|d| d | 1).collect();
+        for k in self.open.keys() {
+            let d = k.wrapping_sub(conn) as i64;
+            if d.unsigned_abs() <= CONN_WINDOW && d & 7 == 0 {
+                votes.push(d);
+                keys.push(*k);
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        if let Some(d) = self.conn_offset.vote(&votes) {
+            let (mode, offset) = if d & 1 == 1 {
+                (conn_key::LOAD, d & !1)
+            } else {
+                (conn_key::ADDRESS, d)
+            };
+            self.conn_mode = mode;
+            self.conn_offset = Learner {
+                votes: HashMap::new(),
+                known: Some(offset),
+            };
+            self.conn_key_update = Some(ConnKey { mode, offset });
+        }
+        match keys.as_slice() {
+            [k] => Some(*k),
+            _ => None,
+        }
+    }
+
+    fn response(&mut self, ev: &Event, mem: &dyn Memory) {
+        let sched_error = self
+            .sched_errors
+            .remove(&ev.tid)
+            .filter(|(_, t)| *t <= ev.ktime_ns)
+            .map(|(e, _)| e);
+        let Some(req) = self
+            .key_of(ev.ptr_a, ev.ptr_b, mem)
+            .and_then(|k| self.open.remove(&k))
+        else {
+            self.counters.unmatched_responses += 1;
+            return;
+        };
+        let outcome = outcome_of(sched_error, req.last_fetch);
+        let app = req.app.unwrap_or_default();
+        let secs = ev.ktime_ns.saturating_sub(req.start_ns) as f64 / 1e9;
+        self.metrics
+            .request_duration
+            .with_label_values(&[&app])
+            .observe(secs);
+        self.metrics
+            .responses
+            .with_label_values(&[&app, outcome])
+            .inc();
+        if !app.is_empty() {
+            let start = if req.cold { "cold" } else { "warm" };
+            self.metrics.starts.with_label_values(&[&app, start]).inc();
+        }
+    }
+
+    /// Gives up on what waited too long for its other half.
+    pub fn housekeeping(&mut self, now_ns: u64) {
+        let before = self.open.len();
+        self.open
+            .retain(|_, o| now_ns.saturating_sub(o.start_ns) < OPEN_TTL_NS);
+        self.counters.abandoned_requests += (before - self.open.len()) as u64;
+        let before = self.calls.len();
+        self.calls
+            .retain(|_, c| now_ns.saturating_sub(c.ktime_ns) < OPEN_TTL_NS);
+        self.counters.unmatched_calls += (before - self.calls.len()) as u64;
+        self.answers
+            .retain(|_, a| now_ns.saturating_sub(a.ktime_ns) < ANSWER_TTL_NS);
+        self.sched_errors
+            .retain(|_, (_, t)| now_ns.saturating_sub(*t) < SCHED_ERROR_TTL_NS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(words: &[u64], request_id: u64) -> [u8; MAX_STR] {
+        let mut r = [0u8; MAX_STR];
+        for (i, w) in words.iter().enumerate() {
+            r[i * 8..i * 8 + 8].copy_from_slice(&w.to_ne_bytes());
+        }
+        r[56..64].copy_from_slice(&request_id.to_ne_bytes());
+        r
+    }
+
+    const N: u64 = 0x8000_0000_0000_0000;
+
+    #[test]
+    fn answers_decode() {
+        let lay = Layout::DEFAULT;
+        // Words as rustc 1.95 lays the answers out (tests/layout.rs checks them on real values).
+        let cases: Vec<(Vec<u64>, u32, AnswerResult)> = vec![
+            (vec![N + 1, 4, 0x7f00, 4], method::ID, AnswerResult::Ok),
+            (
+                vec![N + 2, 11, 32, 0x7f00, 32],
+                method::SPAWN_WORKER,
+                AnswerResult::Ok,
+            ),
+            (
+                vec![N + 2, 3, N + 8],
+                method::SPAWN_WORKER,
+                AnswerResult::Error("generic_error"),
+            ),
+            (
+                vec![N + 3, 0x7f01],
+                method::TERMINATE_WORKER,
+                AnswerResult::Ok,
+            ),
+            (vec![N + 4, 11], method::LIST_WORKERS, AnswerResult::Ok),
+            (vec![2, 0x7f00, 2, 0], method::FETCH, AnswerResult::Ok),
+            (
+                vec![N, N],
+                method::FETCH,
+                AnswerResult::Error("no_such_worker"),
+            ),
+            (
+                vec![N, N + 1],
+                method::FETCH,
+                AnswerResult::Error("runtime_throws"),
+            ),
+            (
+                vec![N, N + 4],
+                method::FETCH,
+                AnswerResult::Error("io_timeout"),
+            ),
+            (
+                vec![N, 4, 0x7f00],
+                method::FETCH,
+                AnswerResult::Error("script_throws"),
+            ),
+            (vec![N + 6, 11, 5], method::LOAD, AnswerResult::Ok),
+            (
+                vec![N + 6, 3],
+                method::LOAD,
+                AnswerResult::Error("generic_error"),
+            ),
+            (vec![N + 7, 1], method::UNKNOWN, AnswerResult::ServerError),
+            (
+                vec![N + 9],
+                method::UNKNOWN,
+                AnswerResult::Error("undecoded"),
+            ),
+        ];
+        for (words, m, result) in cases {
+            let a = decode_answer(&raw(&words, 77), &lay);
+            assert_eq!(
+                a,
+                Answer {
+                    request_id: 77,
+                    method: m,
+                    result
+                },
+                "{words:x?}"
+            );
+        }
+    }
+
+    #[test]
+    fn outcomes_follow_the_proxy() {
+        use FetchEnd::*;
+        let cases = [
+            (None, Some(Ok), "ok"),
+            (None, None, "internal_error"),
+            (None, Some(Transport), "internal_error"),
+            (Some(0), None, "no_instance"),
+            (Some(0), Some(NoSuchWorker), "no_instance"),
+            (Some(1), None, "no_route"),
+            (Some(2), None, "body_too_large"),
+            (Some(3), Some(ExecutionError), "execution_error"),
+            (Some(3), Some(NoSuchWorker), "retries_exhausted"),
+            (Some(3), Some(Transport), "retries_exhausted"),
+            (Some(9), None, "internal_error"),
+        ];
+        for (e, f, want) in cases {
+            assert_eq!(outcome_of(e, f), want, "{e:?} {f:?}");
+            assert!(OUTCOMES.contains(&want));
+        }
+    }
+
+    #[test]
+    fn peers_name_runtimes() {
+        let v4 = u64::from_ne_bytes([127, 0, 0, 1, 0, 0, 0, 0]);
+        assert_eq!(
+            peer_name(v4, 0, 9000 | 2 << 16).as_deref(),
+            Some("127.0.0.1:9000")
+        );
+        let mut b = [0u8; 16];
+        b[10] = 0xff;
+        b[11] = 0xff;
+        b[12..].copy_from_slice(&[10, 0, 0, 7]);
+        let lo = u64::from_ne_bytes(b[..8].try_into().unwrap());
+        let hi = u64::from_ne_bytes(b[8..].try_into().unwrap());
+        assert_eq!(
+            peer_name(lo, hi, 7000 | 10 << 16).as_deref(),
+            Some("10.0.0.7:7000")
+        );
+        b[..].fill(0);
+        b[15] = 1;
+        let hi = u64::from_ne_bytes(b[8..].try_into().unwrap());
+        assert_eq!(peer_name(0, hi, 80 | 10 << 16).as_deref(), Some("[::1]:80"));
+        assert_eq!(peer_name(v4, 0, 0), None);
+    }
+
+    #[test]
+    fn learner_needs_a_clear_winner() {
+        let mut l = Learner::default();
+        for _ in 0..MIN_VOTES - 1 {
+            assert_eq!(l.vote(&[0x608, 0x1000]), None);
+        }
+        // Tied: not yet.
+        assert_eq!(l.vote(&[0x608, 0x1000]), None);
+        for _ in 0..MIN_VOTES {
+            l.vote(&[0x608]);
+        }
+        assert_eq!(l.known(), Some(0x608));
+        // Once known, it stays.
+        assert_eq!(l.vote(&[5]), Some(0x608));
+    }
+
+    #[test]
+    fn learner_prefers_the_nearest_of_equals() {
+        // Adjacent connections of 1920 bytes repeat the true offset shifted by 1920.
+        let mut l = Learner::default();
+        for _ in 0..MIN_VOTES {
+            l.vote(&[536, 536 + 1920]);
+        }
+        assert_eq!(l.known(), None, "a tie is not a winner");
+        for _ in 0..MIN_VOTES {
+            l.vote(&[536]);
+        }
+        assert_eq!(l.known(), Some(536));
+    }
+
+    struct FakeMem(HashMap<u64, u64>);
+
+    impl Memory for FakeMem {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+            for (i, c) in buf.chunks_exact_mut(8).enumerate() {
+                let w = self.0.get(&(addr + 8 * i as u64)).copied().unwrap_or(0);
+                c.copy_from_slice(&w.to_ne_bytes());
+            }
+            true
+        }
+    }
+
+    fn ev(k: u32, t: u64, f: impl FnOnce(&mut Event)) -> Event {
+        let mut e = Event::zeroed();
+        e.kind = k;
+        e.ktime_ns = t;
+        e.tid = 1;
+        f(&mut e);
+        e
+    }
+
+    /// Lone requests, one after another: the call distance and the connection offset are
+    /// learnt, and every request is measured with its app, outcome and start.
+    #[test]
+    fn joins_lone_requests_and_learns() {
+        let tracker = Tracker::new(Default::default());
+        let mut r = Requests::new(Layout::DEFAULT);
+        let mut mem = FakeMem(HashMap::new());
+        let conn_base = 0x5555_0000_0000u64;
+        let n = 2 * MIN_VOTES as u64 + 2;
+        for i in 0..n {
+            let key = 0x7f00_0000_0000u64 + i * 0x10000;
+            let conn = conn_base + i * 0x2000;
+            // The dispatcher holds the request key 536 bytes past the connection.
+            mem.0.insert(conn + 536, key);
+            let t = i * 1_000_000_000;
+            r.apply(
+                &ev(kind::HTTP_REQUEST, t, |e| e.ptr_a = key),
+                &tracker,
+                &mem,
+            );
+            r.apply(
+                &ev(kind::RPC_FETCH, t + 1000, |e| {
+                    e.ptr_a = key + 0x608;
+                    e.ptr_b = 0xc0;
+                    e.word_b = i;
+                }),
+                &tracker,
+                &mem,
+            );
+            let mut answer = ev(kind::RPC_RESPONSE, t + 5_000_000, |e| {
+                e.ptr_a = 0x0e0 + i;
+                e.ptr_b = u64::from_ne_bytes([127, 0, 0, 1, 0, 0, 0, 0]);
+                e.word_c = 9000 | 2 << 16;
+            });
+            let fail = i % 2 == 1;
+            answer.str = raw(&if fail { vec![N, N + 1] } else { vec![2] }, i);
+            r.apply(&answer, &tracker, &mem);
+            r.apply(
+                &ev(kind::RPC_DONE, t + 5_100_000, |e| {
+                    e.ptr_a = 0x0e0 + i;
+                    e.ptr_b = 0xc0;
+                    e.word_b = i;
+                    e.word_a = 1;
+                }),
+                &tracker,
+                &mem,
+            );
+            if fail {
+                r.apply(
+                    &ev(kind::SCHED_ERROR, t + 5_200_000, |e| e.word_a = 3),
+                    &tracker,
+                    &mem,
+                );
+            }
+            r.apply(
+                &ev(kind::HTTP_RESPONSE, t + 6_000_000, |e| e.ptr_a = conn),
+                &tracker,
+                &mem,
+            );
+        }
+        assert_eq!(
+            r.take_conn_key(),
+            Some(ConnKey {
+                mode: conn_key::LOAD,
+                offset: 536
+            })
+        );
+        assert!(r.learnt().iter().take(1).all(|(_, k)| *k));
+        assert_eq!(r.counters, JoinCounters::default());
+        // The fetches name app slot 0: `other`.
+        let ok = r
+            .metrics
+            .responses
+            .with_label_values(&["other", "ok"])
+            .get();
+        let err = r
+            .metrics
+            .responses
+            .with_label_values(&["other", "execution_error"])
+            .get();
+        assert_eq!((ok, err), (n / 2, n / 2));
+        assert_eq!(
+            r.metrics
+                .request_duration
+                .with_label_values(&["other"])
+                .get_sample_count(),
+            n
+        );
+        assert_eq!(
+            r.metrics.starts.with_label_values(&["other", "warm"]).get(),
+            n
+        );
+        assert_eq!(
+            r.metrics
+                .rpc_failures
+                .with_label_values(&["127.0.0.1:9000", "fetch", "error_answer"])
+                .get(),
+            n / 2
+        );
+        assert_eq!(
+            r.metrics
+                .rpc_duration
+                .with_label_values(&["127.0.0.1:9000", "fetch"])
+                .get_sample_count(),
+            n
+        );
+    }
+}
