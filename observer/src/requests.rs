@@ -259,6 +259,7 @@ struct Open {
     start_ns: u64,
     app: Option<String>,
     cold: bool,
+    fetched: bool,
     last_fetch: Option<FetchEnd>,
 }
 
@@ -335,7 +336,7 @@ impl Metrics {
             ),
             starts: counter(
                 "app_request_starts_total",
-                "Requests by app that had to spawn an instance (start=cold) or found one ready (start=warm).",
+                "Requests by app that had to spawn an instance (start=cold) or were served by a ready one (start=warm); a request that got no instance is neither.",
                 &["app", "start"],
             ),
             spawn_duration: histogram(
@@ -453,6 +454,7 @@ impl Requests {
                         start_ns: ev.ktime_ns,
                         app: None,
                         cold: false,
+                        fetched: false,
                         last_fetch: None,
                     },
                 );
@@ -505,6 +507,8 @@ impl Requests {
         if let Some(o) = request.and_then(|r| self.open.get_mut(&r)) {
             if m == method::SPAWN_WORKER {
                 o.cold = true;
+            } else {
+                o.fetched = true;
             }
             if app.is_some() {
                 o.app = app.clone();
@@ -742,8 +746,12 @@ impl Requests {
             .responses
             .with_label_values(&[&app, outcome])
             .inc();
-        if !app.is_empty() {
-            let start = if req.cold { "cold" } else { "warm" };
+        let start = if req.cold {
+            Some("cold")
+        } else {
+            req.fetched.then_some("warm")
+        };
+        if let (false, Some(start)) = (app.is_empty(), start) {
             self.metrics.starts.with_label_values(&[&app, start]).inc();
         }
     }

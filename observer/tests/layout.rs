@@ -1,6 +1,7 @@
 //! The memory layout the probes assume (`observer_common::Layout::DEFAULT`) checked against
 //! real values of the RPC types, compiled by this compiler: the request enum rusty-workers'
-//! proxy hands to tarpc's `Channel::call`, and `String`.
+//! proxy hands to tarpc's `Channel::call`, `String`, the LRU cache, tarpc's answers and the
+//! client types the request probes read.
 
 use observer_common::{method, Layout};
 use rusty_workers::rpc::RuntimeServiceRequest as Req;
@@ -133,4 +134,199 @@ fn lru_cache_capacity_and_lru_order_read_as_the_probe_reads_them() {
         key("f").0
     );
     assert_eq!(std::mem::size_of::<AppId>() as u64, lay.lru_key_size);
+}
+
+/// `tarpc::Response<RuntimeServiceResponse>` as `rpc_response` copies it and userspace decodes
+/// it: every answer kind, built as tarpc's dispatch task builds it (deserialized).
+#[test]
+fn runtime_answers_decode_as_the_probe_reads_them() {
+    use observer::requests::{decode_answer, AnswerResult};
+    use rusty_workers::rpc::RuntimeServiceResponse as R;
+    type Resp = tarpc::Response<R>;
+    let lay = Layout::DEFAULT;
+    let handle = "0123456789abcdef0123456789abcdef";
+    let ok_fetch = serde_json::json!({"headers": {}, "status": 200, "body": {"Binary": [1, 2]}});
+    let cases: Vec<(serde_json::Value, u32, AnswerResult, Option<&str>)> = vec![
+        (
+            serde_json::json!({"Ok": {"Id": "rt-1"}}),
+            method::ID,
+            AnswerResult::Ok,
+            Some("rt-1"),
+        ),
+        (
+            serde_json::json!({"Ok": {"SpawnWorker": {"Ok": {"id": handle}}}}),
+            method::SPAWN_WORKER,
+            AnswerResult::Ok,
+            Some(handle),
+        ),
+        (
+            serde_json::json!({"Ok": {"SpawnWorker": {"Err": "V8Unknown"}}}),
+            method::SPAWN_WORKER,
+            AnswerResult::Error("generic_error"),
+            None,
+        ),
+        (
+            serde_json::json!({"Ok": {"SpawnWorker": {"Err": {"Io": "x"}}}}),
+            method::SPAWN_WORKER,
+            AnswerResult::Error("generic_error"),
+            None,
+        ),
+        (
+            serde_json::json!({"Ok": {"TerminateWorker": true}}),
+            method::TERMINATE_WORKER,
+            AnswerResult::Ok,
+            None,
+        ),
+        (
+            serde_json::json!({"Ok": {"ListWorkers": {"Ok": []}}}),
+            method::LIST_WORKERS,
+            AnswerResult::Ok,
+            None,
+        ),
+        (
+            serde_json::json!({"Ok": {"Fetch": {"Ok": ok_fetch}}}),
+            method::FETCH,
+            AnswerResult::Ok,
+            None,
+        ),
+        (
+            serde_json::json!({"Ok": {"Load": {"Ok": 5}}}),
+            method::LOAD,
+            AnswerResult::Ok,
+            None,
+        ),
+        (
+            serde_json::json!({"Ok": {"Load": {"Err": "V8Unknown"}}}),
+            method::LOAD,
+            AnswerResult::Error("generic_error"),
+            None,
+        ),
+        (
+            serde_json::json!({"Err": {"kind": 17, "detail": "x"}}),
+            method::UNKNOWN,
+            AnswerResult::ServerError,
+            None,
+        ),
+    ];
+    let mut cases = cases;
+    for (kind, name) in [
+        ("NoSuchWorker", "no_such_worker"),
+        ("RuntimeThrowsException", "runtime_throws"),
+        ("TimeLimitExceeded", "time_limit"),
+        ("MemoryLimitExceeded", "memory_limit"),
+        ("IoTimeout", "io_timeout"),
+    ] {
+        cases.push((
+            serde_json::json!({"Ok": {"Fetch": {"Err": kind}}}),
+            method::FETCH,
+            AnswerResult::Error(name),
+            None,
+        ));
+    }
+    cases.push((
+        serde_json::json!({"Ok": {"Fetch": {"Err": {"ScriptThrowsException": "boom"}}}}),
+        method::FETCH,
+        AnswerResult::Error("script_throws"),
+        None,
+    ));
+    for (message, m, result, text) in cases {
+        // tarpc::Response is non_exhaustive: built the way the wire builds it.
+        let r: Resp =
+            serde_json::from_value(serde_json::json!({"request_id": 4242, "message": message}))
+                .expect("a valid answer");
+        let base = &r as *const Resp as usize;
+        let mut raw = [0u8; observer_common::MAX_STR];
+        // SAFETY: reading the first bytes of a live value, as the probe does.
+        raw.copy_from_slice(unsafe {
+            std::slice::from_raw_parts(base as *const u8, observer_common::MAX_STR)
+        });
+        let a = decode_answer(&raw, &lay);
+        assert_eq!(
+            (a.request_id, a.method, &a.result),
+            (4242, m, &result),
+            "{r:?}"
+        );
+        if let Some(text) = text {
+            let off = if m == method::ID {
+                lay.resp_id_string
+            } else {
+                lay.resp_spawn_string
+            };
+            assert_eq!(
+                lay.resp_niche_base
+                    + if m == method::ID {
+                        lay.resp_tag_id
+                    } else {
+                        lay.resp_tag_spawn
+                    },
+                word(base),
+                "tag of {r:?}"
+            );
+            assert_eq!(
+                string_at(base + off as usize, &lay),
+                text,
+                "string in {r:?}"
+            );
+        }
+    }
+}
+
+/// What `rpc_call` and `rpc_done` read of tarpc's client types, on replicas of their private
+/// structs (same field types, so the same layout from the same compiler) and on the public
+/// `context::Context`.
+#[test]
+fn tarpc_client_layouts_match_the_probes() {
+    use futures::channel::{mpsc, oneshot};
+    use rusty_workers::rpc::{RuntimeServiceRequest as Req, RuntimeServiceResponse as Resp};
+    let lay = Layout::DEFAULT;
+    // tarpc::context::Context and its trace context are public.
+    let trace = std::mem::offset_of!(tarpc::context::Context, trace_context)
+        + std::mem::offset_of!(tarpc::trace::Context, trace_id);
+    assert_eq!(trace as u64, lay.ctx_trace_id, "trace id in a Context");
+    let ctx = tarpc::context::current();
+    let base = &ctx as *const _ as usize;
+    let id = ctx.trace_context.trace_id;
+    // SAFETY: a live value; TraceId is a u128 newtype.
+    let raw: u128 = unsafe { std::ptr::read_unaligned((base + trace) as *const u128) };
+    assert_eq!(format!("{id}"), format!("{raw:02x}"), "trace id bytes");
+
+    // tarpc 0.24 src/rpc/client/channel.rs: Channel and DispatchResponse.
+    #[allow(dead_code)]
+    struct RequestCancellation(mpsc::UnboundedSender<u64>);
+    #[allow(dead_code)]
+    struct DispatchRequest {
+        ctx: tarpc::context::Context,
+        request_id: u64,
+        request: Req,
+        response_completion: oneshot::Sender<tarpc::Response<Resp>>,
+    }
+    #[allow(dead_code)]
+    struct Channel {
+        to_dispatch: mpsc::Sender<DispatchRequest>,
+        cancellation: RequestCancellation,
+        next_request_id: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    }
+    #[allow(dead_code)]
+    struct DispatchResponse {
+        response: oneshot::Receiver<tarpc::Response<Resp>>,
+        ctx: tarpc::context::Context,
+        complete: bool,
+        cancellation: RequestCancellation,
+        request_id: u64,
+    }
+    use std::mem::offset_of;
+    assert_eq!(offset_of!(Channel, cancellation) as u64, lay.chan_cancel);
+    assert_eq!(offset_of!(DispatchResponse, ctx) as u64, lay.dr_ctx);
+    assert_eq!(
+        offset_of!(DispatchResponse, response) as u64,
+        lay.dr_response
+    );
+    assert_eq!(
+        offset_of!(DispatchResponse, cancellation) as u64,
+        lay.dr_cancel
+    );
+    assert_eq!(
+        offset_of!(DispatchResponse, complete) as u64,
+        lay.dr_complete
+    );
 }

@@ -26,6 +26,10 @@ impl RuntimeServiceClient {
     pub async fn connect_noretry<A: tokio::net::ToSocketAddrs>(addr: A) -> std::io::Result<Self> {
         let transport =
             tarpc::serde_transport::tcp::connect(addr, crate::SerdeFormat::default).await?;
+        // Not in rusty-workers, whose connections keep Nagle's algorithm: with several calls in
+        // flight on one connection it stalls some for the peer's delayed ACK (~40 ms), which
+        // would blur the test target's injected latencies.
+        transport.get_ref().set_nodelay(true)?;
         RuntimeServiceClient::new(tarpc::client::Config::default(), transport).spawn()
     }
 }

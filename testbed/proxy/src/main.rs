@@ -27,7 +27,12 @@ async fn serve_request(
             let res = scheduler.handle_request(req).await;
             let t = sched::REQUEST.with(|r| r.borrow().clone());
             // Recorded before the response leaves, so a client that has its answer can read it.
-            truth::answered(&t.app, sched::outcome(&res, &t), t.cold);
+            let start = if t.cold {
+                Some("cold")
+            } else {
+                t.fetched.then_some("warm")
+            };
+            truth::answered(&t.app, sched::outcome(&res, &t), start);
             // As rusty-workers' main.rs.
             Ok(match res {
                 Ok(res) => res,

@@ -54,6 +54,8 @@ pub struct RequestTruth {
     pub app: String,
     /// A spawn_worker was sent for it.
     pub cold: bool,
+    /// A fetch was sent for it.
+    pub fetched: bool,
     /// Its last fetch was answered with an execution error other than NoSuchWorker.
     pub execution_error: bool,
 }
@@ -297,6 +299,7 @@ impl Scheduler {
                 + Duration::from_millis(self.local_config.request_timeout_ms);
             truth::rpc("fetch");
             truth::request(&appid.0);
+            note(|r| r.fetched = true);
             let fetch_res = instance
                 .client
                 .fetch(ctx, instance.handle.clone(), target_req.clone())

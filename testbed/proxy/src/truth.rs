@@ -24,7 +24,7 @@ pub struct AppTruth {
     pub discarded: u64,
     /// Requests answered, by outcome (`sched::outcome`).
     pub outcomes: BTreeMap<String, u64>,
-    /// Requests that sent a spawn_worker (cold) or not (warm), among those with an app.
+    /// Requests that sent a spawn_worker (cold), or a fetch and no spawn_worker (warm).
     pub cold: u64,
     pub warm: u64,
 }
@@ -136,17 +136,15 @@ pub fn discarded(handle: &str) {
 }
 
 /// A request is answered (recorded before its response goes out). `app` is "" when the
-/// request never got to an app (no route).
-pub fn answered(app: &str, outcome: &str, cold: bool) {
+/// request never got to an app (no route); `start`: "cold", "warm" or neither (no instance).
+pub fn answered(app: &str, outcome: &str, start: Option<&str>) {
     with(|t| {
         let a = t.apps.entry(app.to_string()).or_default();
         *a.outcomes.entry(outcome.to_string()).or_default() += 1;
-        if !app.is_empty() {
-            if cold {
-                a.cold += 1;
-            } else {
-                a.warm += 1;
-            }
+        match start {
+            Some("cold") => a.cold += 1,
+            Some(_) => a.warm += 1,
+            None => {}
         }
     });
 }

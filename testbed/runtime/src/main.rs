@@ -144,6 +144,10 @@ async fn main() -> anyhow::Result<()> {
     );
     listener
         .filter_map(|r| futures::future::ready(r.ok()))
+        // As the proxy's side (testbed/common/src/rpc.rs): no Nagle stalls on injected latencies.
+        .inspect(|t| {
+            let _ = t.get_ref().set_nodelay(true);
+        })
         .map(tarpc::server::BaseChannel::with_defaults)
         .map(move |channel| channel.respond_with(server.clone().serve()).execute())
         .buffer_unordered(1024)
