@@ -246,8 +246,15 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
     let event_loop = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        // The probes submit without waking us (one wakeup per event would cost the proxy more
+        // than the event): drain in batches.
+        let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
+        drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = drain_tick.tick() => {
+                    drain(events.get_mut(), &loop_shared, &mem, &mut conn_key, &mut handle_map);
+                }
                 guard = events.readable_mut() => {
                     let mut guard = match guard {
                         Ok(g) => g,
@@ -258,50 +265,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                             std::process::exit(1);
                         }
                     };
-                    let (ops, key) = {
-                        let mut guard_s = loop_shared.lock().unwrap();
-                        let s = &mut *guard_s;
-                        let rb = guard.get_inner_mut();
-                        while let Some(rec) = rb.next() {
-                            s.events_received += 1;
-                            let ev = match decode::event(&rec) {
-                                Ok(ev) => ev,
-                                Err(e) => {
-                                    s.decode_errors += 1;
-                                    log::debug!("undecodable event: {e}");
-                                    continue;
-                                }
-                            };
-                            match decode::decode_event(&ev) {
-                                Ok(d) => s.tracker.apply(d),
-                                Err(e) => {
-                                    s.decode_errors += 1;
-                                    log::debug!("undecodable event: {e}");
-                                    continue;
-                                }
-                            }
-                            if let Some(q) = s.requests.as_mut() {
-                                q.apply(&ev, &s.tracker, &mem);
-                            }
-                        }
-                        let key = s.requests.as_mut().and_then(|q| q.take_conn_key());
-                        (s.tracker.take_map_ops(), key)
-                    };
-                    if let Some(k) = key {
-                        log::info!("learnt where hyper's connection keeps the request: {k:?}");
-                        if let Err(e) = conn_key.set(0, k, 0) {
-                            log::warn!("setting the connection key in the kernel: {e}");
-                        }
-                    }
-                    for op in ops {
-                        let res = match op {
-                            tracker::MapOp::Insert(k, slot) => handle_map.insert(k, slot, 0),
-                            tracker::MapOp::Remove(k) => handle_map.remove(&k),
-                        };
-                        if let Err(e) = res {
-                            log::debug!("handle map update: {e}");
-                        }
-                    }
+                    drain(guard.get_inner_mut(), &loop_shared, &mem, &mut conn_key, &mut handle_map);
                     guard.clear_ready();
                 }
                 _ = tick.tick() => {
@@ -382,6 +346,60 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         .map(|k| k.probes.iter().map(|p| p.attached).sum::<usize>());
     log::info!("detached {} uprobe sites; bye", detached.unwrap_or(0));
     Ok(())
+}
+
+/// Applies every event waiting in the ring buffer, then pushes what the model learnt back into
+/// the kernel's maps.
+fn drain(
+    rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    shared: &Mutex<Shared>,
+    mem: &requests::ProcMem,
+    conn_key: &mut aya::maps::Array<aya::maps::MapData, observer_common::ConnKey>,
+    handle_map: &mut aya::maps::HashMap<aya::maps::MapData, observer_common::HandleKey, u32>,
+) {
+    let (ops, key) = {
+        let mut guard_s = shared.lock().unwrap();
+        let s = &mut *guard_s;
+        while let Some(rec) = rb.next() {
+            s.events_received += 1;
+            let ev = match decode::event(&rec) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    s.decode_errors += 1;
+                    log::debug!("undecodable event: {e}");
+                    continue;
+                }
+            };
+            match decode::decode_event(&ev) {
+                Ok(d) => s.tracker.apply(d),
+                Err(e) => {
+                    s.decode_errors += 1;
+                    log::debug!("undecodable event: {e}");
+                    continue;
+                }
+            }
+            if let Some(q) = s.requests.as_mut() {
+                q.apply(&ev, &s.tracker, mem);
+            }
+        }
+        let key = s.requests.as_mut().and_then(|q| q.take_conn_key());
+        (s.tracker.take_map_ops(), key)
+    };
+    if let Some(k) = key {
+        log::info!("learnt where hyper's connection keeps the request: {k:?}");
+        if let Err(e) = conn_key.set(0, k, 0) {
+            log::warn!("setting the connection key in the kernel: {e}");
+        }
+    }
+    for op in ops {
+        let res = match op {
+            tracker::MapOp::Insert(k, slot) => handle_map.insert(k, slot, 0),
+            tracker::MapOp::Remove(k) => handle_map.remove(&k),
+        };
+        if let Err(e) = res {
+            log::debug!("handle map update: {e}");
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask build-ebpf | test | demo`.
+//! Project tasks: `cargo xtask build-ebpf | test | demo | bench`.
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
@@ -30,6 +30,16 @@ enum Task {
         /// Where the observer serves /metrics.
         #[arg(long, default_value = "127.0.0.1:9898")]
         listen: String,
+    },
+    /// Cost per request: the test target under wrk without the observer, with its lean mode
+    /// (--no-request-metrics) and with request metrics, in one run; prints the ratios.
+    Bench {
+        /// Seconds of wrk per mode.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// wrk connections.
+        #[arg(long, default_value_t = 16)]
+        connections: u32,
     },
 }
 
@@ -210,6 +220,221 @@ fn demo(seconds: u64, listen: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One wrk run: requests per second and latency percentiles (ms) as wrk prints them.
+struct WrkResult {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: f64,
+}
+
+fn wrk_duration_ms(s: &str) -> Option<f64> {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
+    let v: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => v / 1e3,
+        "ms" => v,
+        "s" => v * 1e3,
+        "m" => v * 60e3,
+        _ => return None,
+    })
+}
+
+fn run_wrk(
+    http: std::net::SocketAddr,
+    path: &str,
+    seconds: u64,
+    conns: u32,
+) -> anyhow::Result<WrkResult> {
+    let out = Command::new("wrk")
+        .args([
+            // wrk needs at least one connection per thread.
+            &format!("-t{}", conns.min(2)),
+            &format!("-c{conns}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            "-H",
+            "Host: localhost",
+            &format!("http://{http}{path}"),
+        ])
+        .output()
+        .context("running wrk (scripts/bootstrap.sh installs it)")?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let field = |prefix: &str| -> Option<String> {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+    };
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok());
+    let non2xx = text.lines().any(|l| l.contains("Non-2xx"));
+    if non2xx {
+        bail!("wrk saw failed requests:\n{text}");
+    }
+    Ok(WrkResult {
+        rps: field("Requests/sec:")
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?,
+        p50_ms: field("50%")
+            .and_then(|v| wrk_duration_ms(&v))
+            .unwrap_or(f64::NAN),
+        p99_ms: field("99%")
+            .and_then(|v| wrk_duration_ms(&v))
+            .unwrap_or(f64::NAN),
+        requests: requests.unwrap_or(f64::NAN),
+    })
+}
+
+/// Sum of a metric's series in a Prometheus exposition.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// A child process killed when dropped (an error must not leave an observer attached).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bench(seconds: u64, connections: u32) -> anyhow::Result<()> {
+    build_ebpf()?;
+    run(cargo().args(["build", "--release", "--workspace"]))?;
+    let app = App::new("bench");
+    let tb = Testbed::start(&Options {
+        apps: vec![app.clone()],
+        load_interval_ms: 0,
+        ready_instance_expiration_ms: 600_000,
+        dropout_rate: 0.0,
+        max_ready_instances_per_app: 64,
+        ..Options::default()
+    });
+    let path = format!("{}/x", app.prefix);
+    eprintln!("bench: warming up the test target (PID {})", tb.proxy_pid());
+    run_wrk(tb.http, &path, 2, connections)?;
+    let observer = testbed_harness::release_dir().join("observer");
+    let listen = format!("127.0.0.1:{}", testbed_harness::free_port());
+    let addr: std::net::SocketAddr = listen.parse()?;
+    let modes: [(&str, Option<&[&str]>); 4] = [
+        ("no observer", None),
+        (
+            "lean (--no-request-metrics)",
+            Some(&["--no-request-metrics"]),
+        ),
+        ("request metrics (default)", Some(&[])),
+        ("no observer (again)", None),
+    ];
+    let mut rows = Vec::new();
+    let mut per_program = Vec::new();
+    for (name, args) in modes {
+        let mut obs = match args {
+            None => None,
+            Some(extra) => {
+                let child = Killed(
+                    Command::new(&observer)
+                        .process_group(0)
+                        .args(["--pid", &tb.proxy_pid().to_string(), "--listen", &listen])
+                        .args(extra)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .with_context(|| format!("starting {}", observer.display()))?,
+                );
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while http_get(addr, "localhost", "/metrics").is_err() {
+                    if Instant::now() > deadline {
+                        bail!("the observer did not serve http://{listen}/metrics");
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                // The request joins learn from the first requests: let them.
+                run_wrk(tb.http, &path, 1, 1)?;
+                Some(child)
+            }
+        };
+        let before = match obs {
+            Some(_) => http_get(addr, "localhost", "/metrics")?.1,
+            None => String::new(),
+        };
+        eprintln!("bench: {name}: wrk {seconds} s, {connections} connections");
+        let r = run_wrk(tb.http, &path, seconds, connections)?;
+        let (mut runs, mut bpf_s) = (f64::NAN, f64::NAN);
+        if let Some(child) = obs.as_mut() {
+            let after = http_get(addr, "localhost", "/metrics")?.1;
+            let d = |n: &str| metric_sum(&after, n) - metric_sum(&before, n);
+            runs = d("rusty_workers_observer_bpf_program_runs_total");
+            bpf_s = d("rusty_workers_observer_bpf_program_run_seconds_total");
+            per_program.clear();
+            for line in after.lines() {
+                let Some(rest) =
+                    line.strip_prefix("rusty_workers_observer_bpf_program_runs_total{program=\"")
+                else {
+                    continue;
+                };
+                let Some((prog, _)) = rest.split_once('"') else {
+                    continue;
+                };
+                let series = |m: &str| format!("{m}{{program=\"{prog}\"}}");
+                let runs = d(&series("rusty_workers_observer_bpf_program_runs_total"));
+                let secs = d(&series(
+                    "rusty_workers_observer_bpf_program_run_seconds_total",
+                ));
+                per_program.push((prog.to_string(), runs / r.requests, secs * 1e6 / r.requests));
+            }
+            // SAFETY: kill(2) on our own child: SIGINT detaches the observer cleanly.
+            unsafe { kill(child.0.id() as i32, 2) };
+            child.0.wait()?;
+        }
+        rows.push((name, r, runs, bpf_s));
+    }
+    let base = (rows[0].1.rps + rows[3].1.rps) / 2.0;
+    println!("--- cost per request: test target under wrk ({connections} connections, {seconds} s per mode, 2 CPUs shared by wrk, proxy, runtimes and observer) ---");
+    println!(
+        "{:<30} {:>10} {:>8} {:>9} {:>9} {:>13} {:>15}",
+        "mode", "req/s", "ratio", "p50 ms", "p99 ms", "BPF runs/req", "BPF us/req"
+    );
+    for (name, r, runs, bpf_s) in &rows {
+        println!(
+            "{:<30} {:>10.0} {:>8.3} {:>9.2} {:>9.2} {:>13.2} {:>15.2}",
+            name,
+            r.rps,
+            r.rps / base,
+            r.p50_ms,
+            r.p99_ms,
+            runs / r.requests,
+            bpf_s * 1e6 / r.requests
+        );
+    }
+    println!("request metrics, per program (runs and in-program us per request; uprobe traps not included):");
+    for (prog, runs, us) in &per_program {
+        println!("  {prog:<16} {runs:>6.2} runs {us:>7.2} us");
+    }
+    let per_req_us = |rps: f64| 1e6 / rps;
+    let lean = rows[1].1.rps;
+    let full = rows[2].1.rps;
+    println!(
+        "request metrics cost {:.1} us of wall time per request over the lean mode ({:.1}% throughput), {:.1} us over no observer ({:.1}% throughput)",
+        per_req_us(full) - per_req_us(lean),
+        (1.0 - full / lean) * 100.0,
+        per_req_us(full) - per_req_us(base),
+        (1.0 - full / base) * 100.0
+    );
+    Ok(())
+}
+
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
@@ -219,5 +444,9 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf(),
         Task::Test => test(),
         Task::Demo { seconds, listen } => demo(seconds, &listen),
+        Task::Bench {
+            seconds,
+            connections,
+        } => bench(seconds, connections),
     }
 }
