@@ -40,6 +40,9 @@ enum Task {
         /// wrk connections.
         #[arg(long, default_value_t = 16)]
         connections: u32,
+        /// Rounds of all modes (each mode reports its median round).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -221,6 +224,7 @@ fn demo(seconds: u64, listen: &str) -> anyhow::Result<()> {
 }
 
 /// One wrk run: requests per second and latency percentiles (ms) as wrk prints them.
+#[derive(Clone)]
 struct WrkResult {
     rps: f64,
     p50_ms: f64,
@@ -310,7 +314,7 @@ impl Drop for Killed {
     }
 }
 
-fn bench(seconds: u64, connections: u32) -> anyhow::Result<()> {
+fn bench(seconds: u64, connections: u32, rounds: usize) -> anyhow::Result<()> {
     build_ebpf()?;
     run(cargo().args(["build", "--release", "--workspace"]))?;
     let app = App::new("bench");
@@ -326,105 +330,69 @@ fn bench(seconds: u64, connections: u32) -> anyhow::Result<()> {
     eprintln!("bench: warming up the test target (PID {})", tb.proxy_pid());
     run_wrk(tb.http, &path, 2, connections)?;
     let observer = testbed_harness::release_dir().join("observer");
-    let listen = format!("127.0.0.1:{}", testbed_harness::free_port());
-    let addr: std::net::SocketAddr = listen.parse()?;
-    let modes: [(&str, Option<&[&str]>); 4] = [
+    let modes: [(&str, Option<&[&str]>); 3] = [
         ("no observer", None),
         (
             "lean (--no-request-metrics)",
             Some(&["--no-request-metrics"]),
         ),
         ("request metrics (default)", Some(&[])),
-        ("no observer (again)", None),
     ];
-    let mut rows = Vec::new();
-    let mut per_program = Vec::new();
-    for (name, args) in modes {
-        let mut obs = match args {
-            None => None,
-            Some(extra) => {
-                let child = Killed(
-                    Command::new(&observer)
-                        .process_group(0)
-                        .args(["--pid", &tb.proxy_pid().to_string(), "--listen", &listen])
-                        .args(extra)
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .with_context(|| format!("starting {}", observer.display()))?,
-                );
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while http_get(addr, "localhost", "/metrics").is_err() {
-                    if Instant::now() > deadline {
-                        bail!("the observer did not serve http://{listen}/metrics");
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                // The request joins learn from the first requests: let them.
-                run_wrk(tb.http, &path, 1, 1)?;
-                Some(child)
-            }
-        };
-        let before = match obs {
-            Some(_) => http_get(addr, "localhost", "/metrics")?.1,
-            None => String::new(),
-        };
-        eprintln!("bench: {name}: wrk {seconds} s, {connections} connections");
-        let r = run_wrk(tb.http, &path, seconds, connections)?;
-        let (mut runs, mut bpf_s) = (f64::NAN, f64::NAN);
-        if let Some(child) = obs.as_mut() {
-            let after = http_get(addr, "localhost", "/metrics")?.1;
-            let d = |n: &str| metric_sum(&after, n) - metric_sum(&before, n);
-            runs = d("rusty_workers_observer_bpf_program_runs_total");
-            bpf_s = d("rusty_workers_observer_bpf_program_run_seconds_total");
-            per_program.clear();
-            for line in after.lines() {
-                let Some(rest) =
-                    line.strip_prefix("rusty_workers_observer_bpf_program_runs_total{program=\"")
-                else {
-                    continue;
-                };
-                let Some((prog, _)) = rest.split_once('"') else {
-                    continue;
-                };
-                let series = |m: &str| format!("{m}{{program=\"{prog}\"}}");
-                let runs = d(&series("rusty_workers_observer_bpf_program_runs_total"));
-                let secs = d(&series(
-                    "rusty_workers_observer_bpf_program_run_seconds_total",
-                ));
-                per_program.push((prog.to_string(), runs / r.requests, secs * 1e6 / r.requests));
-            }
-            // SAFETY: kill(2) on our own child: SIGINT detaches the observer cleanly.
-            unsafe { kill(child.0.id() as i32, 2) };
-            child.0.wait()?;
+    // The machine's throughput drifts (shared CPUs): every round runs every mode, in a rotated
+    // order, and each mode reports its median round.
+    let mut results: Vec<Vec<Measured>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds {
+        for k in 0..modes.len() {
+            let i = (k + round) % modes.len();
+            let (name, args) = modes[i];
+            eprintln!(
+                "bench: round {}/{rounds}: {name}: wrk {seconds} s, {connections} connections",
+                round + 1
+            );
+            let m = measure(&tb, &observer, &path, args, seconds, connections)?;
+            results[i].push(m);
         }
-        rows.push((name, r, runs, bpf_s));
     }
-    let base = (rows[0].1.rps + rows[3].1.rps) / 2.0;
-    println!("--- cost per request: test target under wrk ({connections} connections, {seconds} s per mode, 2 CPUs shared by wrk, proxy, runtimes and observer) ---");
+    let median = |v: &[Measured]| -> Measured {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.wrk.rps.total_cmp(&b.wrk.rps));
+        v[v.len() / 2].clone()
+    };
+    let rows: Vec<(&str, Measured)> = modes
+        .iter()
+        .zip(&results)
+        .map(|((name, _), r)| (*name, median(r)))
+        .collect();
+    let base = rows[0].1.wrk.rps;
+    println!("--- cost per request: test target under wrk ({connections} connections, {seconds} s per mode and round, median of {rounds} interleaved rounds; 2 CPUs shared by wrk, proxy, runtimes and observer) ---");
     println!(
-        "{:<30} {:>10} {:>8} {:>9} {:>9} {:>13} {:>15}",
+        "{:<30} {:>10} {:>8} {:>9} {:>9} {:>13} {:>11}",
         "mode", "req/s", "ratio", "p50 ms", "p99 ms", "BPF runs/req", "BPF us/req"
     );
-    for (name, r, runs, bpf_s) in &rows {
+    for (name, m) in &rows {
         println!(
-            "{:<30} {:>10.0} {:>8.3} {:>9.2} {:>9.2} {:>13.2} {:>15.2}",
+            "{:<30} {:>10.0} {:>8.3} {:>9.2} {:>9.2} {:>13.2} {:>11.2}",
             name,
-            r.rps,
-            r.rps / base,
-            r.p50_ms,
-            r.p99_ms,
-            runs / r.requests,
-            bpf_s * 1e6 / r.requests
+            m.wrk.rps,
+            m.wrk.rps / base,
+            m.wrk.p50_ms,
+            m.wrk.p99_ms,
+            m.runs,
+            m.bpf_us
         );
     }
-    println!("request metrics, per program (runs and in-program us per request; uprobe traps not included):");
-    for (prog, runs, us) in &per_program {
+    println!("all rounds, req/s:");
+    for ((name, _), r) in modes.iter().zip(&results) {
+        let all: Vec<String> = r.iter().map(|m| format!("{:.0}", m.wrk.rps)).collect();
+        println!("  {name:<30} {}", all.join(" "));
+    }
+    println!("request metrics, per program (median round; runs and in-program us per request, uprobe traps not included):");
+    for (prog, runs, us) in &rows[2].1.per_program {
         println!("  {prog:<16} {runs:>6.2} runs {us:>7.2} us");
     }
     let per_req_us = |rps: f64| 1e6 / rps;
-    let lean = rows[1].1.rps;
-    let full = rows[2].1.rps;
+    let lean = rows[1].1.wrk.rps;
+    let full = rows[2].1.wrk.rps;
     println!(
         "request metrics cost {:.1} us of wall time per request over the lean mode ({:.1}% throughput), {:.1} us over no observer ({:.1}% throughput)",
         per_req_us(full) - per_req_us(lean),
@@ -433,6 +401,93 @@ fn bench(seconds: u64, connections: u32) -> anyhow::Result<()> {
         (1.0 - full / base) * 100.0
     );
     Ok(())
+}
+
+#[derive(Clone)]
+struct Measured {
+    wrk: WrkResult,
+    /// BPF program runs and in-program microseconds per request (NaN without the observer).
+    runs: f64,
+    bpf_us: f64,
+    per_program: Vec<(String, f64, f64)>,
+}
+
+/// One mode of the bench: the observer started with `args` (None: no observer), a short
+/// warm-up for its joins, then wrk.
+fn measure(
+    tb: &Testbed,
+    observer: &Path,
+    path: &str,
+    args: Option<&[&str]>,
+    seconds: u64,
+    connections: u32,
+) -> anyhow::Result<Measured> {
+    let listen = format!("127.0.0.1:{}", testbed_harness::free_port());
+    let addr: std::net::SocketAddr = listen.parse()?;
+    let mut obs = match args {
+        None => None,
+        Some(extra) => {
+            let child = Killed(
+                Command::new(observer)
+                    .process_group(0)
+                    .args(["--pid", &tb.proxy_pid().to_string(), "--listen", &listen])
+                    .args(extra)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .with_context(|| format!("starting {}", observer.display()))?,
+            );
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while http_get(addr, "localhost", "/metrics").is_err() {
+                if Instant::now() > deadline {
+                    bail!("the observer did not serve http://{listen}/metrics");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // The request joins learn from the first requests: let them.
+            run_wrk(tb.http, path, 1, 1)?;
+            Some(child)
+        }
+    };
+    let before = match obs {
+        Some(_) => http_get(addr, "localhost", "/metrics")?.1,
+        None => String::new(),
+    };
+    let wrk = run_wrk(tb.http, path, seconds, connections)?;
+    let mut m = Measured {
+        runs: f64::NAN,
+        bpf_us: f64::NAN,
+        per_program: Vec::new(),
+        wrk,
+    };
+    if let Some(child) = obs.as_mut() {
+        let after = http_get(addr, "localhost", "/metrics")?.1;
+        let d = |n: &str| metric_sum(&after, n) - metric_sum(&before, n);
+        let n = m.wrk.requests;
+        m.runs = d("rusty_workers_observer_bpf_program_runs_total") / n;
+        m.bpf_us = d("rusty_workers_observer_bpf_program_run_seconds_total") * 1e6 / n;
+        for line in after.lines() {
+            let Some(rest) =
+                line.strip_prefix("rusty_workers_observer_bpf_program_runs_total{program=\"")
+            else {
+                continue;
+            };
+            let Some((prog, _)) = rest.split_once('"') else {
+                continue;
+            };
+            let series = |name: &str| format!("{name}{{program=\"{prog}\"}}");
+            let runs = d(&series("rusty_workers_observer_bpf_program_runs_total"));
+            let secs = d(&series(
+                "rusty_workers_observer_bpf_program_run_seconds_total",
+            ));
+            m.per_program
+                .push((prog.to_string(), runs / n, secs * 1e6 / n));
+        }
+        // SAFETY: kill(2) on our own child: SIGINT detaches the observer cleanly.
+        unsafe { kill(child.0.id() as i32, 2) };
+        child.0.wait()?;
+    }
+    Ok(m)
 }
 
 extern "C" {
@@ -447,6 +502,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench {
             seconds,
             connections,
-        } => bench(seconds, connections),
+            rounds,
+        } => bench(seconds, connections, rounds.max(1)),
     }
 }
