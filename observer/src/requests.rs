@@ -202,11 +202,13 @@ pub fn peer_name(lo: u64, hi: u64, port_family: u64) -> Option<String> {
     Some(SocketAddr::new(ip, port).to_string())
 }
 
-/// Learns a constant distance from samples that each offer one or more candidates: only the
-/// true distance recurs in every sample.
+/// Learns a constant distance from samples that each offer one or more candidates: the true
+/// distance is among every sample's candidates, the others come and go with what else happens
+/// to be in flight.
 #[derive(Debug, Default, Clone)]
 pub struct Learner {
     votes: HashMap<i64, u32>,
+    samples: u32,
     known: Option<i64>,
 }
 
@@ -215,26 +217,34 @@ impl Learner {
         self.known
     }
 
-    /// One sample's candidates (deduplicated by the caller or not: each counts once).
+    /// One sample's candidates (duplicates count once). Once `MIN_VOTES` samples are in, the
+    /// distance found in nearly all of them (7 in 8: a request whose start was missed offers
+    /// none of the right ones) is learnt; if several are, the nearest, since neighbouring
+    /// allocations of one size repeat the true distance shifted by that size.
     pub fn vote(&mut self, candidates: &[i64]) -> Option<i64> {
-        if self.known.is_some() {
+        if self.known.is_some() || candidates.is_empty() {
             return self.known;
         }
         let mut seen: Vec<i64> = candidates.to_vec();
         seen.sort_unstable();
         seen.dedup();
+        self.samples += 1;
         for d in seen {
             *self.votes.entry(d).or_default() += 1;
         }
-        let mut top: Vec<(i64, u32)> = self.votes.iter().map(|(d, n)| (*d, *n)).collect();
-        // Most votes first; among equals, the nearest (neighbouring allocations of the same
-        // size repeat the true distance shifted by their size).
-        top.sort_by_key(|(d, n)| (std::cmp::Reverse(*n), d.unsigned_abs()));
-        if let [(d, n), rest @ ..] = top.as_slice() {
-            let second = rest.first().map_or(0, |(_, m)| *m);
-            if *n >= MIN_VOTES && *n >= 2 * second {
-                self.known = Some(*d);
+        if self.samples >= MIN_VOTES {
+            let need = self.samples - self.samples / 8;
+            self.known = self
+                .votes
+                .iter()
+                .filter(|(_, n)| **n >= need)
+                .map(|(d, _)| *d)
+                .min_by_key(|d| (d.unsigned_abs(), *d));
+            if self.known.is_some() || self.samples >= 8 * MIN_VOTES {
+                // Learnt, or nothing consistent in a long run (the layout changed under us,
+                // or the start of many requests was missed): start over.
                 self.votes.clear();
+                self.samples = 0;
             }
         }
         self.known
@@ -286,7 +296,8 @@ struct Pending {
 pub struct JoinCounters {
     /// Ended calls whose start was not seen (in flight at attach) or not matched.
     pub unmatched_calls: u64,
-    /// Response heads whose request start was not seen or could not be keyed.
+    /// Response heads whose request start was not seen or could not be keyed, or whose calls
+    /// could not be tied to it yet (while the observer learns).
     pub unmatched_responses: u64,
     /// Fetches and spawns not tied to a request (before the distance was learnt).
     pub unattributed_calls: u64,
@@ -711,8 +722,8 @@ impl Requests {
             };
             self.conn_mode = mode;
             self.conn_offset = Learner {
-                votes: HashMap::new(),
                 known: Some(offset),
+                ..Learner::default()
             };
             self.conn_key_update = Some(ConnKey { mode, offset });
         }
@@ -735,6 +746,12 @@ impl Requests {
             self.counters.unmatched_responses += 1;
             return;
         };
+        if req.app.is_none() && sched_error.is_none() && self.fetch_distance.known().is_none() {
+            // Its calls may have gone unattributed while the distance was being learnt: its
+            // outcome is unknown, not an internal error.
+            self.counters.unmatched_responses += 1;
+            return;
+        }
         let outcome = outcome_of(sched_error, req.last_fetch);
         let app = req.app.unwrap_or_default();
         let secs = ev.ktime_ns.saturating_sub(req.start_ns) as f64 / 1e9;
@@ -905,33 +922,43 @@ mod tests {
     }
 
     #[test]
-    fn learner_needs_a_clear_winner() {
+    fn learner_takes_the_distance_in_every_sample() {
         let mut l = Learner::default();
-        for _ in 0..MIN_VOTES - 1 {
-            assert_eq!(l.vote(&[0x608, 0x1000]), None);
+        // Noise comes and goes; 0x608 is in every sample.
+        for i in 0..MIN_VOTES - 1 {
+            assert_eq!(l.vote(&[0x608, 0x1000 + i as i64 * 8]), None);
         }
-        // Tied: not yet.
-        assert_eq!(l.vote(&[0x608, 0x1000]), None);
-        for _ in 0..MIN_VOTES {
-            l.vote(&[0x608]);
-        }
-        assert_eq!(l.known(), Some(0x608));
+        // Empty samples (a request whose start was missed) do not count.
+        assert_eq!(l.vote(&[]), None);
+        assert_eq!(l.vote(&[0x608, 0x608, -0x40]), Some(0x608));
         // Once known, it stays.
         assert_eq!(l.vote(&[5]), Some(0x608));
     }
 
     #[test]
-    fn learner_prefers_the_nearest_of_equals() {
-        // Adjacent connections of 1920 bytes repeat the true offset shifted by 1920.
+    fn learner_prefers_the_nearest_of_consistent_distances() {
+        // Connections of 1920 bytes side by side, all busy: the true offset 536 and its
+        // neighbours' 536 + 1920 and 536 - 1920 are in every sample.
         let mut l = Learner::default();
         for _ in 0..MIN_VOTES {
-            l.vote(&[536, 536 + 1920]);
-        }
-        assert_eq!(l.known(), None, "a tie is not a winner");
-        for _ in 0..MIN_VOTES {
-            l.vote(&[536]);
+            l.vote(&[536 - 1920, 536, 536 + 1920]);
         }
         assert_eq!(l.known(), Some(536));
+    }
+
+    #[test]
+    fn learner_tolerates_a_missed_sample_and_restarts_on_noise() {
+        let mut l = Learner::default();
+        for i in 0..MIN_VOTES - 1 {
+            l.vote(&[100, i as i64]);
+        }
+        // One sample without the true distance (7 of 8 is enough).
+        assert_eq!(l.vote(&[7, 9]), Some(100));
+        let mut noise = Learner::default();
+        for i in 0..8 * MIN_VOTES {
+            assert_eq!(noise.vote(&[i as i64 * 8]), None);
+        }
+        assert_eq!((noise.samples, noise.votes.len()), (0, 0), "started over");
     }
 
     struct FakeMem(HashMap<u64, u64>);

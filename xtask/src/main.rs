@@ -148,7 +148,13 @@ fn tally(summary: &str, word: &str) -> u64 {
 fn demo(seconds: u64, listen: &str) -> anyhow::Result<()> {
     build_ebpf()?;
     run(cargo().args(["build", "--release", "--workspace"]))?;
-    let apps: Vec<App> = (1..=4).map(|i| App::new(&format!("app-{i}"))).collect();
+    // Two plain apps, a slow one and one whose script throws: every kind of series fills.
+    let apps: Vec<App> = vec![
+        App::new("app-1"),
+        App::new("app-2"),
+        App::slow("app-3", 20),
+        App::failing("app-4", "script"),
+    ];
     let tb = Testbed::start(&Options {
         apps: apps.clone(),
         ..Options::default()
@@ -186,15 +192,21 @@ fn demo(seconds: u64, listen: &str) -> anyhow::Result<()> {
     let end = Instant::now() + Duration::from_secs(seconds);
     let mut round = 0usize;
     while Instant::now() < end && !stop.load(Ordering::Relaxed) {
-        // Uneven traffic over the apps, and an app change every 10 rounds.
+        // Uneven traffic over the apps, a few requests for no app at all, and an app change
+        // every 10 rounds.
         let paths: Vec<String> = (0..200)
-            .map(|i| format!("{}/r{i}", apps[(i * i + round) % apps.len()].prefix))
+            .map(|i| match i % 50 {
+                0 => format!("/no-such-app/r{i}"),
+                _ => format!("{}/r{i}", apps[(i * i + round) % apps.len()].prefix),
+            })
             .collect();
         load(tb.http, &paths, 4);
         round += 1;
         if round.is_multiple_of(10) {
             let mut changed = apps.clone();
-            changed[round / 10 % apps.len()].bundle_id = format!("v{round}");
+            let a = &mut changed[round / 10 % apps.len()];
+            // A new bundle, the same script.
+            a.bundle_id = format!("{};r{round}", a.bundle_id);
             tb.set_apps(&changed);
         }
         if round.is_multiple_of(25) {
