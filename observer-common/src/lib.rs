@@ -17,6 +17,12 @@ pub const HANDLE_KEY_LEN: usize = 32;
 pub const MAX_APP_SLOTS: u32 = 4096;
 
 /// Event kinds sent through the ring buffer.
+///
+/// The RPC kinds (`RPC_SPAWN` .. `RPC_OTHER`) all carry the call's identity: `ptr_a` = the
+/// client (`&mut Channel`), `ptr_b` = its connection (the cancellation sender's `Arc`, one per
+/// runtime connection), `word_b`/`word_c` = the trace id of its context (random per
+/// `tarpc::context::current()`, which rusty-workers makes for every call; the request id is
+/// taken inside the call, too late to read race-free at its entry).
 pub mod kind {
     /// `LruCache::insert` on an LRU cache; `ptr_a` = cache, `ptr_b` = value argument,
     /// `word_a`/`word_b` = the first two words the value argument points to.
@@ -52,13 +58,6 @@ pub mod kind {
     /// `word_b`/`word_c` = its trace id, `word_a` = 1 if it completed.
     pub const RPC_DONE: u32 = 12;
 }
-
-/// The RPC kinds (`RPC_SPAWN` .. `RPC_OTHER`) all carry the call's identity: `ptr_a` = the
-/// client (`&mut Channel`), `ptr_b` = its connection (the cancellation sender's `Arc`, one per
-/// runtime connection), `word_b`/`word_c` = the trace id of its context (random per
-/// `tarpc::context::current()`, which rusty-workers makes for every call; the request id is
-/// taken inside the call, too late to read race-free at its entry).
-pub const RPC_FIRST: u32 = kind::RPC_SPAWN;
 
 /// RPC methods of rusty-workers' `RuntimeService`, in declaration order (which is also the
 /// order of the variants of the tarpc-generated request enum).

@@ -411,6 +411,8 @@ const MAX_ENDED: usize = 4096;
 const OPEN_TTL_NS: u64 = 300_000_000_000;
 const ANSWER_TTL_NS: u64 = 60_000_000_000;
 const SCHED_ERROR_TTL_NS: u64 = 10_000_000_000;
+/// Longest wait from a proxy error to its response head on the same thread.
+const SCHED_ERROR_WINDOW_NS: u64 = 10_000_000;
 
 impl Requests {
     pub fn new(layout: Layout) -> Self {
@@ -734,10 +736,12 @@ impl Requests {
     }
 
     fn response(&mut self, ev: &Event, mem: &dyn Memory) {
+        // The error's response head follows it in the same poll of the connection's task:
+        // microseconds later. An older one on this thread was not answered (the client left).
         let sched_error = self
             .sched_errors
             .remove(&ev.tid)
-            .filter(|(_, t)| *t <= ev.ktime_ns)
+            .filter(|(_, t)| *t <= ev.ktime_ns && ev.ktime_ns - t < SCHED_ERROR_WINDOW_NS)
             .map(|(e, _)| e);
         let Some(req) = self
             .key_of(ev.ptr_a, ev.ptr_b, mem)
