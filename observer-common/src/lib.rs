@@ -36,7 +36,7 @@ pub mod kind {
     /// A `fetch` RPC on a worker handle the kernel had no app for; `str` = handle,
     /// `ptr_a` = the client it was sent on.
     pub const RPC_FETCH_UNKNOWN: u32 = 5;
-    /// A `fetch` RPC on a handle the kernel knows: `word_a` = its app slot.
+    /// A `fetch` RPC on a handle the kernel knows: `word_a` = its app slot, `str` = the handle.
     pub const RPC_FETCH: u32 = 6;
     /// Any other RPC (`id`, `load`, `list_workers`): `word_a` = the method.
     pub const RPC_OTHER: u32 = 7;

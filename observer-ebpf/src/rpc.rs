@@ -98,6 +98,10 @@ fn fetch(call: &Call, request: u64, lay: &Layout, full: bool) -> Result<(), i64>
             return send(kind::RPC_FETCH, call.channel, |ev| {
                 ev.word_a = slot as u64;
                 identify(ev, call.channel, call.context, lay);
+                // The handle, for the instance the proxy discards if this fetch fails.
+                ev.str[..HANDLE_KEY_LEN].copy_from_slice(&key.bytes);
+                ev.str_len = n as u32;
+                ev.str_full_len = len;
                 Ok(())
             });
         }

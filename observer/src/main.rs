@@ -380,6 +380,9 @@ fn drain(
             }
             if let Some(q) = s.requests.as_mut() {
                 q.apply(&ev, &s.tracker, mem);
+                for h in q.take_discarded() {
+                    s.tracker.discard(&h);
+                }
             }
         }
         let key = s.requests.as_mut().and_then(|q| q.take_conn_key());

@@ -115,6 +115,11 @@ fn apps(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
         "Instances that left with their evicted app, never terminated.",
         &["app"],
     );
+    let discarded = r.counter(
+        "app_instances_discarded_total",
+        "Instances the proxy let go after a failed fetch (lost by the runtime, ended by an execution error, or on a failed connection): neither pooled nor terminated. Seen with request metrics only.",
+        &["app"],
+    );
     let reqs = r.counter(
         "app_requests_total",
         "Requests the proxy routed to an instance of the app (fetch RPCs; a retried request counts each attempt).",
@@ -139,6 +144,7 @@ fn apps(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
         spawns.with_label_values(&l).inc_by(a.spawns);
         terms.with_label_values(&l).inc_by(a.terminations);
         dropped.with_label_values(&l).inc_by(a.dropped);
+        discarded.with_label_values(&l).inc_by(a.discarded);
         reqs.with_label_values(&l)
             .inc_by(a.requests_user + i.counters.app_requests(a.slot)?);
     }

@@ -280,6 +280,8 @@ struct Call {
     app: Option<String>,
     /// The request it was made for (fetch and spawn).
     request: Option<u64>,
+    /// A fetch's worker handle.
+    handle: Option<Bytes>,
 }
 
 #[derive(Debug, Clone)]
@@ -396,6 +398,8 @@ pub struct Requests {
     /// Calls ended lately, oldest first: a call's end can be seen twice (`rpc_done`).
     ended: std::collections::VecDeque<(u64, u64, u64)>,
     ended_set: std::collections::HashSet<(u64, u64, u64)>,
+    /// Workers the proxy let go after a failed fetch, for the tracker (`take_discarded`).
+    discarded: Vec<Bytes>,
     /// Connection (the cancellation sender's Arc) -> runtime name.
     runtimes: HashMap<u64, String>,
     /// Runtime name -> its RuntimeId, from `id` answers.
@@ -429,6 +433,7 @@ impl Requests {
             conn_key_update: None,
             ended: Default::default(),
             ended_set: Default::default(),
+            discarded: Vec::new(),
             runtimes: HashMap::new(),
             runtime_ids: BTreeMap::new(),
             counters: JoinCounters::default(),
@@ -451,6 +456,13 @@ impl Requests {
             ("spawn_call", self.spawn_distance.known().is_some()),
             ("response_connection", self.conn_mode != conn_key::UNKNOWN),
         ]
+    }
+
+    /// Worker handles of instances the proxy discarded after a failed fetch (rusty-workers'
+    /// `handle_request`: a lost worker, a terminating execution error or a failed connection
+    /// drop the instance, neither pooled nor terminated).
+    pub fn take_discarded(&mut self) -> Vec<Bytes> {
+        std::mem::take(&mut self.discarded)
     }
 
     /// The connection -> request key relation to hand to the kernel, once learnt.
@@ -527,6 +539,7 @@ impl Requests {
                 o.app = app.clone();
             }
         }
+        let handle = matches!(ev.kind, kind::RPC_FETCH | kind::RPC_FETCH_UNKNOWN).then(|| str1(ev));
         self.calls.insert(
             (ev.ptr_b, ev.word_b, ev.word_c),
             Call {
@@ -534,6 +547,7 @@ impl Requests {
                 ktime_ns: ev.ktime_ns,
                 app,
                 request,
+                handle,
             },
         );
     }
@@ -653,6 +667,15 @@ impl Requests {
         if call.method == method::FETCH {
             if let Some(o) = call.request.and_then(|r| self.open.get_mut(&r)) {
                 o.last_fetch = Some(end);
+            }
+            // A script exception keeps the worker (the proxy pools it back); any other failure
+            // loses it.
+            let kept = matches!(
+                answer.as_ref().map(|a| &a.answer.result),
+                Some(AnswerResult::Ok) | Some(AnswerResult::Error("script_throws"))
+            );
+            if let (false, Some(h)) = (kept, call.handle) {
+                self.discarded.push(h);
             }
         }
     }

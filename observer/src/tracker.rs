@@ -57,6 +57,8 @@ pub struct AppStats {
     pub alive: u64,
     /// Fetches attributed here (the kernel counts the rest in `APP_REQUESTS[slot]`).
     pub requests_user: u64,
+    /// Instances let go after a failed fetch (seen with request metrics only).
+    pub discarded: u64,
 }
 
 impl AppStats {
@@ -186,6 +188,23 @@ impl Tracker {
     /// The app of a kernel app slot (`APP_REQUESTS` index).
     pub fn app_of_slot(&self, slot: u32) -> Option<&str> {
         self.slot_names.get(slot as usize).map(String::as_str)
+    }
+
+    /// The proxy let the worker go after a failed fetch: neither pooled nor terminated.
+    pub fn discard(&mut self, handle: &Bytes) {
+        let Some(w) = self.handles.remove(handle) else {
+            return;
+        };
+        let a = self.app(&w.app);
+        a.discarded += 1;
+        if w.dropped_at_ns.is_some() {
+            a.dropped = a.dropped.saturating_sub(1);
+        } else {
+            a.alive = a.alive.saturating_sub(1);
+        }
+        if let Some(k) = handle_key(handle) {
+            self.ops.push(MapOp::Remove(k));
+        }
     }
 
     /// The app of a worker handle, once paired.

@@ -615,15 +615,17 @@ fn request_metrics_equal_ground_truth() {
     let t0 = settle(&tb);
     let m0 = obs.scrape();
 
-    // Latency: 60 requests per slow app from 6 clients; the client measures each.
+    // Latency: 200 requests per slow app from 8 clients; the client measures each. (Its p99
+    // is then the 198th: one scheduling hiccup at the client does not move it.)
+    let per_app = 200;
     let mut latency_reqs = Vec::new();
-    for i in 0..60 {
+    for i in 0..per_app {
         for (id, _) in &slow {
             latency_reqs.push((id.to_string(), Request::get(&format!("/{id}/l{i}"))));
         }
     }
     let reqs: Vec<Request> = latency_reqs.iter().map(|(_, r)| r.clone()).collect();
-    let answers = load_requests(tb.http, &reqs, 6);
+    let answers = load_requests(tb.http, &reqs, 8);
     // Every outcome: failures, no route, a body too large, alongside plain traffic.
     let mut mixed = Vec::new();
     for i in 0..40 {
@@ -727,6 +729,26 @@ fn request_metrics_equal_ground_truth() {
         }
     }
     assert_eq!(no_instance.0, no_instance.1, "no_instance, all apps");
+    // Instances: failed fetches make the proxy let workers go; the observer follows them.
+    let mut discarded = 0;
+    for a in &apps {
+        let want = truth_delta(&t1, &t0, &a.id, &["discarded"]);
+        let got = delta(
+            &m1,
+            &m0,
+            &format!(
+                "rusty_workers_app_instances_discarded_total{{app=\"{}\"}}",
+                a.id
+            ),
+        );
+        assert_eq!(got, want, "{}: instances discarded", a.id);
+        let alive = truth_u64(&t1, &["apps", &a.id, "instances_alive"]) as f64;
+        let got = m1[&format!("rusty_workers_app_instances{{app=\"{}\"}}", a.id)];
+        assert_eq!(got, alive, "{}: instances", a.id);
+        discarded += want;
+        checked += 2;
+    }
+    assert!(discarded > 0, "the scenario must discard instances");
     for o in [
         "ok",
         "execution_error",
@@ -749,7 +771,7 @@ fn request_metrics_equal_ground_truth() {
             .filter(|((app, _), (status, _))| app == id && *status == 200)
             .map(|(_, (_, d))| *d)
             .collect();
-        assert_eq!(lat.len(), 60, "{id}: every latency request succeeds");
+        assert_eq!(lat.len(), per_app, "{id}: every latency request succeeds");
         for q in [0.5, 0.99] {
             let client = client_quantile(lat.clone(), q);
             let want = bucket_of(client);
