@@ -415,6 +415,9 @@ const MAX_ENDED: usize = 4096;
 const OPEN_TTL_NS: u64 = 300_000_000_000;
 const ANSWER_TTL_NS: u64 = 60_000_000_000;
 const SCHED_ERROR_TTL_NS: u64 = 10_000_000_000;
+/// Past this many waiting requests, calls or answers, they wait `SHORT_TTL_NS` at most.
+const MAX_PENDING: usize = 65_536;
+const SHORT_TTL_NS: u64 = 10_000_000_000;
 /// Longest wait from a proxy error to its response head on the same thread.
 const SCHED_ERROR_WINDOW_NS: u64 = 10_000_000;
 
@@ -800,18 +803,23 @@ impl Requests {
         }
     }
 
-    /// Gives up on what waited too long for its other half.
+    /// Gives up on what waited too long for its other half; sooner when too much waits (a
+    /// join that fails for every request must not grow the observer for minutes).
     pub fn housekeeping(&mut self, now_ns: u64) {
+        let ttl = |n: usize, long: u64| if n > MAX_PENDING { SHORT_TTL_NS } else { long };
         let before = self.open.len();
+        let max_age = ttl(before, OPEN_TTL_NS);
         self.open
-            .retain(|_, o| now_ns.saturating_sub(o.start_ns) < OPEN_TTL_NS);
+            .retain(|_, o| now_ns.saturating_sub(o.start_ns) < max_age);
         self.counters.abandoned_requests += (before - self.open.len()) as u64;
         let before = self.calls.len();
+        let max_age = ttl(before, OPEN_TTL_NS);
         self.calls
-            .retain(|_, c| now_ns.saturating_sub(c.ktime_ns) < OPEN_TTL_NS);
+            .retain(|_, c| now_ns.saturating_sub(c.ktime_ns) < max_age);
         self.counters.unmatched_calls += (before - self.calls.len()) as u64;
+        let max_age = ttl(self.answers.len(), ANSWER_TTL_NS);
         self.answers
-            .retain(|_, a| now_ns.saturating_sub(a.ktime_ns) < ANSWER_TTL_NS);
+            .retain(|_, a| now_ns.saturating_sub(a.ktime_ns) < max_age);
         self.sched_errors
             .retain(|_, (_, t)| now_ns.saturating_sub(*t) < SCHED_ERROR_TTL_NS);
     }
@@ -946,6 +954,25 @@ mod tests {
         let hi = u64::from_ne_bytes(b[8..].try_into().unwrap());
         assert_eq!(peer_name(0, hi, 80 | 10 << 16).as_deref(), Some("[::1]:80"));
         assert_eq!(peer_name(v4, 0, 0), None);
+    }
+
+    #[test]
+    fn too_many_waiting_requests_age_out_sooner() {
+        let tracker = Tracker::new(Default::default());
+        let mem = FakeMem(HashMap::new());
+        let mut r = Requests::new(Layout::DEFAULT);
+        for i in 0..MAX_PENDING as u64 + 1 {
+            r.apply(
+                &ev(kind::HTTP_REQUEST, i, |e| e.ptr_a = 8 * i + 8),
+                &tracker,
+                &mem,
+            );
+        }
+        r.housekeeping(SHORT_TTL_NS - 1);
+        assert_eq!(r.open_requests(), MAX_PENDING + 1, "young ones stay");
+        r.housekeeping(SHORT_TTL_NS + MAX_PENDING as u64 + 1);
+        assert_eq!(r.open_requests(), 0);
+        assert_eq!(r.counters.abandoned_requests, MAX_PENDING as u64 + 1);
     }
 
     #[test]
