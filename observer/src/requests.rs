@@ -271,6 +271,9 @@ struct Open {
     cold: bool,
     fetched: bool,
     last_fetch: Option<FetchEnd>,
+    /// A call that may have been its could not be tied to it (while a distance was being
+    /// learnt): its app, start and outcome are not known for sure.
+    tainted: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -484,6 +487,7 @@ impl Requests {
                         cold: false,
                         fetched: false,
                         last_fetch: None,
+                        tainted: false,
                     },
                 );
                 if old.is_some() {
@@ -584,6 +588,11 @@ impl Requests {
             [(k, _)] => Some(*k),
             _ => {
                 self.counters.unattributed_calls += 1;
+                for (k, _) in &near {
+                    if let Some(o) = self.open.get_mut(k) {
+                        o.tainted = true;
+                    }
+                }
                 None
             }
         }
@@ -776,9 +785,9 @@ impl Requests {
             self.counters.unmatched_responses += 1;
             return;
         };
-        if req.app.is_none() && sched_error.is_none() && self.fetch_distance.known().is_none() {
-            // Its calls may have gone unattributed while the distance was being learnt: its
-            // outcome is unknown, not an internal error.
+        if req.tainted {
+            // One of its calls may have gone unattributed while a distance was being learnt:
+            // it is not counted rather than counted wrong (e.g. as an internal error).
             self.counters.unmatched_responses += 1;
             return;
         }
@@ -954,6 +963,41 @@ mod tests {
         let hi = u64::from_ne_bytes(b[8..].try_into().unwrap());
         assert_eq!(peer_name(0, hi, 80 | 10 << 16).as_deref(), Some("[::1]:80"));
         assert_eq!(peer_name(v4, 0, 0), None);
+    }
+
+    /// Before the call distance is known, a call with two requests in flight belongs to one of
+    /// them: neither is counted (rather than one wrongly as an internal error).
+    #[test]
+    fn requests_that_may_have_lost_a_call_are_not_counted() {
+        let tracker = Tracker::new(Default::default());
+        let mut mem = FakeMem(HashMap::new());
+        let mut r = Requests::new(Layout::DEFAULT);
+        for (i, key) in [0x1000u64, 0x9000].into_iter().enumerate() {
+            mem.0.insert(0x50_0000 + 0x2000 * i as u64 + 536, key);
+            r.apply(
+                &ev(kind::HTTP_REQUEST, 1, |e| e.ptr_a = key),
+                &tracker,
+                &mem,
+            );
+        }
+        r.apply(
+            &ev(kind::RPC_FETCH, 2, |e| e.ptr_a = 0x1000 + 0x608),
+            &tracker,
+            &mem,
+        );
+        assert_eq!(r.counters.unattributed_calls, 1);
+        for i in 0..2u64 {
+            let conn = 0x50_0000 + 0x2000 * i;
+            r.apply(
+                &ev(kind::HTTP_RESPONSE, 3, |e| e.ptr_a = conn),
+                &tracker,
+                &mem,
+            );
+        }
+        assert_eq!(r.open_requests(), 0);
+        assert_eq!(r.counters.unmatched_responses, 2);
+        use prometheus::core::Collector as _;
+        assert!(r.metrics.responses.collect()[0].get_metric().is_empty());
     }
 
     #[test]
