@@ -192,19 +192,27 @@ impl Tracker {
 
     /// The proxy let the worker go after a failed fetch: neither pooled nor terminated.
     pub fn discard(&mut self, handle: &Bytes) {
-        let Some(w) = self.handles.remove(handle) else {
-            return;
-        };
+        if let Some(a) = self.leave(handle) {
+            a.discarded += 1;
+        }
+    }
+
+    /// A known worker leaves (terminated or discarded): out of its app's instances, or of its
+    /// dropped ones if its app was evicted meanwhile (it was not lost after all: this keeps the
+    /// counts independent of how eviction and the worker's end interleave), and out of the
+    /// kernel's handle map. Returns its app.
+    fn leave(&mut self, handle: &Bytes) -> Option<&mut AppStats> {
+        let w = self.handles.remove(handle)?;
+        if let Some(k) = handle_key(handle) {
+            self.ops.push(MapOp::Remove(k));
+        }
         let a = self.app(&w.app);
-        a.discarded += 1;
         if w.dropped_at_ns.is_some() {
             a.dropped = a.dropped.saturating_sub(1);
         } else {
             a.alive = a.alive.saturating_sub(1);
         }
-        if let Some(k) = handle_key(handle) {
-            self.ops.push(MapOp::Remove(k));
-        }
+        Some(a)
     }
 
     /// The app of a worker handle, once paired.
@@ -336,22 +344,10 @@ impl Tracker {
                     votes: Vec::new(),
                 });
             }
-            Decoded::Terminate { handle, .. } => match self.handles.remove(&handle) {
-                Some(w) => {
-                    let a = self.app(&w.app);
-                    a.terminations += 1;
-                    // An instance of an evicted app can still be terminated (it was in the
-                    // terminate queue, or in flight): then it was not lost after all. This keeps
-                    // the counts independent of how eviction and termination interleave.
-                    if w.dropped_at_ns.is_some() {
-                        a.dropped = a.dropped.saturating_sub(1);
-                    } else {
-                        a.alive = a.alive.saturating_sub(1);
-                    }
-                    if let Some(k) = handle_key(&handle) {
-                        self.ops.push(MapOp::Remove(k));
-                    }
-                }
+            // An instance of an evicted app can still be terminated (it was in the terminate
+            // queue, or in flight).
+            Decoded::Terminate { handle, .. } => match self.leave(&handle) {
+                Some(a) => a.terminations += 1,
                 None => self.counters.unattributed_terminations += 1,
             },
             Decoded::PerRequest => {}

@@ -316,28 +316,10 @@ pub fn http_request(addr: SocketAddr, r: &Request) -> std::io::Result<(u16, Stri
 
 /// Sends `paths` (on host `localhost`) from `concurrency` threads; returns status counts.
 pub fn load(addr: SocketAddr, paths: &[String], concurrency: usize) -> BTreeMap<u16, usize> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let paths = Arc::new(paths.to_vec());
-    let threads: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (next, paths) = (next.clone(), paths.clone());
-            std::thread::spawn(move || {
-                let mut seen = BTreeMap::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(p) = paths.get(i) else { break };
-                    let status = http_get(addr, "localhost", p).map(|r| r.0).unwrap_or(0);
-                    *seen.entry(status).or_insert(0) += 1;
-                }
-                seen
-            })
-        })
-        .collect();
+    let requests: Vec<Request> = paths.iter().map(|p| Request::get(p)).collect();
     let mut total = BTreeMap::new();
-    for t in threads {
-        for (k, v) in t.join().expect("load thread") {
-            *total.entry(k).or_insert(0) += v;
-        }
+    for (status, _) in load_requests(addr, &requests, concurrency) {
+        *total.entry(status).or_insert(0) += 1;
     }
     total
 }

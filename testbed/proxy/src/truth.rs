@@ -108,14 +108,8 @@ pub fn spawned(app: &str, handle: &str, generation: u64) {
 /// and terminated after all was not lost: it counts as terminated, no longer as dropped.
 pub fn terminated(handle: &str) {
     with(|t| {
-        if let Some((app, dropped)) = t.handles.remove(handle) {
-            let a = t.apps.entry(app).or_default();
+        if let Some(a) = leave(t, handle) {
             a.terminations += 1;
-            if dropped {
-                a.dropped = a.dropped.saturating_sub(1);
-            } else {
-                a.instances_alive = a.instances_alive.saturating_sub(1);
-            }
         }
     });
 }
@@ -123,16 +117,22 @@ pub fn terminated(handle: &str) {
 /// The proxy let an instance go after a failed fetch: neither pooled nor terminated.
 pub fn discarded(handle: &str) {
     with(|t| {
-        if let Some((app, dropped)) = t.handles.remove(handle) {
-            let a = t.apps.entry(app).or_default();
+        if let Some(a) = leave(t, handle) {
             a.discarded += 1;
-            if dropped {
-                a.dropped = a.dropped.saturating_sub(1);
-            } else {
-                a.instances_alive = a.instances_alive.saturating_sub(1);
-            }
         }
     });
+}
+
+/// A known instance leaves its app's live (or dropped) ones; returns its app.
+fn leave<'a>(t: &'a mut Truth, handle: &str) -> Option<&'a mut AppTruth> {
+    let (app, dropped) = t.handles.remove(handle)?;
+    let a = t.apps.entry(app).or_default();
+    if dropped {
+        a.dropped = a.dropped.saturating_sub(1);
+    } else {
+        a.instances_alive = a.instances_alive.saturating_sub(1);
+    }
+    Some(a)
 }
 
 /// A request is answered (recorded before its response goes out). `app` is "" when the
