@@ -3,6 +3,7 @@
 #![no_main]
 
 mod app_cache;
+mod floor;
 mod http;
 mod net;
 mod read;

@@ -71,6 +71,8 @@ pub struct Kernel {
     pub probes: Vec<ProbeStatus>,
     /// Per-request events on (request metrics).
     detail: bool,
+    /// Attach empty programs instead (the bench's floor).
+    floor: bool,
     _stats: Option<OwnedFd>,
 }
 
@@ -84,7 +86,8 @@ pub struct ProgramStats {
 
 impl Kernel {
     /// Loads the programs for the proxy `pid`; `detail`: per-request events (request metrics).
-    pub fn load(layout: &Layout, pid: u32, detail: bool) -> anyhow::Result<Self> {
+    /// With `floor`, empty programs go where the real ones would (the bench's floor).
+    pub fn load(layout: &Layout, pid: u32, detail: bool, floor: bool) -> anyhow::Result<Self> {
         // Run-time statistics cost two clock reads a run, against the microseconds of a uprobe
         // trap; they give the observer's own cost per program.
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
@@ -98,6 +101,7 @@ impl Kernel {
             ebpf,
             probes: Vec::new(),
             detail,
+            floor,
             _stats: stats,
         })
     }
@@ -114,10 +118,15 @@ impl Kernel {
             reason: "",
             detail: String::new(),
         };
+        let name = if self.floor {
+            "floor_tracepoint"
+        } else {
+            "sock_recv"
+        };
         let prog: &mut TracePoint = self
             .ebpf
-            .program_mut("sock_recv")
-            .ok_or_else(|| anyhow!("eBPF object has no program sock_recv"))?
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?
             .try_into()?;
         let res = match prog.load() {
             Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => prog
@@ -163,10 +172,15 @@ impl Kernel {
                 self.probes.push(status);
                 continue;
             }
+            let name = if self.floor {
+                "floor_uprobe"
+            } else {
+                r.probe.program.as_str()
+            };
             let prog: &mut UProbe = self
                 .ebpf
-                .program_mut(&r.probe.program)
-                .ok_or_else(|| anyhow!("eBPF object has no program {:?}", r.probe.program))?
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("eBPF object has no program {name:?}"))?
                 .try_into()?;
             if let Err(e) = ensure_loaded(prog) {
                 status.reason = "load_failed";

@@ -67,6 +67,10 @@ struct RunArgs {
     /// metrics, but the request path pays 1 uprobe instead of about 5.
     #[arg(long)]
     no_request_metrics: bool,
+    /// For `cargo xtask bench`: attach empty programs where the real ones go (the floor of
+    /// the observer's cost); serves no meaningful metrics.
+    #[arg(long, hide = true)]
+    floor: bool,
 }
 
 fn load_catalog(path: Option<&Path>) -> anyhow::Result<Catalog> {
@@ -197,7 +201,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let listener = bind(a.listen).await?;
 
     let detail = !a.no_request_metrics;
-    let mut kernel = kernel::Kernel::load(&catalog.layout, pid, detail)?;
+    let mut kernel = kernel::Kernel::load(&catalog.layout, pid, detail, a.floor)?;
     kernel.attach(&resolutions, &target.exe_link, pid)?;
     kernel.attach_tracepoints()?;
     // The request joins read the proxy's memory (where hyper keeps a request's key).

@@ -32,7 +32,8 @@ enum Task {
         listen: String,
     },
     /// Cost per request: the test target under wrk without the observer, with its lean mode
-    /// (--no-request-metrics) and with request metrics, in one run; prints the ratios.
+    /// (--no-request-metrics), with request metrics, and with empty programs at the same
+    /// points (the floor), in one run; prints the ratios.
     Bench {
         /// Seconds of wrk per mode.
         #[arg(long, default_value_t = 10)]
@@ -342,13 +343,14 @@ fn bench(seconds: u64, connections: u32, rounds: usize) -> anyhow::Result<()> {
     eprintln!("bench: warming up the test target (PID {})", tb.proxy_pid());
     run_wrk(tb.http, &path, 2, connections)?;
     let observer = testbed_harness::release_dir().join("observer");
-    let modes: [(&str, Option<&[&str]>); 3] = [
+    let modes: [(&str, Option<&[&str]>); 4] = [
         ("no observer", None),
         (
             "lean (--no-request-metrics)",
             Some(&["--no-request-metrics"]),
         ),
         ("request metrics (default)", Some(&[])),
+        ("floor (empty programs)", Some(&["--floor"])),
     ];
     // The machine's throughput drifts (shared CPUs): every round runs every mode, in a rotated
     // order, and each mode reports its median round.
@@ -405,6 +407,13 @@ fn bench(seconds: u64, connections: u32, rounds: usize) -> anyhow::Result<()> {
     let per_req_us = |rps: f64| 1e6 / rps;
     let lean = rows[1].1.wrk.rps;
     let full = rows[2].1.wrk.rps;
+    let floor = rows[3].1.wrk.rps;
+    println!(
+        "cost over no observer per request: default {:.1} us, floor (the same attach points, empty programs) {:.1} us: {:.2}x the floor",
+        per_req_us(full) - per_req_us(base),
+        per_req_us(floor) - per_req_us(base),
+        (per_req_us(full) - per_req_us(base)) / (per_req_us(floor) - per_req_us(base))
+    );
     println!(
         "request metrics cost {:.1} us of wall time per request over the lean mode ({:.1}% throughput), {:.1} us over no observer ({:.1}% throughput)",
         per_req_us(full) - per_req_us(lean),
