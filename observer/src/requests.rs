@@ -42,14 +42,6 @@ pub const OUTCOMES: &[&str] = &[
     "internal_error",
 ];
 
-/// Reasons an RPC failed.
-pub const RPC_FAILURES: &[&str] = &[
-    "error_answer",
-    "server_error",
-    "connection_reset",
-    "no_answer",
-];
-
 /// `SchedError`'s discriminants, in declaration order.
 const NO_AVAILABLE_INSTANCE: u64 = 0;
 const NO_ROUTE_MAPPING: u64 = 1;
@@ -643,10 +635,9 @@ impl Requests {
                     }
                 }
                 if call.method == method::ID && a.answer.result == AnswerResult::Ok {
-                    if let Ok(id) = std::str::from_utf8(&a.string.data) {
-                        if crate::decode::app_label(&a.string).is_ok() {
-                            self.runtime_ids.insert(rt.clone(), id.to_string());
-                        }
+                    // A RuntimeId becomes a label value: validated as app ids are.
+                    if let Ok(id) = crate::decode::app_label(&a.string) {
+                        self.runtime_ids.insert(rt.clone(), id);
                     }
                 }
                 match a.answer.result {

@@ -261,11 +261,6 @@ impl Request {
             ..Default::default()
         }
     }
-
-    pub fn header(mut self, k: &str, v: &str) -> Self {
-        self.headers.push((k.into(), v.into()));
-        self
-    }
 }
 
 /// One HTTP/1.1 GET on a fresh connection: (status, body).
