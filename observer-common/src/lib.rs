@@ -281,8 +281,39 @@ pub struct Peer {
 
 const _: () = assert!(core::mem::size_of::<Peer>() == 24);
 
+/// Processes whose socket traffic the kernel counts (the proxy and the runtimes), at most.
+pub const MAX_PROCS: u32 = 256;
+
+/// A watched process, by thread group id in the `WATCHED` map: where its network counters are
+/// and what it is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watched {
+    /// Index of its counters: `slot * netstat::COUNT + netstat::*` in `PROC_NET`.
+    pub slot: u32,
+    /// `role::*`.
+    pub role: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Watched>() == 8);
+
+pub mod role {
+    pub const PROXY: u32 = 1;
+    pub const RUNTIME: u32 = 2;
+}
+
+/// Per-process socket counters (`PROC_NET`), TCP and UDP over IPv4 and IPv6.
+pub mod netstat {
+    pub const BYTES_SENT: u32 = 0;
+    pub const MESSAGES_SENT: u32 = 1;
+    pub const BYTES_RECEIVED: u32 = 2;
+    pub const MESSAGES_RECEIVED: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::Watched {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::Event {}

@@ -15,7 +15,10 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use observer_common::{method, stat, ConnKey, Event, HandleKey, Layout, Peer, MAX_APP_SLOTS};
+use observer_common::{
+    method, netstat, stat, ConnKey, Event, HandleKey, Layout, Peer, Watched, MAX_APP_SLOTS,
+    MAX_PROCS,
+};
 
 /// Events for userspace. With request metrics on, every request sends about five (224 bytes
 /// each): 4 MiB hold ~3,700 requests, far more than arrive between two drains of userspace
@@ -51,9 +54,14 @@ static OBSERVER_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::CO
 #[no_mangle]
 static LAYOUT: Layout = Layout::DEFAULT;
 
-/// The proxy's process id, for the socket tracepoint (which fires in every process).
-#[no_mangle]
-static TARGET_TGID: u32 = 0;
+/// The watched processes (proxy and runtimes) by thread group id, kept by userspace as they
+/// come and go: the socket tracepoints fire in every process of the host.
+#[map]
+static WATCHED: HashMap<u32, Watched> = HashMap::with_max_entries(MAX_PROCS, 0);
+
+/// Socket traffic per watched process (`Watched::slot`), `netstat::COUNT` counters each.
+#[map]
+static PROC_NET: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_PROCS * netstat::COUNT, 0);
 
 /// 1: per-request events (request metrics on); 0: the lean mode of the spine.
 #[no_mangle]
@@ -74,9 +82,14 @@ fn layout() -> Layout {
 
 #[inline(always)]
 fn bump(map: &PerCpuArray<u64>, index: u32) {
+    add(map, index, 1)
+}
+
+#[inline(always)]
+fn add(map: &PerCpuArray<u64>, index: u32, n: u64) {
     if let Some(p) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
-        unsafe { *p += 1 }
+        unsafe { *p += n }
     }
 }
 

@@ -1,21 +1,33 @@
-//! Which runtime an answer came from: `sock:sock_recv_length` (net/socket.c, in
-//! `sock_recvmsg`) in the proxy's threads remembers, per thread, the peer of the last socket
-//! that delivered bytes. tarpc's dispatch task decodes and hands out an answer in the same
-//! poll that read it, on the same thread, so `rpc_response` reads its runtime here.
+//! Socket traffic of the watched processes, and which runtime an answer came from.
+//!
+//! `sock:sock_send_length` and `sock:sock_recv_length` (net/socket.c, in `sock_sendmsg_nosec`
+//! and `sock_recvmsg_nosec`: every `write`, `writev`, `send*`, `read`, `readv` and `recv*` on a
+//! socket) fire in every process; the `WATCHED` map keeps the proxy's and the runtimes'.
+//! Counting here, per process, is what `/proc/<pid>/net/dev` cannot do: it counts a whole
+//! network namespace.
+//!
+//! In the proxy, with request metrics on, the receive side also remembers, per thread, the
+//! peer of the last socket that delivered bytes. tarpc's dispatch task decodes and hands out
+//! an answer in the same poll that read it, on the same thread, so `rpc_response` reads its
+//! runtime here.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use observer_common::{family, Peer};
+use observer_common::{family, netstat, role, Peer, Watched};
 
-use crate::{LAST_PEER, TARGET_TGID};
+use crate::{add, detail, LAST_PEER, PROC_NET, WATCHED};
 
-/// Offsets in the tracepoint record (/sys/kernel/tracing/events/sock/sock_recv_length/format).
+/// Offsets in the tracepoint record (/sys/kernel/tracing/events/sock/sock_recv_length/format;
+/// `sock_send_length` has the same).
 const TP_SK: usize = 8;
 const TP_FAMILY: usize = 16;
 const TP_RET: usize = 20;
+const TP_FLAGS: usize = 24;
+/// include/linux/socket.h. A peek leaves the bytes in the socket: they are read again.
+const MSG_PEEK: i32 = 2;
 /// `struct sock_common` (include/net/sock.h; offsets read from this kernel's BTF):
 /// `skc_daddr` at 0, `skc_dport` at 12, `skc_v6_daddr` at 56.
 const SKC_DADDR: u64 = 0;
@@ -23,25 +35,66 @@ const SKC_DPORT: u64 = 12;
 const SKC_V6_DADDR: u64 = 56;
 
 #[tracepoint]
+pub fn sock_send(ctx: TracePointContext) -> u32 {
+    let _ = try_sock_send(&ctx);
+    0
+}
+
+#[tracepoint]
 pub fn sock_recv(ctx: TracePointContext) -> u32 {
     let _ = try_sock_recv(&ctx);
     0
 }
 
-fn try_sock_recv(ctx: &TracePointContext) -> Result<(), i64> {
+fn watched() -> Option<(u32, Watched)> {
     let id = bpf_get_current_pid_tgid();
-    // SAFETY: a global the loader fills; volatile so the default is not folded in.
-    let target = unsafe { core::ptr::read_volatile(&TARGET_TGID) };
-    if (id >> 32) as u32 != target {
-        return Ok(());
-    }
+    // SAFETY: the value is copied out before the map can change.
+    let w = unsafe { WATCHED.get((id >> 32) as u32) }?;
+    Some((id as u32, *w))
+}
+
+/// Counts one transfer of `ret` bytes into the counters at `first` (bytes) and `first + 1`
+/// (messages); returns the family when the socket is an Internet one and bytes moved.
+fn count(ctx: &TracePointContext, w: &Watched, first: u32) -> Result<Option<u16>, i64> {
     // SAFETY: offsets of this tracepoint's stable record format.
     let ret: i32 = unsafe { ctx.read_at(TP_RET) }.map_err(i64::from)?;
     if ret <= 0 {
-        return Ok(());
+        return Ok(None);
     }
     // SAFETY: as above.
     let fam: u16 = unsafe { ctx.read_at(TP_FAMILY) }.map_err(i64::from)?;
+    if fam != family::INET && fam != family::INET6 {
+        return Ok(None);
+    }
+    // SAFETY: as above.
+    let flags: i32 = unsafe { ctx.read_at(TP_FLAGS) }.map_err(i64::from)?;
+    if flags & MSG_PEEK != 0 {
+        return Ok(None);
+    }
+    let base = w.slot * netstat::COUNT + first;
+    add(&PROC_NET, base, ret as u64);
+    add(&PROC_NET, base + 1, 1);
+    Ok(Some(fam))
+}
+
+fn try_sock_send(ctx: &TracePointContext) -> Result<(), i64> {
+    let Some((_, w)) = watched() else {
+        return Ok(());
+    };
+    count(ctx, &w, netstat::BYTES_SENT)?;
+    Ok(())
+}
+
+fn try_sock_recv(ctx: &TracePointContext) -> Result<(), i64> {
+    let Some((tid, w)) = watched() else {
+        return Ok(());
+    };
+    let Some(fam) = count(ctx, &w, netstat::BYTES_RECEIVED)? else {
+        return Ok(());
+    };
+    if w.role != role::PROXY || !detail() {
+        return Ok(());
+    }
     // SAFETY: as above.
     let sk: u64 = unsafe { ctx.read_at(TP_SK) }.map_err(i64::from)?;
     let mut peer = Peer {
@@ -53,18 +106,14 @@ fn try_sock_recv(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: bpf_probe_read_kernel checks the address.
     let port: u16 = unsafe { bpf_probe_read_kernel((sk + SKC_DPORT) as *const u16) }?;
     peer.port = u16::from_be(port);
-    match fam {
-        family::INET => {
-            // SAFETY: as above.
-            let a: [u8; 4] = unsafe { bpf_probe_read_kernel((sk + SKC_DADDR) as *const [u8; 4]) }?;
-            peer.addr[..4].copy_from_slice(&a);
-        }
-        family::INET6 => {
-            // SAFETY: as above.
-            peer.addr = unsafe { bpf_probe_read_kernel((sk + SKC_V6_DADDR) as *const [u8; 16]) }?;
-        }
-        _ => return Ok(()),
+    if fam == family::INET {
+        // SAFETY: as above.
+        let a: [u8; 4] = unsafe { bpf_probe_read_kernel((sk + SKC_DADDR) as *const [u8; 4]) }?;
+        peer.addr[..4].copy_from_slice(&a);
+    } else {
+        // SAFETY: as above.
+        peer.addr = unsafe { bpf_probe_read_kernel((sk + SKC_V6_DADDR) as *const [u8; 16]) }?;
     }
-    LAST_PEER.insert(id as u32, peer, 0)?;
+    LAST_PEER.insert(tid, peer, 0)?;
     Ok(())
 }

@@ -3,10 +3,10 @@
 use crate::resolve::Resolution;
 use anyhow::{anyhow, Context as _};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
+use aya::programs::uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope};
 use aya::programs::{TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
-use observer_common::{method, stat, ConnKey, HandleKey, Layout};
+use observer_common::{method, netstat, stat, ConnKey, HandleKey, Layout, Watched};
 use std::num::NonZeroU32;
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -30,6 +30,7 @@ pub struct Counters {
     rpc_calls: PerCpuArray<MapData, u64>,
     app_requests: PerCpuArray<MapData, u64>,
     stats: PerCpuArray<MapData, u64>,
+    proc_net: PerCpuArray<MapData, u64>,
 }
 
 fn sum(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, aya::maps::MapError> {
@@ -47,6 +48,18 @@ impl Counters {
         sum(&self.app_requests, slot)
     }
 
+    /// The socket counters of process slot `slot`, indexed by `netstat::*`.
+    pub fn proc_net(
+        &self,
+        slot: u32,
+    ) -> Result<[u64; netstat::COUNT as usize], aya::maps::MapError> {
+        let mut out = [0; netstat::COUNT as usize];
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = sum(&self.proc_net, slot * netstat::COUNT + i as u32)?;
+        }
+        Ok(out)
+    }
+
     pub fn events_lost(&self) -> Result<u64, aya::maps::MapError> {
         sum(&self.stats, stat::EVENTS_LOST)
     }
@@ -61,6 +74,8 @@ pub struct Maps {
     pub events: RingBuf<MapData>,
     pub handles: BpfHashMap<MapData, HandleKey, u32>,
     pub conn_key: Array<MapData, ConnKey>,
+    /// The processes whose sockets the kernel counts, by thread group id.
+    pub watched: BpfHashMap<MapData, u32, Watched>,
     pub counters: Counters,
 }
 
@@ -68,7 +83,12 @@ pub struct Maps {
 /// through the perf `uprobe` PMU live only as long as their file descriptors.
 pub struct Kernel {
     ebpf: Ebpf,
+    /// The tracepoints' status, then the uprobes' (for the proxy attached now, if any).
     pub probes: Vec<ProbeStatus>,
+    /// How many of `probes` are tracepoints (they stay through the proxy's restarts).
+    tracepoints: usize,
+    /// Every uprobe link, to detach when the proxy goes.
+    links: Vec<(String, UProbeLinkId)>,
     /// Per-request events on (request metrics).
     detail: bool,
     /// Attach empty programs instead (the bench's floor).
@@ -85,65 +105,94 @@ pub struct ProgramStats {
 }
 
 impl Kernel {
-    /// Loads the programs for the proxy `pid`; `detail`: per-request events (request metrics).
-    /// With `floor`, empty programs go where the real ones would (the bench's floor).
-    pub fn load(layout: &Layout, pid: u32, detail: bool, floor: bool) -> anyhow::Result<Self> {
+    /// Loads the programs; `detail`: per-request events (request metrics). With `floor`, empty
+    /// programs go where the real ones would (the bench's floor).
+    pub fn load(layout: &Layout, detail: bool, floor: bool) -> anyhow::Result<Self> {
         // Run-time statistics cost two clock reads a run, against the microseconds of a uprobe
         // trap; they give the observer's own cost per program.
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
         let ebpf = EbpfLoader::new()
             .override_global("LAYOUT", layout, true)
-            .override_global("TARGET_TGID", &pid, true)
             .override_global("DETAIL", &u32::from(detail), true)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object into the kernel")?;
         Ok(Kernel {
             ebpf,
             probes: Vec::new(),
+            tracepoints: 0,
+            links: Vec::new(),
             detail,
             floor,
             _stats: stats,
         })
     }
 
-    /// The socket tracepoint that names the runtime of each answer (request metrics only).
+    /// The socket tracepoints: per-process traffic, and (request metrics) the runtime of each
+    /// answer. Attached once, for the observer's life; the `WATCHED` map filters them.
     pub fn attach_tracepoints(&mut self) -> anyhow::Result<()> {
-        if !self.detail {
-            return Ok(());
+        for (status_name, program, event) in [
+            ("net_send", "sock_send", "sock_send_length"),
+            ("net_recv", "sock_recv", "sock_recv_length"),
+        ] {
+            let mut status = ProbeStatus {
+                name: status_name.into(),
+                sites: 1,
+                attached: 0,
+                reason: "",
+                detail: String::new(),
+            };
+            let name = if self.floor {
+                "floor_tracepoint"
+            } else {
+                program
+            };
+            let prog: &mut TracePoint = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?
+                .try_into()?;
+            let res = match prog.load() {
+                Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => prog
+                    .attach("sock", event)
+                    .map(|_| ())
+                    .map_err(|e| ("attach_failed", e)),
+                Err(e) => Err(("load_failed", e)),
+            };
+            match res {
+                Ok(()) => status.attached = 1,
+                Err((reason, e)) => {
+                    status.reason = reason;
+                    status.detail = format!("tracepoint sock:{event}: {e}");
+                }
+            }
+            self.probes.push(status);
         }
-        let mut status = ProbeStatus {
-            name: "runtime_peer".into(),
-            sites: 1,
-            attached: 0,
-            reason: "",
-            detail: String::new(),
-        };
-        let name = if self.floor {
-            "floor_tracepoint"
-        } else {
-            "sock_recv"
-        };
-        let prog: &mut TracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?
-            .try_into()?;
-        let res = match prog.load() {
-            Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => prog
-                .attach("sock", "sock_recv_length")
-                .map(|_| ())
-                .map_err(|e| ("attach_failed", e)),
-            Err(e) => Err(("load_failed", e)),
-        };
-        match res {
-            Ok(()) => status.attached = 1,
-            Err((reason, e)) => {
-                status.reason = reason;
-                status.detail = format!("tracepoint sock:sock_recv_length: {e}");
+        self.tracepoints = self.probes.len();
+        Ok(())
+    }
+
+    /// Detaches every uprobe (the proxy exited or is being replaced); the tracepoints stay.
+    pub fn detach_uprobes(&mut self) {
+        for (name, link) in self.links.drain(..) {
+            if let Some(p) = self.ebpf.program_mut(&name) {
+                let prog: Result<&mut UProbe, _> = p.try_into();
+                if let Ok(prog) = prog {
+                    if let Err(e) = prog.detach(link) {
+                        log::warn!("detaching a uprobe of {name}: {e}");
+                    }
+                }
             }
         }
-        self.probes.push(status);
-        Ok(())
+        for p in &mut self.probes[self.tracepoints..] {
+            p.attached = 0;
+            p.reason = "target_down";
+            p.detail.clear();
+        }
+    }
+
+    /// Uprobe sites attached now.
+    pub fn uprobes_attached(&self) -> usize {
+        self.links.len()
     }
 
     /// Attaches every resolved site of every probe to `target` (a path the kernel resolves;
@@ -155,6 +204,7 @@ impl Kernel {
         pid: u32,
     ) -> anyhow::Result<()> {
         let pid = NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 is not a process"))?;
+        self.probes.truncate(self.tracepoints);
         for r in resolutions {
             if r.probe.request_metrics && !self.detail {
                 continue;
@@ -194,7 +244,10 @@ impl Kernel {
                     target,
                     UProbeScope::OneProcess(pid),
                 ) {
-                    Ok(_) => status.attached += 1,
+                    Ok(link) => {
+                        status.attached += 1;
+                        self.links.push((name.to_string(), link));
+                    }
                     Err(e) => {
                         status.reason = "attach_failed";
                         status.detail = format!("site {:#x}: {e}", site.file_offset);
@@ -215,7 +268,9 @@ impl Kernel {
         let events = RingBuf::try_from(take("EVENTS")?)?;
         let handles = BpfHashMap::try_from(take("HANDLE_APP")?)?;
         let conn_key = Array::try_from(take("CONN_KEY")?)?;
+        let watched = BpfHashMap::try_from(take("WATCHED")?)?;
         let counters = Counters {
+            proc_net: PerCpuArray::try_from(take("PROC_NET")?)?,
             rpc_calls: PerCpuArray::try_from(take("RPC_CALLS")?)?,
             app_requests: PerCpuArray::try_from(take("APP_REQUESTS")?)?,
             stats: PerCpuArray::try_from(take("OBSERVER_STATS")?)?,
@@ -224,6 +279,7 @@ impl Kernel {
             events,
             handles,
             conn_key,
+            watched,
             counters,
         })
     }

@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod decode;
 pub mod kernel;
 pub mod metrics;
+pub mod procs;
 pub mod requests;
 pub mod resolve;
 pub mod symbols;

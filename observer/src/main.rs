@@ -5,7 +5,9 @@ use clap::{Args, Parser, Subcommand};
 use observer::catalog::Catalog;
 use observer::symbols::SymbolTable;
 use observer::target::Target;
-use observer::{decode, kernel, metrics, requests, resolve, tracker};
+use observer::{decode, kernel, metrics, procs, requests, resolve, tracker};
+use observer_common::netstat;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -51,9 +53,24 @@ struct ProbesArgs {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// PID of the rusty-workers proxy to observe.
+    /// PID of the rusty-workers proxy to observe. When it ends, the observer waits for its
+    /// successor (by --exe, or else by the same executable name) and attaches to it.
     #[arg(long)]
     pid: Option<u32>,
+    /// Find the proxy by its executable's name instead (a process whose executable's file name
+    /// contains NAME, e.g. rusty-workers-proxy); waits for it if none runs yet.
+    #[arg(long, value_name = "NAME")]
+    exe: Option<String>,
+    /// Runtime processes: those whose executable's file name contains NAME.
+    #[arg(long, value_name = "NAME", default_value = "rusty-workers-runtime")]
+    runtime_exe: String,
+    /// Also watch this process as a runtime (repeatable).
+    #[arg(long, value_name = "PID")]
+    runtime_pid: Vec<u32>,
+    /// Do not watch, as runtimes, the local processes the proxy holds TCP connections to
+    /// (say, when a database runs on the same host).
+    #[arg(long)]
+    no_runtime_peers: bool,
     /// Address of the Prometheus endpoint (`/metrics`); 9898 is the 2021 exporter's port.
     #[arg(long, default_value = "0.0.0.0:9898")]
     listen: SocketAddr,
@@ -156,7 +173,14 @@ struct Shared {
     requests: Option<requests::Requests>,
     events_received: u64,
     decode_errors: u64,
-    target_up: bool,
+    watcher: procs::Watcher,
+    /// The running proxy's memory (the request joins read where hyper keeps a request's key).
+    mem: Option<requests::ProcMem>,
+    /// Kernel socket counters of a slot when its instance took it (a retired instance's slot
+    /// is reused).
+    net_base: HashMap<u32, [u64; netstat::COUNT as usize]>,
+    /// Time of one watcher tick (the procfs collector).
+    procs_seconds: f64,
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -173,21 +197,15 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     })
 }
 
-async fn run(a: RunArgs) -> anyhow::Result<()> {
-    let Some(pid) = a.pid else {
-        bail!(
-            "missing --pid <PID> of the rusty-workers proxy (or use `observer probes`); see --help"
-        );
-    };
-    let catalog = load_catalog(a.catalog.as_deref())?;
+/// Checks a proxy given by `--pid` before anything is loaded: it must exist and be one.
+fn check_proxy(pid: u32, catalog: &Catalog) -> anyhow::Result<()> {
     let target = Target::open(pid)?;
     let table = SymbolTable::from_elf_file(&target.exe_link)?;
-    let resolutions = resolve::resolve(&catalog, &table);
-    let real = target.exe_path.clone();
+    let resolutions = resolve::resolve(catalog, &table);
     if resolutions.iter().all(|r| r.sites().is_empty()) {
         bail!(
             "PID {pid} ({}) is not a rusty-workers proxy: none of the catalog's {} probes resolved\n{}",
-            real.display(),
+            target.exe_path.display(),
             resolutions.len(),
             resolve::report(&resolutions)
         );
@@ -197,39 +215,168 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             log::warn!("probe {} not attached: {why}", r.probe.name);
         }
     }
+    Ok(())
+}
+
+/// Everything the lifecycle touches when processes come and go.
+struct Lifecycle {
+    catalog: Catalog,
+    kernel: Arc<Mutex<Option<kernel::Kernel>>>,
+    watched: aya::maps::HashMap<aya::maps::MapData, u32, observer_common::Watched>,
+    counters: Arc<kernel::Counters>,
+    started: std::time::Instant,
+}
+
+impl Lifecycle {
+    /// One look at the host: processes that ended are let go, new ones watched, and the
+    /// proxy's uprobes follow the proxy.
+    fn tick(&mut self, shared: &Mutex<Shared>) {
+        let t0 = std::time::Instant::now();
+        let changes = {
+            let mut s = shared.lock().unwrap();
+            let changes = s.watcher.tick(&procs::ProcHost, t0);
+            s.procs_seconds = t0.elapsed().as_secs_f64();
+            changes
+        };
+        for c in changes {
+            self.apply(c, shared);
+        }
+    }
+
+    fn since_start(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn apply(&mut self, change: procs::Change, shared: &Mutex<Shared>) {
+        match change {
+            procs::Change::Started {
+                role,
+                instance,
+                pid,
+                slot,
+                again,
+            } => {
+                let w = observer_common::Watched {
+                    slot,
+                    role: role.code(),
+                };
+                if let Err(e) = self.watched.insert(pid, w, 0) {
+                    log::warn!("cannot count the sockets of PID {pid}: {e}");
+                }
+                if !again {
+                    if let Ok(base) = self.counters.proc_net(slot) {
+                        shared.lock().unwrap().net_base.insert(slot, base);
+                    }
+                }
+                log::info!(
+                    "[{:.3}s] {} {instance} {}: PID {pid}",
+                    self.since_start(),
+                    role.as_str(),
+                    if again { "is back" } else { "found" }
+                );
+                if role == procs::Role::Proxy {
+                    self.attach_proxy(pid, again, shared);
+                }
+            }
+            procs::Change::Ended {
+                role,
+                instance,
+                pid,
+                why,
+            } => {
+                let _ = self.watched.remove(&pid);
+                log::warn!(
+                    "[{:.3}s] {} {instance} (PID {pid}) {}",
+                    self.since_start(),
+                    role.as_str(),
+                    match why {
+                        procs::Ended::Exited => "exited",
+                        procs::Ended::Replaced => "was replaced by a new executable",
+                    }
+                );
+                if role == procs::Role::Proxy {
+                    if let Some(k) = self.kernel.lock().unwrap().as_mut() {
+                        k.detach_uprobes();
+                    }
+                    shared.lock().unwrap().mem = None;
+                    log::info!("[{:.3}s] proxy's uprobes detached", self.since_start());
+                }
+            }
+        }
+    }
+
+    fn attach_proxy(&mut self, pid: u32, again: bool, shared: &Mutex<Shared>) {
+        let found = (|| -> anyhow::Result<_> {
+            let target = Target::open(pid)?;
+            let table = SymbolTable::from_elf_file(&target.exe_link)?;
+            Ok((target, table))
+        })();
+        let (target, table) = match found {
+            Ok(x) => x,
+            Err(e) => {
+                log::error!("proxy PID {pid}: {e:#}; its uprobes are not attached");
+                return;
+            }
+        };
+        let resolutions = resolve::resolve(&self.catalog, &table);
+        let attached = {
+            let mut k = self.kernel.lock().unwrap();
+            let Some(k) = k.as_mut() else { return };
+            k.detach_uprobes();
+            if let Err(e) = k.attach(&resolutions, &target.exe_link, pid) {
+                log::error!("attaching to proxy PID {pid}: {e:#}");
+            }
+            for p in &k.probes {
+                if p.attached == 0 && !p.reason.is_empty() {
+                    log::warn!("probe {} not attached ({}): {}", p.name, p.reason, p.detail);
+                }
+            }
+            k.uprobes_attached()
+        };
+        let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+            .map(requests::ProcMem)
+            .map_err(|e| log::warn!("opening /proc/{pid}/mem: {e}; request joins need it"))
+            .ok();
+        let mut s = shared.lock().unwrap();
+        s.mem = mem;
+        if again {
+            s.tracker.target_restarted();
+            if let Some(q) = s.requests.as_mut() {
+                q.target_restarted();
+            }
+        }
+        log::info!(
+            "[{:.3}s] proxy PID {pid} ({}): {attached} uprobe sites attached",
+            self.since_start(),
+            target.exe_path.display()
+        );
+    }
+}
+
+async fn run(a: RunArgs) -> anyhow::Result<()> {
+    if a.pid.is_none() && a.exe.is_none() {
+        bail!("missing --pid <PID> of the rusty-workers proxy, or --exe NAME to find it by its executable's name (or use `observer probes`); see --help");
+    }
+    let catalog = load_catalog(a.catalog.as_deref())?;
+    if let Some(pid) = a.pid {
+        check_proxy(pid, &catalog)?;
+    }
+    for &pid in &a.runtime_pid {
+        Target::open(pid).context("--runtime-pid")?;
+    }
     preflight()?;
     let listener = bind(a.listen).await?;
 
     let detail = !a.no_request_metrics;
-    let mut kernel = kernel::Kernel::load(&catalog.layout, pid, detail, a.floor)?;
-    kernel.attach(&resolutions, &target.exe_link, pid)?;
+    let mut kernel = kernel::Kernel::load(&catalog.layout, detail, a.floor)?;
     kernel.attach_tracepoints()?;
-    // The request joins read the proxy's memory (where hyper keeps a request's key).
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
-        .map(requests::ProcMem)
-        .with_context(|| format!("opening /proc/{pid}/mem"))?;
-    for p in &kernel.probes {
-        if p.attached > 0 {
-            log::info!(
-                "probe {} attached at {}/{} sites",
-                p.name,
-                p.attached,
-                p.sites
-            );
-        } else if p.reason != "unresolved" {
-            log::warn!("probe {} not attached ({}): {}", p.name, p.reason, p.detail);
-        }
-    }
-    if kernel.probes.iter().all(|p| p.attached == 0) {
-        bail!("no probe could be attached to PID {pid}");
-    }
     let kernel::Maps {
         events,
         handles: mut handle_map,
         mut conn_key,
+        watched,
         counters,
     } = kernel.take_maps()?;
-    let probes = kernel.probes.clone();
     let counters = Arc::new(counters);
     let kernel = Arc::new(Mutex::new(Some(kernel)));
     let shared = Arc::new(Mutex::new(Shared {
@@ -240,8 +387,36 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         requests: detail.then(|| requests::Requests::new(catalog.layout)),
         events_received: 0,
         decode_errors: 0,
-        target_up: true,
+        watcher: procs::Watcher::new(procs::Config {
+            proxy_pid: a.pid,
+            proxy_exe: a.exe.clone(),
+            runtime_exe: a.runtime_exe.clone(),
+            runtime_pids: a.runtime_pid.clone(),
+            runtime_peers: !a.no_runtime_peers,
+        }),
+        mem: None,
+        net_base: HashMap::new(),
+        procs_seconds: 0.0,
     }));
+    let mut life = Lifecycle {
+        catalog,
+        kernel: kernel.clone(),
+        watched,
+        counters: counters.clone(),
+        started: std::time::Instant::now(),
+    };
+    life.tick(&shared);
+    if let Some(pid) = a.pid {
+        let k = kernel.lock().unwrap();
+        if k.as_ref().is_some_and(|k| k.uprobes_attached() == 0) {
+            bail!("no probe could be attached to PID {pid}");
+        }
+    } else if shared.lock().unwrap().watcher.proxy().is_none() {
+        log::info!(
+            "no process named like {:?} yet: waiting for the proxy",
+            a.exe.as_deref().unwrap_or_default()
+        );
+    }
 
     // Events: decode, update the model, push handle -> app slots back into the kernel.
     let loop_shared = shared.clone();
@@ -257,7 +432,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = drain_tick.tick() => {
-                    drain(events.get_mut(), &loop_shared, &mem, &mut conn_key, &mut handle_map);
+                    drain(events.get_mut(), &loop_shared, &mut conn_key, &mut handle_map);
                 }
                 guard = events.readable_mut() => {
                     let mut guard = match guard {
@@ -269,17 +444,15 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                             std::process::exit(1);
                         }
                     };
-                    drain(guard.get_inner_mut(), &loop_shared, &mem, &mut conn_key, &mut handle_map);
+                    drain(guard.get_inner_mut(), &loop_shared, &mut conn_key, &mut handle_map);
                     guard.clear_ready();
                 }
                 _ = tick.tick() => {
-                    let up = target.is_alive();
-                    let mut s = loop_shared.lock().unwrap();
-                    if s.target_up && !up {
-                        log::warn!("proxy PID {pid} exited");
-                    }
-                    s.target_up = up;
+                    // Events of a proxy that just ended belong to its state, not its successor's.
+                    drain(events.get_mut(), &loop_shared, &mut conn_key, &mut handle_map);
+                    life.tick(&loop_shared);
                     let now = monotonic_ns();
+                    let mut s = loop_shared.lock().unwrap();
                     s.tracker.housekeeping(now);
                     if let Some(q) = s.requests.as_mut() {
                         q.housekeeping(now);
@@ -298,13 +471,12 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 let shared = scrape_shared.clone();
                 let kernel = scrape_kernel.clone();
                 let counters = counters.clone();
-                let probes = probes.clone();
                 async move {
-                    let programs = kernel
+                    let (programs, probes) = kernel
                         .lock()
                         .unwrap()
                         .as_ref()
-                        .map(|k| k.program_stats())
+                        .map(|k| (k.program_stats(), k.probes.clone()))
                         .unwrap_or_default();
                     let s = shared.lock().unwrap();
                     let body = metrics::render(&metrics::Inputs {
@@ -315,7 +487,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                         programs: &programs,
                         events_received: s.events_received,
                         decode_errors: s.decode_errors,
-                        target_up: s.target_up,
+                        watcher: &s.watcher,
+                        net_base: &s.net_base,
+                        procs_seconds: s.procs_seconds,
                         now_ns: monotonic_ns(),
                     });
                     (
@@ -332,22 +506,14 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             "/",
             axum::routing::get(|| async { "rusty-workers observer: metrics at /metrics\n" }),
         );
-    log::info!(
-        "observing PID {pid} ({}), metrics on http://{}/metrics",
-        real.display(),
-        a.listen
-    );
+    log::info!("metrics on http://{}/metrics", a.listen);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving /metrics")?;
     event_loop.abort();
     // Dropping the object closes the links: the kernel removes every uprobe.
-    let detached = kernel
-        .lock()
-        .unwrap()
-        .take()
-        .map(|k| k.probes.iter().map(|p| p.attached).sum::<usize>());
+    let detached = kernel.lock().unwrap().take().map(|k| k.uprobes_attached());
     log::info!("detached {} uprobe sites; bye", detached.unwrap_or(0));
     Ok(())
 }
@@ -357,7 +523,6 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
 fn drain(
     rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
     shared: &Mutex<Shared>,
-    mem: &requests::ProcMem,
     conn_key: &mut aya::maps::Array<aya::maps::MapData, observer_common::ConnKey>,
     handle_map: &mut aya::maps::HashMap<aya::maps::MapData, observer_common::HandleKey, u32>,
 ) {
@@ -383,6 +548,10 @@ fn drain(
                 }
             }
             if let Some(q) = s.requests.as_mut() {
+                let mem: &dyn requests::Memory = match &s.mem {
+                    Some(m) => m,
+                    None => &requests::NoMemory,
+                };
                 q.apply(&ev, &s.tracker, mem);
                 for h in q.take_discarded() {
                     s.tracker.discard(&h);

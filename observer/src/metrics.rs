@@ -4,12 +4,14 @@
 //! never outlives what it describes and counters come straight from their source.
 
 use crate::kernel::{Counters, ProbeStatus, ProgramStats};
+use crate::procs::{Role, Watcher};
 use crate::requests::Requests;
 use crate::tracker::Tracker;
-use observer_common::method;
+use observer_common::{method, netstat};
 use prometheus::{
     CounterVec, Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 pub const PREFIX: &str = "rusty_workers";
@@ -25,7 +27,12 @@ pub struct Inputs<'a> {
     pub programs: &'a [ProgramStats],
     pub events_received: u64,
     pub decode_errors: u64,
-    pub target_up: bool,
+    /// The proxy and runtime processes.
+    pub watcher: &'a Watcher,
+    /// Kernel socket counters of a slot when its instance took it.
+    pub net_base: &'a HashMap<u32, [u64; netstat::COUNT as usize]>,
+    /// Time the last look at the processes (procfs) took.
+    pub procs_seconds: f64,
     pub now_ns: u64,
 }
 
@@ -175,11 +182,35 @@ fn observer(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
     r.level(
         "observer_target_up",
         "1 while the watched proxy process exists.",
-        i.target_up as i64,
+        i.watcher.proxy().is_some() as i64,
     );
+    let re = r.counter(
+        "observer_reattaches_total",
+        "Processes watched again under a name that had one before (a restart or an in-place upgrade; for the proxy, its uprobes re-attached).",
+        &["role"],
+    );
+    for role in [Role::Proxy, Role::Runtime] {
+        re.with_label_values(&[role.as_str()])
+            .inc_by(i.watcher.reattaches.get(&role).copied().unwrap_or(0));
+    }
+    r.total(
+        "observer_unwatched_processes_total",
+        "Runtimes found but not watched: every kernel counter slot was taken.",
+        i.watcher.slots_exhausted,
+    );
+    r.0.register(Box::new({
+        let g = prometheus::Gauge::new(
+            format!("{PREFIX}_observer_procfs_tick_seconds"),
+            "Time the last look at the processes took (discovery and procfs readings, every 500 ms).",
+        )
+        .expect("valid metric");
+        g.set(i.procs_seconds);
+        g
+    }))
+    .expect("unique metric");
     let attached = r.int_gauge(
         "observer_probe_attached",
-        "1 if every site of the probe is attached; reason says why not (unresolved, load_failed, attach_failed).",
+        "1 if every site of the probe is attached; reason says why not (unresolved, load_failed, attach_failed, target_down).",
         &["probe", "reason"],
     );
     let sites = r.int_gauge(
@@ -324,8 +355,129 @@ const COLLECTORS: &[(&str, Collector)] = &[
     ("apps", apps),
     ("rpcs", rpcs),
     ("requests", requests),
+    ("processes", processes),
+    ("netns", netns),
     ("observer", observer),
 ];
+
+/// procfs readings and kernel socket counters of the proxy and the runtimes.
+fn processes(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
+    let l = &["role", "instance"];
+    let up = r.int_gauge("process_up", "1 while a process holds this instance name; 0 after it ended (kept 5 minutes, then retired).", l);
+    let starts = r.counter(
+        "process_starts_total",
+        "Processes that held this instance name (1 + restarts seen).",
+        l,
+    );
+    let cpu = r.seconds(
+        "process_cpu_seconds_total",
+        "CPU time by mode (/proc/<pid>/stat utime, stime), over every process of the instance.",
+        &["role", "instance", "mode"],
+    );
+    let switches = r.counter(
+        "process_context_switches_total",
+        "Context switches (/proc/<pid>/status), voluntary (waits) and involuntary (preempted).",
+        &["role", "instance", "kind"],
+    );
+    let rss = r.gauge("process_resident_memory_bytes", "Resident memory.", l);
+    let vm = r.gauge("process_virtual_memory_bytes", "Virtual memory size.", l);
+    let threads = r.gauge("process_threads", "Threads.", l);
+    let fds = r.gauge("process_open_fds", "Open file descriptors.", l);
+    let start = r.gauge(
+        "process_start_time_seconds",
+        "When the current process started (Unix time).",
+        l,
+    );
+    let bytes = r.counter(
+        "process_network_bytes_total",
+        "TCP and UDP payload bytes the process sent and received on IPv4/IPv6 sockets, counted in the kernel (sock:sock_send_length, sock:sock_recv_length).",
+        &["role", "instance", "direction"],
+    );
+    let messages = r.counter(
+        "process_network_messages_total",
+        "Socket sends and receives that moved bytes (one read or write call each).",
+        &["role", "instance", "direction"],
+    );
+    for inst in i.watcher.instances() {
+        let (role, name) = (inst.role.as_str(), inst.name.as_str());
+        let lv = &[role, name];
+        up.with_label_values(lv).set(inst.up() as i64);
+        starts.with_label_values(lv).inc_by(inst.starts);
+        let t = inst.totals();
+        cpu.with_label_values(&[role, name, "user"])
+            .inc_by(t.cpu_user_seconds);
+        cpu.with_label_values(&[role, name, "system"])
+            .inc_by(t.cpu_system_seconds);
+        switches
+            .with_label_values(&[role, name, "voluntary"])
+            .inc_by(t.voluntary_switches);
+        switches
+            .with_label_values(&[role, name, "involuntary"])
+            .inc_by(t.involuntary_switches);
+        if let Some(s) = inst.current() {
+            rss.with_label_values(lv).set(s.resident_bytes as f64);
+            vm.with_label_values(lv).set(s.virtual_bytes as f64);
+            threads.with_label_values(lv).set(s.threads as f64);
+            fds.with_label_values(lv).set(s.open_fds as f64);
+            start.with_label_values(lv).set(s.start_time_seconds);
+        }
+        let now = i.counters.proc_net(inst.slot)?;
+        let base = i.net_base.get(&inst.slot).copied().unwrap_or_default();
+        let v = |k: u32| now[k as usize].saturating_sub(base[k as usize]);
+        bytes
+            .with_label_values(&[role, name, "sent"])
+            .inc_by(v(netstat::BYTES_SENT));
+        bytes
+            .with_label_values(&[role, name, "received"])
+            .inc_by(v(netstat::BYTES_RECEIVED));
+        messages
+            .with_label_values(&[role, name, "sent"])
+            .inc_by(v(netstat::MESSAGES_SENT));
+        messages
+            .with_label_values(&[role, name, "received"])
+            .inc_by(v(netstat::MESSAGES_RECEIVED));
+    }
+    Ok(())
+}
+
+/// The network namespaces of the watched processes, whole (`/proc/<pid>/net/dev`): every
+/// process in them counts here, not only the watched ones.
+fn netns(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
+    let mut spaces: BTreeMap<u64, u32> = BTreeMap::new();
+    for inst in i.watcher.instances() {
+        if let (Some(s), Some(pid)) = (inst.current(), inst.pid()) {
+            spaces.entry(s.netns).or_insert(pid);
+        }
+    }
+    let l = &["netns", "device", "direction"];
+    let bytes = r.counter(
+        "netns_network_bytes_total",
+        "Bytes through each device of a watched process's network namespace (/proc/<pid>/net/dev: the whole namespace, every process in it).",
+        l,
+    );
+    let packets = r.counter(
+        "netns_network_packets_total",
+        "Packets through each device of a watched process's network namespace (/proc/<pid>/net/dev).",
+        l,
+    );
+    for (ns, pid) in spaces {
+        let Ok(devs) = procfs::process::Process::new(pid as i32).and_then(|p| p.dev_status())
+        else {
+            continue;
+        };
+        let ns = ns.to_string();
+        for (name, d) in devs {
+            for (dir, b, p) in [
+                ("received", d.recv_bytes, d.recv_packets),
+                ("sent", d.sent_bytes, d.sent_packets),
+            ] {
+                bytes.with_label_values(&[&ns, &name, dir]).inc_by(b);
+                packets.with_label_values(&[&ns, &name, dir]).inc_by(p);
+            }
+        }
+    }
+    Ok(())
+}
 
 pub fn render(i: &Inputs) -> String {
     let reg = Reg(Registry::new());

@@ -250,6 +250,15 @@ pub trait Memory {
 
 pub struct ProcMem(pub std::fs::File);
 
+/// No target to read (between a proxy's end and its successor).
+pub struct NoMemory;
+
+impl Memory for NoMemory {
+    fn read(&self, _addr: u64, _buf: &mut [u8]) -> bool {
+        false
+    }
+}
+
 impl Memory for ProcMem {
     fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
         std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, addr).is_ok()
@@ -437,6 +446,22 @@ impl Requests {
             counters: JoinCounters::default(),
             metrics: Metrics::new(),
         }
+    }
+
+    /// The proxy was replaced by a new process: what was in flight ended with the old one
+    /// (counted as abandoned), and where things are in memory is learnt again. Metrics,
+    /// counters and the runtimes' ids continue.
+    pub fn target_restarted(&mut self) {
+        let mut fresh = Requests::new(self.layout);
+        std::mem::swap(&mut fresh.metrics, &mut self.metrics);
+        std::mem::swap(&mut fresh.counters, &mut self.counters);
+        std::mem::swap(&mut fresh.runtime_ids, &mut self.runtime_ids);
+        fresh.counters.abandoned_requests += self.open.len() as u64;
+        fresh.conn_key_update = Some(ConnKey {
+            mode: conn_key::UNKNOWN,
+            offset: 0,
+        });
+        *self = fresh;
     }
 
     pub fn open_requests(&self) -> usize {

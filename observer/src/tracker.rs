@@ -185,6 +185,28 @@ impl Tracker {
         }
     }
 
+    /// The proxy was replaced by a new process: its app cache and workers are gone with it.
+    /// Apps are no longer loaded and have no instances; counters, labels and slots stay (they
+    /// continue over the proxy's restarts), and the kernel forgets the old workers' handles.
+    pub fn target_restarted(&mut self) {
+        for h in std::mem::take(&mut self.handles).into_keys() {
+            if let Some(k) = handle_key(&h) {
+                self.ops.push(MapOp::Remove(k));
+            }
+        }
+        for a in self.apps.values_mut() {
+            a.loaded = false;
+            a.alive = 0;
+            a.dropped = 0;
+        }
+        self.app_cache = None;
+        self.other_caches.clear();
+        self.pending.clear();
+        self.deltas.clear();
+        self.deferred.clear();
+        self.unclassified_removes.clear();
+    }
+
     /// The app of a kernel app slot (`APP_REQUESTS` index).
     pub fn app_of_slot(&self, slot: u32) -> Option<&str> {
         self.slot_names.get(slot as usize).map(String::as_str)
