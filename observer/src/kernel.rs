@@ -3,7 +3,7 @@
 use crate::resolve::Resolution;
 use anyhow::{anyhow, Context as _};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope};
+use aya::programs::uprobe::{UProbeAttachLocation, UProbeLink, UProbeLinkId, UProbeScope};
 use aya::programs::{TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use observer_common::{method, netstat, stat, ConnKey, HandleKey, Layout, Watched};
@@ -171,16 +171,19 @@ impl Kernel {
         Ok(())
     }
 
-    /// Detaches every uprobe (the proxy exited or is being replaced); the tracepoints stay.
-    pub fn detach_uprobes(&mut self) {
+    /// Takes every uprobe link out (the proxy exited or is being replaced); the tracepoints
+    /// stay. Dropping the links detaches them: the kernel waits for an RCU grace period per
+    /// uprobe (kernel/events/uprobes.c), about 0.1 s each here, so the caller may drop them
+    /// on another thread.
+    pub fn detach_uprobes(&mut self) -> Vec<UProbeLink> {
+        let mut out = Vec::new();
         for (name, link) in self.links.drain(..) {
-            if let Some(p) = self.ebpf.program_mut(&name) {
-                let prog: Result<&mut UProbe, _> = p.try_into();
-                if let Ok(prog) = prog {
-                    if let Err(e) = prog.detach(link) {
-                        log::warn!("detaching a uprobe of {name}: {e}");
-                    }
-                }
+            let prog: Option<&mut UProbe> =
+                self.ebpf.program_mut(&name).and_then(|p| p.try_into().ok());
+            match prog.map(|p| p.take_link(link)) {
+                Some(Ok(l)) => out.push(l),
+                Some(Err(e)) => log::warn!("detaching a uprobe of {name}: {e}"),
+                None => log::warn!("detaching a uprobe of {name}: no such program"),
             }
         }
         for p in &mut self.probes[self.tracepoints..] {
@@ -188,6 +191,7 @@ impl Kernel {
             p.reason = "target_down";
             p.detail.clear();
         }
+        out
     }
 
     /// Uprobe sites attached now.

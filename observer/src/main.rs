@@ -295,14 +295,34 @@ impl Lifecycle {
                     }
                 );
                 if role == procs::Role::Proxy {
-                    if let Some(k) = self.kernel.lock().unwrap().as_mut() {
-                        k.detach_uprobes();
-                    }
+                    let links = self
+                        .kernel
+                        .lock()
+                        .unwrap()
+                        .as_mut()
+                        .map(|k| k.detach_uprobes())
+                        .unwrap_or_default();
                     shared.lock().unwrap().mem = None;
-                    log::info!("[{:.3}s] proxy's uprobes detached", self.since_start());
+                    self.drop_links(links);
                 }
             }
         }
+    }
+
+    /// Detaches uprobe links away from the event loop and the scrapes (it takes a while).
+    fn drop_links(&self, links: Vec<aya::programs::uprobe::UProbeLink>) {
+        if links.is_empty() {
+            return;
+        }
+        let started = self.started;
+        std::thread::spawn(move || {
+            let n = links.len();
+            drop(links);
+            log::info!(
+                "[{:.3}s] {n} uprobe sites of the old proxy detached",
+                started.elapsed().as_secs_f64()
+            );
+        });
     }
 
     fn attach_proxy(&mut self, pid: u32, again: bool, shared: &Mutex<Shared>) {
@@ -319,10 +339,10 @@ impl Lifecycle {
             }
         };
         let resolutions = resolve::resolve(&self.catalog, &table);
-        let attached = {
+        let (attached, old) = {
             let mut k = self.kernel.lock().unwrap();
             let Some(k) = k.as_mut() else { return };
-            k.detach_uprobes();
+            let old = k.detach_uprobes();
             if let Err(e) = k.attach(&resolutions, &target.exe_link, pid) {
                 log::error!("attaching to proxy PID {pid}: {e:#}");
             }
@@ -331,8 +351,9 @@ impl Lifecycle {
                     log::warn!("probe {} not attached ({}): {}", p.name, p.reason, p.detail);
                 }
             }
-            k.uprobes_attached()
+            (k.uprobes_attached(), old)
         };
+        self.drop_links(old);
         let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
             .map(requests::ProcMem)
             .map_err(|e| log::warn!("opening /proc/{pid}/mem: {e}; request joins need it"))

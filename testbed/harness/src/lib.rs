@@ -113,9 +113,50 @@ pub struct Testbed {
     pub dir: PathBuf,
     pub http: SocketAddr,
     pub admin: SocketAddr,
+    /// Where each runtime listens (the proxy reaches it there).
+    pub runtime_addrs: Vec<SocketAddr>,
     apps_file: PathBuf,
+    config_file: PathBuf,
     runtimes: Vec<Child>,
     proxy: Child,
+}
+
+fn spawn_runtime(dir: &Path, i: usize, addr: SocketAddr) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("runtime{i}.log")))
+        .unwrap();
+    let child = Command::new(binary("rusty-workers-runtime"))
+        .process_group(0)
+        .args(["--listen", &addr.to_string()])
+        .arg("--stats")
+        .arg(dir.join(format!("runtime{i}.stats.json")))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("starting the runtime");
+    wait_for(addr, "runtime");
+    child
+}
+
+fn spawn_proxy(dir: &Path, config_file: &Path, http: SocketAddr, admin: SocketAddr) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("proxy.log"))
+        .unwrap();
+    let proxy = Command::new(binary("rusty-workers-proxy"))
+        .process_group(0)
+        .arg("--config")
+        .arg(config_file)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("starting the proxy");
+    wait_for(http, "proxy");
+    wait_for(admin, "proxy admin");
+    proxy
 }
 
 fn write_apps(path: &Path, apps: &[App]) {
@@ -155,25 +196,16 @@ impl Testbed {
         let apps_file = dir.join("apps.json");
         write_apps(&apps_file, &opts.apps);
         let mut runtimes = Vec::new();
-        let mut rt_addrs = Vec::new();
+        let mut runtime_addrs = Vec::new();
         for i in 0..opts.runtimes {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let log = std::fs::File::create(dir.join(format!("runtime{i}.log"))).unwrap();
-            let child = Command::new(binary("rusty-workers-runtime"))
-                .process_group(0)
-                .args(["--listen", &addr.to_string()])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("starting the runtime");
-            wait_for(addr, "runtime");
-            runtimes.push(child);
-            rt_addrs.push(addr.to_string());
+            runtimes.push(spawn_runtime(&dir, i, addr));
+            runtime_addrs.push(addr);
         }
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = json!({
-            "http_listen": http, "admin_listen": admin, "runtimes": rt_addrs,
+            "http_listen": http, "admin_listen": admin, "runtimes": runtime_addrs,
             "apps_file": apps_file, "load_interval_ms": opts.load_interval_ms,
             "local": {
                 "max_ready_instances_per_app": opts.max_ready_instances_per_app,
@@ -187,24 +219,49 @@ impl Testbed {
         });
         let config_file = dir.join("proxy.json");
         std::fs::write(&config_file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-        let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
-        let proxy = Command::new(binary("rusty-workers-proxy"))
-            .process_group(0)
-            .arg("--config")
-            .arg(&config_file)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting the proxy");
-        wait_for(http, "proxy");
-        wait_for(admin, "proxy admin");
+        let proxy = spawn_proxy(&dir, &config_file, http, admin);
         Testbed {
             dir,
             http,
             admin,
+            runtime_addrs,
             apps_file,
+            config_file,
             runtimes,
             proxy,
+        }
+    }
+
+    pub fn runtime_pid(&self, i: usize) -> u32 {
+        self.runtimes[i].id()
+    }
+
+    /// Starts runtime `i` again, at its address (after `kill_runtime`); the proxy finds it
+    /// again on its next discovery round (every `load_interval_ms`).
+    pub fn restart_runtime(&mut self, i: usize) {
+        self.kill_runtime(i);
+        self.runtimes[i] = spawn_runtime(&self.dir, i, self.runtime_addrs[i]);
+    }
+
+    /// Kills the proxy (SIGKILL) and starts a new one with the same configuration.
+    pub fn restart_proxy(&mut self) {
+        self.kill_proxy();
+        self.proxy = spawn_proxy(&self.dir, &self.config_file, self.http, self.admin);
+    }
+
+    /// Kills the proxy (SIGKILL).
+    pub fn kill_proxy(&mut self) {
+        let _ = self.proxy.kill();
+        let _ = self.proxy.wait();
+    }
+
+    /// Runtime `i`'s own counts (`fetches`, `bytes_read`, `bytes_written` of its RPC
+    /// connections), as it last wrote them (every 50 ms when they change).
+    pub fn runtime_stats(&self, i: usize) -> Value {
+        let path = self.dir.join(format!("runtime{i}.stats.json"));
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).expect("runtime stats are JSON"),
+            Err(_) => json!({"fetches": 0, "bytes_read": 0, "bytes_written": 0}),
         }
     }
 

@@ -106,10 +106,12 @@ async fn main() -> anyhow::Result<()> {
     if config.load_interval_ms > 0 {
         let s2 = scheduler.clone();
         let every = Duration::from_millis(config.load_interval_ms);
+        let runtimes = config.runtimes.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 s2.query_runtimes().await;
+                s2.discover_runtimes(&runtimes).await;
             }
         });
     }

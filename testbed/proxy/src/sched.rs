@@ -88,6 +88,8 @@ pub struct Scheduler {
     local_config: LocalConfig,
     worker_config: WorkerConfiguration,
     clients: AsyncRwLock<BTreeMap<RuntimeId, RuntimeServiceClient>>,
+    /// Where each runtime was found, to find it again after its connection is dropped.
+    runtime_addrs: AsyncMutex<BTreeMap<RuntimeId, std::net::SocketAddr>>,
     apps: AsyncMutex<LruCache<AppId, Arc<AppState>>>,
     route_cache: AsyncMutex<LruCache<String, BTreeMap<String, AppId>>>,
     terminate_queue: mpsc::Sender<ReadyInstance>,
@@ -211,6 +213,7 @@ impl Scheduler {
             local_config,
             worker_config,
             clients: AsyncRwLock::new(BTreeMap::new()),
+            runtime_addrs: AsyncMutex::new(BTreeMap::new()),
             terminate_queue,
             kv_client,
             lookup_route_tx,
@@ -340,15 +343,26 @@ impl Scheduler {
         Err(SchedError::RequestFailedAfterRetries.into())
     }
 
-    /// Connects to every configured runtime and asks its id.
+    /// Connects to every configured runtime it has no client for, and asks its id (run again
+    /// periodically, as rusty-workers does: a restarted runtime is found again).
     pub async fn discover_runtimes(&self, addrs: &[std::net::SocketAddr]) {
-        for addr in addrs {
+        let connected: Vec<std::net::SocketAddr> = {
+            let clients = self.clients.read().await;
+            let known = self.runtime_addrs.lock().await;
+            known
+                .iter()
+                .filter(|(id, _)| clients.contains_key(*id))
+                .map(|(_, a)| *a)
+                .collect()
+        };
+        for addr in addrs.iter().filter(|a| !connected.contains(a)) {
             let Ok(mut client) = RuntimeServiceClient::connect_noretry(addr).await else {
                 eprintln!("cannot connect to runtime {addr}");
                 continue;
             };
             truth::rpc("id");
             if let Ok(id) = client.id(tarpc::context::current()).await {
+                self.runtime_addrs.lock().await.insert(id.clone(), *addr);
                 self.clients.write().await.entry(id).or_insert(client);
             }
         }

@@ -1,28 +1,101 @@
 //! Test target runtime: holds "workers" (one per spawned instance) and answers fetches.
 //!
-//! Usage: rusty-workers-runtime --listen 127.0.0.1:PORT
+//! Usage: rusty-workers-runtime --listen 127.0.0.1:PORT [--stats FILE]
+//!
+//! With `--stats`, the runtime keeps FILE up to date (JSON, replaced atomically, every 50 ms when
+//! something changed) with its own counts: fetches served and the bytes its RPC connections
+//! read and wrote, the ground truth for the observer's per-process figures.
 
-use futures::StreamExt;
 use rusty_workers::rpc::RuntimeService;
 use rusty_workers::types::*;
 use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tarpc::context;
 use tarpc::server::Channel;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 #[derive(Clone)]
 struct RuntimeServer {
     id: RuntimeId,
     workers: Arc<Mutex<HashMap<WorkerHandle, (String, Script)>>>,
+    stats: Arc<Stats>,
+}
+
+/// What the runtime counts itself.
+#[derive(Default)]
+struct Stats {
+    fetches: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+impl Stats {
+    fn json(&self) -> String {
+        format!(
+            "{{\"fetches\": {}, \"bytes_read\": {}, \"bytes_written\": {}}}",
+            self.fetches.load(Ordering::Relaxed),
+            self.bytes_read.load(Ordering::Relaxed),
+            self.bytes_written.load(Ordering::Relaxed)
+        )
+    }
+}
+
+/// A connection that counts the bytes each read and write moved.
+struct Counting {
+    inner: tokio::net::TcpStream,
+    stats: Arc<Stats>,
+}
+
+impl AsyncRead for Counting {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.stats.bytes_read.fetch_add(n, Ordering::Relaxed);
+        res
+    }
+}
+
+impl AsyncWrite for Counting {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &res {
+            self.stats
+                .bytes_written
+                .fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// What an app's "script" does on every fetch, read from its bundle: the test proxy's bundles
 /// are `// bundle <bundle id>`, and a bundle id may carry `;delay_ms=N` and `;fail=KIND`
-/// (KIND as the `x-fail` header). Per-request headers override it.
+/// (KIND as the `x-fail` header), and `;spin_ms=N` (N ms of CPU per fetch). Per-request
+/// headers override delay and failure.
 #[derive(Clone, Default, Debug)]
 struct Script {
     delay_ms: u64,
+    spin_ms: u64,
     fail: Option<String>,
 }
 
@@ -32,6 +105,7 @@ fn script(bundle: &[u8]) -> Script {
     for part in text.trim().split(';').skip(1) {
         match part.split_once('=') {
             Some(("delay_ms", v)) => s.delay_ms = v.parse().unwrap_or(0),
+            Some(("spin_ms", v)) => s.spin_ms = v.parse().unwrap_or(0),
             Some(("fail", v)) => s.fail = Some(v.to_string()),
             _ => {}
         }
@@ -74,10 +148,17 @@ impl RuntimeService for RuntimeServer {
         handle: WorkerHandle,
         req: RequestObject,
     ) -> ExecutionResult<ResponseObject> {
+        self.stats.fetches.fetch_add(1, Ordering::Relaxed);
         let (app, script) = match self.workers.lock().unwrap().get(&handle) {
             Some(w) => w.clone(),
             None => return Err(ExecutionError::NoSuchWorker),
         };
+        // CPU work, as a script's would be: the per-process CPU figures must follow it. Spun
+        // on the thread's CPU clock, so that preemption does not shorten it.
+        let spin_until = thread_cpu_ns() + script.spin_ms * 1_000_000;
+        while thread_cpu_ns() < spin_until {
+            std::hint::spin_loop();
+        }
         // Injected latency, as a script would spend it: the app's, or the `x-delay-ms` header.
         let delay_ms: u64 = req
             .headers
@@ -123,35 +204,72 @@ impl RuntimeService for RuntimeServer {
     }
 }
 
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).cloned()
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let listen = match args.iter().position(|a| a == "--listen") {
-        Some(i) if i + 1 < args.len() => args[i + 1].clone(),
-        _ => anyhow::bail!("usage: rusty-workers-runtime --listen ADDR:PORT"),
+    let Some(listen) = arg(&args, "--listen") else {
+        anyhow::bail!("usage: rusty-workers-runtime --listen ADDR:PORT [--stats FILE]");
     };
     let server = RuntimeServer {
         id: RuntimeId::generate(),
         workers: Arc::new(Mutex::new(HashMap::new())),
+        stats: Arc::new(Stats::default()),
     };
-    let listener =
-        tarpc::serde_transport::tcp::listen(listen.as_str(), rusty_workers::SerdeFormat::default)
-            .await?;
+    if let Some(path) = arg(&args, "--stats") {
+        let stats = server.stats.clone();
+        tokio::spawn(async move {
+            let mut last = String::new();
+            loop {
+                let now = stats.json();
+                if now != last {
+                    let tmp = format!("{path}.tmp");
+                    if std::fs::write(&tmp, &now).is_ok() {
+                        let _ = std::fs::rename(&tmp, &path);
+                    }
+                    last = now;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+    let listener = tokio::net::TcpListener::bind(listen.as_str()).await?;
     eprintln!(
         "runtime {} listening on {}",
         server.id.0,
-        listener.local_addr()
+        listener.local_addr()?
     );
-    listener
-        .filter_map(|r| futures::future::ready(r.ok()))
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("accept: {e}");
+                continue;
+            }
+        };
         // As the proxy's side (testbed/common/src/rpc.rs): no Nagle stalls on injected latencies.
-        .inspect(|t| {
-            let _ = t.get_ref().set_nodelay(true);
-        })
-        .map(tarpc::server::BaseChannel::with_defaults)
-        .map(move |channel| channel.respond_with(server.clone().serve()).execute())
-        .buffer_unordered(1024)
-        .for_each(|_| async {})
-        .await;
-    Ok(())
+        let _ = stream.set_nodelay(true);
+        let io = Counting {
+            inner: stream,
+            stats: server.stats.clone(),
+        };
+        let transport =
+            tarpc::serde_transport::Transport::from((io, rusty_workers::SerdeFormat::default()));
+        let channel = tarpc::server::BaseChannel::with_defaults(transport);
+        tokio::spawn(channel.respond_with(server.clone().serve()).execute());
+    }
 }
