@@ -57,6 +57,11 @@ pub mod kind {
     /// A call's response future is dropped: `ptr_a` = its oneshot, `ptr_b` = its connection,
     /// `word_b`/`word_c` = its trace id, `word_a` = 1 if it completed.
     pub const RPC_DONE: u32 = 12;
+    /// A runtime's tarpc method future ended (dropped): `word_a` = the method, `word_b` = ns
+    /// from its first poll, `word_c` = its polls, `ptr_a` = the process (tgid).
+    pub const SERVER_CALL: u32 = 13;
+    /// The highest kind: events past it do not decode.
+    pub const LAST: u32 = SERVER_CALL;
 }
 
 /// RPC methods of rusty-workers' `RuntimeService`, in declaration order (which is also the

@@ -8,6 +8,7 @@ mod http;
 mod net;
 mod read;
 mod rpc;
+mod server;
 
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,

@@ -8,6 +8,8 @@ use toml::Spanned;
 
 /// The catalog for rusty-workers' proxy, built into the observer.
 pub const PROXY_CATALOG: &str = include_str!("../../catalog/rusty-workers-proxy.toml");
+/// The catalog for rusty-workers' runtime, built into the observer.
+pub const RUNTIME_CATALOG: &str = include_str!("../../catalog/rusty-workers-runtime.toml");
 
 /// The eBPF programs of observer-ebpf a catalog may name.
 pub const PROGRAMS: &[&str] = &[
@@ -19,6 +21,9 @@ pub const PROGRAMS: &[&str] = &[
     "http_request",
     "http_response",
     "sched_error",
+    "server_poll",
+    "server_poll_sret",
+    "server_drop",
 ];
 
 #[derive(Debug, Error, PartialEq)]
@@ -124,6 +129,8 @@ struct RawProbe {
     #[serde(default)]
     request_metrics: bool,
     #[serde(default)]
+    method: Option<Spanned<String>>,
+    #[serde(default)]
     why: String,
 }
 
@@ -137,7 +144,17 @@ pub struct Probe {
     pub optional: bool,
     /// Serves only the request metrics: not attached with `--no-request-metrics`.
     pub request_metrics: bool,
+    /// The RPC method the function belongs to (`observer_common::method`), for the server
+    /// probes: their attach cookie.
+    pub method: Option<u32>,
     pub why: String,
+}
+
+impl Probe {
+    /// The attach cookie the programs read (`bpf_get_attach_cookie`): the method.
+    pub fn cookie(&self) -> u64 {
+        self.method.unwrap_or(observer_common::method::UNKNOWN) as u64
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -223,6 +240,27 @@ impl Catalog {
                     ));
                 }
             }
+            let method = match &p.method {
+                None => None,
+                Some(m) => {
+                    let names = &observer_common::method::NAMES
+                        [..observer_common::method::UNKNOWN as usize];
+                    match names.iter().position(|n| n == m.get_ref()) {
+                        Some(i) => Some(i as u32),
+                        None => {
+                            return Err(field_err(
+                                m.span(),
+                                "method",
+                                format!(
+                                    "unknown method {:?}; RuntimeService has: {}",
+                                    m.get_ref(),
+                                    names.join(", ")
+                                ),
+                            ))
+                        }
+                    }
+                }
+            };
             probes.push(Probe {
                 name: p.name.into_inner(),
                 program: p.program.into_inner(),
@@ -231,6 +269,7 @@ impl Catalog {
                 per_request: p.per_request,
                 optional: p.optional,
                 request_metrics: p.request_metrics,
+                method,
                 why: p.why,
             });
         }
@@ -247,6 +286,11 @@ impl Catalog {
 
     pub fn builtin_proxy() -> Self {
         Self::parse(PROXY_CATALOG, "builtin rusty-workers-proxy catalog")
+            .expect("the built-in catalog is checked by the tests")
+    }
+
+    pub fn builtin_runtime() -> Self {
+        Self::parse(RUNTIME_CATALOG, "builtin rusty-workers-runtime catalog")
             .expect("the built-in catalog is checked by the tests")
     }
 }
@@ -269,6 +313,28 @@ mod tests {
         for p in &c.probes {
             assert!(!p.why.is_empty(), "probe {} says why", p.name);
         }
+    }
+
+    #[test]
+    fn builtin_runtime_catalog_names_every_method_twice() {
+        let c = Catalog::builtin_runtime();
+        for m in 0..observer_common::method::UNKNOWN {
+            for drop in [false, true] {
+                assert_eq!(
+                    c.probes
+                        .iter()
+                        .filter(|p| p.program.starts_with("server_")
+                            && (p.program == "server_drop") == drop
+                            && p.method == Some(m))
+                        .count(),
+                    1,
+                    "method {m}, drop {drop}"
+                );
+            }
+        }
+        let fetch = c.probes.iter().find(|p| p.name == "server_fetch").unwrap();
+        assert_eq!(fetch.cookie(), observer_common::method::FETCH as u64);
+        assert_eq!(fetch.program, "server_poll_sret");
     }
 
     #[test]
@@ -304,6 +370,10 @@ mod tests {
             ),
             ("[[probe]]\nname = \"a\"\nprogram = \"rpc_call\"\nsymbol = \"x\"\ncolour = 1\n", "unknown field `colour`"),
             ("[[probe]]\nname = \"a\"\n", "missing field"),
+            (
+                "[[probe]]\nname = \"a\"\nprogram = \"server_poll\"\nsymbol = \"x\"\nmethod = \"fetsh\"\n",
+                ":5: field `method`",
+            ),
             ("probe = 3", "invalid type"),
             ("", "no [[probe]] entries"),
             (

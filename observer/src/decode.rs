@@ -1,7 +1,7 @@
 //! Pure decoders of what the probes send: ring buffer records and strings read from the
 //! target's memory, which are untrusted until validated here.
 
-use observer_common::{kind, Event, MAX_STR};
+use observer_common::{kind, method, Event, MAX_STR};
 
 /// A ring buffer record, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +37,13 @@ pub enum Decoded {
     },
     /// An event only the request metrics use (`crate::requests`), which read it raw.
     PerRequest,
+    /// A runtime's tarpc method call ended (`crate::server`).
+    ServerCall {
+        tgid: u32,
+        method: u32,
+        duration_ns: u64,
+        polls: u64,
+    },
 }
 
 /// A string from target memory: the bytes read and the length it claimed.
@@ -79,7 +86,7 @@ pub fn event(record: &[u8]) -> Result<Event, DecodeError> {
     if ev.str2_len as usize > MAX_STR {
         return Err(DecodeError::StrLen(ev.str2_len));
     }
-    if !(kind::CACHE_INSERT..=kind::RPC_DONE).contains(&ev.kind) {
+    if !(kind::CACHE_INSERT..=kind::LAST).contains(&ev.kind) {
         return Err(DecodeError::Kind(ev.kind));
     }
     Ok(ev)
@@ -140,6 +147,15 @@ pub fn decode_event(ev: &Event) -> Result<Decoded, DecodeError> {
             ktime_ns: t,
         },
         kind::RPC_FETCH..=kind::RPC_DONE => Decoded::PerRequest,
+        kind::SERVER_CALL => Decoded::ServerCall {
+            tgid: u32::try_from(ev.ptr_a).map_err(|_| DecodeError::Kind(ev.kind))?,
+            method: u32::try_from(ev.word_a)
+                .ok()
+                .filter(|m| *m < method::COUNT)
+                .unwrap_or(method::UNKNOWN),
+            duration_ns: ev.word_b,
+            polls: ev.word_c,
+        },
         k => return Err(DecodeError::Kind(k)),
     })
 }
@@ -285,6 +301,24 @@ mod tests {
                     client: 0x40,
                     handle: Bytes::new("h1"),
                     ktime_ns: 42,
+                },
+            ),
+            (
+                record2(kind::SERVER_CALL, b"", 0, [1234, 0, 4, 3_000_000], 2, b""),
+                Decoded::ServerCall {
+                    tgid: 1234,
+                    method: method::FETCH,
+                    duration_ns: 3_000_000,
+                    polls: 2,
+                },
+            ),
+            (
+                record(kind::SERVER_CALL, b"", 0, [1234, 0, 77, 1]),
+                Decoded::ServerCall {
+                    tgid: 1234,
+                    method: method::UNKNOWN,
+                    duration_ns: 1,
+                    polls: 0,
                 },
             ),
         ];

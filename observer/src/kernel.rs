@@ -3,10 +3,13 @@
 use crate::resolve::Resolution;
 use anyhow::{anyhow, Context as _};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::uprobe::{UProbeAttachLocation, UProbeLink, UProbeLinkId, UProbeScope};
+use aya::programs::uprobe::{
+    UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope,
+};
 use aya::programs::{TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use observer_common::{method, netstat, stat, ConnKey, HandleKey, Layout, Watched};
+use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -83,17 +86,24 @@ pub struct Maps {
 /// through the perf `uprobe` PMU live only as long as their file descriptors.
 pub struct Kernel {
     ebpf: Ebpf,
-    /// The tracepoints' status, then the uprobes' (for the proxy attached now, if any).
-    pub probes: Vec<ProbeStatus>,
-    /// How many of `probes` are tracepoints (they stay through the proxy's restarts).
-    tracepoints: usize,
-    /// Every uprobe link, to detach when the proxy goes.
-    links: Vec<(String, UProbeLinkId)>,
+    /// The tracepoints' status (attached once, for the observer's life).
+    tracepoints: Vec<ProbeStatus>,
+    /// The uprobes of each watched process, by PID.
+    processes: BTreeMap<u32, Attached>,
+    /// The proxy's probes, shown as `target_down` while no proxy runs.
+    proxy_down: Vec<ProbeStatus>,
     /// Per-request events on (request metrics).
     detail: bool,
     /// Attach empty programs instead (the bench's floor).
     floor: bool,
     _stats: Option<OwnedFd>,
+}
+
+/// The uprobes attached in one process.
+struct Attached {
+    proxy: bool,
+    probes: Vec<ProbeStatus>,
+    links: Vec<(String, UProbeLinkId)>,
 }
 
 /// Program run counts and run time, when the kernel keeps them (BPF_ENABLE_STATS).
@@ -118,9 +128,9 @@ impl Kernel {
             .context("loading the eBPF object into the kernel")?;
         Ok(Kernel {
             ebpf,
-            probes: Vec::new(),
-            tracepoints: 0,
-            links: Vec::new(),
+            tracepoints: Vec::new(),
+            processes: BTreeMap::new(),
+            proxy_down: Vec::new(),
             detail,
             floor,
             _stats: stats,
@@ -165,19 +175,33 @@ impl Kernel {
                     status.detail = format!("tracepoint sock:{event}: {e}");
                 }
             }
-            self.probes.push(status);
+            self.tracepoints.push(status);
         }
-        self.tracepoints = self.probes.len();
         Ok(())
     }
 
-    /// Takes every uprobe link out (the proxy exited or is being replaced); the tracepoints
-    /// stay. Dropping the links detaches them: the kernel waits for an RCU grace period per
-    /// uprobe (kernel/events/uprobes.c), about 0.1 s each here, so the caller may drop them
-    /// on another thread.
-    pub fn detach_uprobes(&mut self) -> Vec<UProbeLink> {
+    /// Takes the uprobe links of process `pid` out (it exited or is being replaced). Dropping
+    /// them detaches them: the kernel waits for an RCU grace period per uprobe
+    /// (kernel/events/uprobes.c), about 0.1 s each here, so the caller may drop them on
+    /// another thread.
+    pub fn detach(&mut self, pid: u32) -> Vec<UProbeLink> {
+        let Some(a) = self.processes.remove(&pid) else {
+            return Vec::new();
+        };
+        if a.proxy {
+            self.proxy_down = a
+                .probes
+                .iter()
+                .map(|p| ProbeStatus {
+                    attached: 0,
+                    reason: "target_down",
+                    detail: String::new(),
+                    ..p.clone()
+                })
+                .collect();
+        }
         let mut out = Vec::new();
-        for (name, link) in self.links.drain(..) {
+        for (name, link) in a.links {
             let prog: Option<&mut UProbe> =
                 self.ebpf.program_mut(&name).and_then(|p| p.try_into().ok());
             match prog.map(|p| p.take_link(link)) {
@@ -186,29 +210,67 @@ impl Kernel {
                 None => log::warn!("detaching a uprobe of {name}: no such program"),
             }
         }
-        for p in &mut self.probes[self.tracepoints..] {
-            p.attached = 0;
-            p.reason = "target_down";
-            p.detail.clear();
-        }
         out
     }
 
-    /// Uprobe sites attached now.
-    pub fn uprobes_attached(&self) -> usize {
-        self.links.len()
+    /// Uprobe sites attached now in process `pid`.
+    pub fn uprobes_attached(&self, pid: u32) -> usize {
+        self.processes.get(&pid).map_or(0, |a| a.links.len())
+    }
+
+    /// Uprobe sites attached now, in every process.
+    pub fn uprobes_attached_total(&self) -> usize {
+        self.processes.values().map(|a| a.links.len()).sum()
+    }
+
+    /// Every probe's status: the tracepoints, the proxy's probes, and the runtimes' (summed
+    /// over the runtimes: sites and attached sites add up, the first failure names the reason).
+    pub fn probe_statuses(&self) -> Vec<ProbeStatus> {
+        let mut out = self.tracepoints.clone();
+        match self.processes.values().find(|a| a.proxy) {
+            Some(a) => out.extend(a.probes.iter().cloned()),
+            None => out.extend(self.proxy_down.iter().cloned()),
+        }
+        let mut runtime: BTreeMap<String, ProbeStatus> = BTreeMap::new();
+        for a in self.processes.values().filter(|a| !a.proxy) {
+            for p in &a.probes {
+                let e = runtime
+                    .entry(p.name.clone())
+                    .or_insert_with(|| ProbeStatus {
+                        sites: 0,
+                        attached: 0,
+                        ..p.clone()
+                    });
+                e.sites += p.sites;
+                e.attached += p.attached;
+                if e.reason.is_empty() {
+                    e.reason = p.reason;
+                    e.detail = p.detail.clone();
+                }
+            }
+        }
+        out.extend(runtime.into_values());
+        out
     }
 
     /// Attaches every resolved site of every probe to `target` (a path the kernel resolves;
     /// `/proc/<pid>/exe` reaches the executable inside containers), in process `pid` only.
+    /// `proxy`: these are the proxy's probes (else a runtime's). A function two probes share
+    /// (folded by the linker) is attached once.
     pub fn attach(
         &mut self,
         resolutions: &[Resolution],
         target: &Path,
         pid: u32,
+        proxy: bool,
     ) -> anyhow::Result<()> {
-        let pid = NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 is not a process"))?;
-        self.probes.truncate(self.tracepoints);
+        let nz = NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 is not a process"))?;
+        let mut a = Attached {
+            proxy,
+            probes: Vec::new(),
+            links: Vec::new(),
+        };
+        let mut done: BTreeMap<(String, u64), ()> = BTreeMap::new();
         for r in resolutions {
             if r.probe.request_metrics && !self.detail {
                 continue;
@@ -223,7 +285,7 @@ impl Kernel {
             if let crate::resolve::Outcome::Unresolved(why) = &r.outcome {
                 status.reason = "unresolved";
                 status.detail = why.clone();
-                self.probes.push(status);
+                a.probes.push(status);
                 continue;
             }
             let name = if self.floor {
@@ -239,18 +301,25 @@ impl Kernel {
             if let Err(e) = ensure_loaded(prog) {
                 status.reason = "load_failed";
                 status.detail = format!("{e:#}");
-                self.probes.push(status);
+                a.probes.push(status);
                 continue;
             }
             for site in r.sites() {
-                match prog.attach(
-                    UProbeAttachLocation::AbsoluteOffset(site.file_offset),
-                    target,
-                    UProbeScope::OneProcess(pid),
-                ) {
+                if done
+                    .insert((name.to_string(), site.file_offset), ())
+                    .is_some()
+                {
+                    status.attached += 1;
+                    continue;
+                }
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(site.file_offset),
+                    cookie: Some(r.probe.cookie()),
+                };
+                match prog.attach(point, target, UProbeScope::OneProcess(nz)) {
                     Ok(link) => {
                         status.attached += 1;
-                        self.links.push((name.to_string(), link));
+                        a.links.push((name.to_string(), link));
                     }
                     Err(e) => {
                         status.reason = "attach_failed";
@@ -258,8 +327,9 @@ impl Kernel {
                     }
                 }
             }
-            self.probes.push(status);
+            a.probes.push(status);
         }
+        self.processes.insert(pid, a);
         Ok(())
     }
 

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod procs;
 pub mod requests;
 pub mod resolve;
+pub mod server;
 pub mod symbols;
 pub mod target;
 pub mod tracker;

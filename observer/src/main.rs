@@ -67,6 +67,12 @@ struct RunArgs {
     /// Also watch this process as a runtime (repeatable).
     #[arg(long, value_name = "PID")]
     runtime_pid: Vec<u32>,
+    /// Runtime probe catalog (TOML); default: the built-in rusty-workers runtime catalog.
+    #[arg(long, value_name = "FILE")]
+    runtime_catalog: Option<PathBuf>,
+    /// No uprobes in the runtimes (their procfs and socket figures stay).
+    #[arg(long)]
+    no_runtime_probes: bool,
     /// Do not watch, as runtimes, the local processes the proxy holds TCP connections to
     /// (say, when a database runs on the same host).
     #[arg(long)]
@@ -181,6 +187,7 @@ struct Shared {
     net_base: HashMap<u32, [u64; netstat::COUNT as usize]>,
     /// Time of one watcher tick (the procfs collector).
     procs_seconds: f64,
+    server: observer::server::ServerMetrics,
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -221,6 +228,12 @@ fn check_proxy(pid: u32, catalog: &Catalog) -> anyhow::Result<()> {
 /// Everything the lifecycle touches when processes come and go.
 struct Lifecycle {
     catalog: Catalog,
+    /// None with `--no-runtime-probes`.
+    runtime_catalog: Option<Catalog>,
+    /// Runtime probe resolutions by executable (device, inode): runtimes share one binary.
+    runtime_symbols: HashMap<(u64, u64), Arc<Vec<resolve::Resolution>>>,
+    /// Runtime probe failures are logged once, not per runtime.
+    runtime_failures_logged: bool,
     kernel: Arc<Mutex<Option<kernel::Kernel>>>,
     watched: aya::maps::HashMap<aya::maps::MapData, u32, observer_common::Watched>,
     counters: Arc<kernel::Counters>,
@@ -274,8 +287,9 @@ impl Lifecycle {
                     role.as_str(),
                     if again { "is back" } else { "found" }
                 );
-                if role == procs::Role::Proxy {
-                    self.attach_proxy(pid, again, shared);
+                match role {
+                    procs::Role::Proxy => self.attach_proxy(pid, again, shared),
+                    procs::Role::Runtime => self.attach_runtime(pid, &instance),
                 }
             }
             procs::Change::Ended {
@@ -294,17 +308,17 @@ impl Lifecycle {
                         procs::Ended::Replaced => "was replaced by a new executable",
                     }
                 );
+                let links = self
+                    .kernel
+                    .lock()
+                    .unwrap()
+                    .as_mut()
+                    .map(|k| k.detach(pid))
+                    .unwrap_or_default();
                 if role == procs::Role::Proxy {
-                    let links = self
-                        .kernel
-                        .lock()
-                        .unwrap()
-                        .as_mut()
-                        .map(|k| k.detach_uprobes())
-                        .unwrap_or_default();
                     shared.lock().unwrap().mem = None;
-                    self.drop_links(links);
                 }
+                self.drop_links(links);
             }
         }
     }
@@ -319,10 +333,60 @@ impl Lifecycle {
             let n = links.len();
             drop(links);
             log::info!(
-                "[{:.3}s] {n} uprobe sites of the old proxy detached",
+                "[{:.3}s] {n} uprobe sites of an ended process detached",
                 started.elapsed().as_secs_f64()
             );
         });
+    }
+
+    /// The runtime probes, in a runtime process (its symbols resolved once per executable).
+    fn attach_runtime(&mut self, pid: u32, instance: &str) {
+        let Some(catalog) = &self.runtime_catalog else {
+            return;
+        };
+        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+        let id = {
+            use std::os::unix::fs::MetadataExt as _;
+            match std::fs::metadata(&exe) {
+                Ok(m) => (m.dev(), m.ino()),
+                Err(e) => {
+                    log::warn!("runtime {instance} (PID {pid}): {e}; its probes are not attached");
+                    return;
+                }
+            }
+        };
+        let resolutions = match self.runtime_symbols.get(&id) {
+            Some(r) => r.clone(),
+            None => match SymbolTable::from_elf_file(&exe) {
+                Ok(table) => {
+                    let r = Arc::new(resolve::resolve(catalog, &table));
+                    self.runtime_symbols.insert(id, r.clone());
+                    r
+                }
+                Err(e) => {
+                    log::warn!("runtime {instance} (PID {pid}): {e:#}; its probes are not attached (procfs and socket figures still are)");
+                    return;
+                }
+            },
+        };
+        let mut k = self.kernel.lock().unwrap();
+        let Some(k) = k.as_mut() else { return };
+        if let Err(e) = k.attach(&resolutions, &exe, pid, false) {
+            log::warn!("attaching to runtime {instance} (PID {pid}): {e:#}");
+        }
+        if !self.runtime_failures_logged {
+            for p in k.probe_statuses() {
+                if p.attached == 0 && !p.reason.is_empty() && p.name.starts_with("server_") {
+                    log::warn!("probe {} not attached ({}): {}", p.name, p.reason, p.detail);
+                    self.runtime_failures_logged = true;
+                }
+            }
+        }
+        log::info!(
+            "[{:.3}s] runtime {instance} (PID {pid}): {} uprobe sites attached",
+            self.since_start(),
+            k.uprobes_attached(pid)
+        );
     }
 
     fn attach_proxy(&mut self, pid: u32, again: bool, shared: &Mutex<Shared>) {
@@ -342,16 +406,16 @@ impl Lifecycle {
         let (attached, old) = {
             let mut k = self.kernel.lock().unwrap();
             let Some(k) = k.as_mut() else { return };
-            let old = k.detach_uprobes();
-            if let Err(e) = k.attach(&resolutions, &target.exe_link, pid) {
+            let old = k.detach(pid);
+            if let Err(e) = k.attach(&resolutions, &target.exe_link, pid, true) {
                 log::error!("attaching to proxy PID {pid}: {e:#}");
             }
-            for p in &k.probes {
-                if p.attached == 0 && !p.reason.is_empty() {
+            for p in k.probe_statuses() {
+                if p.attached == 0 && !p.reason.is_empty() && p.reason != "unresolved" {
                     log::warn!("probe {} not attached ({}): {}", p.name, p.reason, p.detail);
                 }
             }
-            (k.uprobes_attached(), old)
+            (k.uprobes_attached(pid), old)
         };
         self.drop_links(old);
         let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
@@ -379,6 +443,18 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         bail!("missing --pid <PID> of the rusty-workers proxy, or --exe NAME to find it by its executable's name (or use `observer probes`); see --help");
     }
     let catalog = load_catalog(a.catalog.as_deref())?;
+    let runtime_catalog = if a.no_runtime_probes {
+        None
+    } else {
+        Some(match &a.runtime_catalog {
+            None => Catalog::builtin_runtime(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading runtime catalog {}", p.display()))?;
+                Catalog::parse(&text, &p.display().to_string())?
+            }
+        })
+    };
     if let Some(pid) = a.pid {
         check_proxy(pid, &catalog)?;
     }
@@ -418,9 +494,13 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         mem: None,
         net_base: HashMap::new(),
         procs_seconds: 0.0,
+        server: observer::server::ServerMetrics::new(),
     }));
     let mut life = Lifecycle {
         catalog,
+        runtime_catalog,
+        runtime_symbols: HashMap::new(),
+        runtime_failures_logged: false,
         kernel: kernel.clone(),
         watched,
         counters: counters.clone(),
@@ -429,7 +509,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     life.tick(&shared);
     if let Some(pid) = a.pid {
         let k = kernel.lock().unwrap();
-        if k.as_ref().is_some_and(|k| k.uprobes_attached() == 0) {
+        if k.as_ref().is_some_and(|k| k.uprobes_attached(pid) == 0) {
             bail!("no probe could be attached to PID {pid}");
         }
     } else if shared.lock().unwrap().watcher.proxy().is_none() {
@@ -497,7 +577,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                         .lock()
                         .unwrap()
                         .as_ref()
-                        .map(|k| (k.program_stats(), k.probes.clone()))
+                        .map(|k| (k.program_stats(), k.probe_statuses()))
                         .unwrap_or_default();
                     let s = shared.lock().unwrap();
                     let body = metrics::render(&metrics::Inputs {
@@ -511,6 +591,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                         watcher: &s.watcher,
                         net_base: &s.net_base,
                         procs_seconds: s.procs_seconds,
+                        server: &s.server,
                         now_ns: monotonic_ns(),
                     });
                     (
@@ -534,7 +615,11 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         .context("serving /metrics")?;
     event_loop.abort();
     // Dropping the object closes the links: the kernel removes every uprobe.
-    let detached = kernel.lock().unwrap().take().map(|k| k.uprobes_attached());
+    let detached = kernel
+        .lock()
+        .unwrap()
+        .take()
+        .map(|k| k.uprobes_attached_total());
     log::info!("detached {} uprobe sites; bye", detached.unwrap_or(0));
     Ok(())
 }
@@ -561,6 +646,16 @@ fn drain(
                 }
             };
             match decode::decode_event(&ev) {
+                Ok(decode::Decoded::ServerCall {
+                    tgid,
+                    method,
+                    duration_ns,
+                    polls,
+                }) => {
+                    let runtime = s.watcher.instance_of(tgid).map(|i| i.name.as_str());
+                    s.server.observe(runtime, method, duration_ns, polls);
+                    continue;
+                }
                 Ok(d) => s.tracker.apply(d),
                 Err(e) => {
                     s.decode_errors += 1;

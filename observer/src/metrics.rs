@@ -6,6 +6,7 @@
 use crate::kernel::{Counters, ProbeStatus, ProgramStats};
 use crate::procs::{Role, Watcher};
 use crate::requests::Requests;
+use crate::server::ServerMetrics;
 use crate::tracker::Tracker;
 use observer_common::{method, netstat};
 use prometheus::{
@@ -33,6 +34,8 @@ pub struct Inputs<'a> {
     pub net_base: &'a HashMap<u32, [u64; netstat::COUNT as usize]>,
     /// Time the last look at the processes (procfs) took.
     pub procs_seconds: f64,
+    /// The runtimes' served calls.
+    pub server: &'a ServerMetrics,
     pub now_ns: u64,
 }
 
@@ -356,9 +359,23 @@ const COLLECTORS: &[(&str, Collector)] = &[
     ("rpcs", rpcs),
     ("requests", requests),
     ("processes", processes),
+    ("server", server),
     ("netns", netns),
     ("observer", observer),
 ];
+
+/// The runtimes' served calls (runtime probes).
+fn server(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
+    for c in i.server.collectors() {
+        r.0.register(c)?;
+    }
+    r.total(
+        "observer_unattributed_server_calls_total",
+        "Calls served by a process that is no longer a watched runtime when its event arrived.",
+        i.server.unattributed,
+    );
+    Ok(())
+}
 
 /// procfs readings and kernel socket counters of the proxy and the runtimes.
 fn processes(r: &Reg, i: &Inputs) -> anyhow::Result<()> {

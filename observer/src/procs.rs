@@ -290,6 +290,11 @@ impl Watcher {
             .and_then(|i| i.pid())
     }
 
+    /// The instance a running watched process holds.
+    pub fn instance_of(&self, pid: u32) -> Option<&Instance> {
+        self.instances.iter().find(|i| i.pid() == Some(pid))
+    }
+
     fn watching(&self, pid: u32) -> bool {
         self.instances.iter().any(|i| i.pid() == Some(pid))
     }

@@ -222,6 +222,7 @@ mod tests {
                 per_request: false,
                 optional: false,
                 request_metrics: false,
+                method: None,
                 why: String::new(),
             };
             assert_eq!(resolve_probe(&probe, &table).clone(), {

@@ -372,7 +372,7 @@ impl Tracker {
                 Some(a) => a.terminations += 1,
                 None => self.counters.unattributed_terminations += 1,
             },
-            Decoded::PerRequest => {}
+            Decoded::PerRequest | Decoded::ServerCall { .. } => {}
         }
     }
 

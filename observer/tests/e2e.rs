@@ -334,13 +334,13 @@ fn assert_metrics_equal_truth(
 
 /// The request-path budget: BPF program runs per proxied request, counted by the kernel's own
 /// BPF stats over everything the scenario did.
-/// Uprobe program runs per request (the socket tracepoints, which run on every socket read
-/// and write of the host, are left out).
+/// Uprobe program runs in the proxy per request (the socket tracepoints, which run on every
+/// socket read and write of the host, and the runtime probes are left out).
 fn bpf_runs_per_request(m: &BTreeMap<String, f64>, truth: &Value) -> f64 {
     let runs: f64 = m
         .iter()
         .filter(|(k, _)| k.starts_with("rusty_workers_observer_bpf_program_runs_total"))
-        .filter(|(k, _)| !k.contains("program=\"sock_"))
+        .filter(|(k, _)| !k.contains("program=\"sock_") && !k.contains("program=\"server_"))
         .map(|(_, v)| v)
         .sum();
     let requests = truth_u64(truth, &["rpc_calls", "fetch"]) as f64;
@@ -1038,6 +1038,7 @@ fn processes_network_and_restarts() {
 
     // Phase 1: load; CPU follows each runtime's fetches, bytes equal its own counts.
     quiesce(&tb, 2);
+    let truth0 = tb.truth();
     let m0 = obs.scrape();
     let own0: Vec<_> = (0..2)
         .map(|i| (tb.runtime_stats(i), runtime_bytes(&tb, i)))
@@ -1045,6 +1046,21 @@ fn processes_network_and_restarts() {
     all_ok(&load(tb.http, &paths("a", 600), 4), 600);
     quiesce(&tb, 2);
     let m1 = obs.scrape();
+    // terminate_worker returns a byte (its future is the first argument of its poll function,
+    // unlike the others'): the runtimes together served what the proxy sent.
+    let terminations = |m: &BTreeMap<String, f64>| -> f64 {
+        rts.iter()
+            .map(|rt| get(m, &format!("rusty_workers_runtime_server_call_duration_seconds_count{{method=\"terminate_worker\",runtime=\"{rt}\"}}")))
+            .sum()
+    };
+    let sent = truth_u64(&tb.truth(), &["rpc_calls", "terminate_worker"])
+        - truth_u64(&truth0, &["rpc_calls", "terminate_worker"]);
+    assert_eq!(
+        terminations(&m1) - terminations(&m0),
+        sent as f64,
+        "terminate_worker calls the runtimes served"
+    );
+    assert!(sent > 0);
     for (i, rt) in rts.iter().enumerate() {
         let fetches = tb.runtime_stats(i)["fetches"].as_f64().unwrap()
             - own0[i].0["fetches"].as_f64().unwrap();
@@ -1072,6 +1088,20 @@ fn processes_network_and_restarts() {
             minus(runtime_bytes(&tb, i), own0[i].1),
             minus(observed_bytes(&m1, rt), observed_bytes(&m0, rt)),
         );
+        // The runtime probes: one call per fetch served, however often it was polled.
+        let served = |m: &BTreeMap<String, f64>, what: &str| {
+            get(
+                m,
+                &format!("rusty_workers_runtime_server_call_duration_seconds_{what}{{method=\"fetch\",runtime=\"{rt}\"}}"),
+            )
+        };
+        let calls = served(&m1, "count") - served(&m0, "count");
+        let secs = served(&m1, "sum") - served(&m0, "sum");
+        eprintln!(
+            "e2e: runtime {rt}: {calls} fetch calls seen in the runtime, {secs:.2} s in them"
+        );
+        assert_eq!(calls, fetches, "fetch calls the runtime probes saw in {rt}");
+        assert!(secs >= spun, "{secs} s in {fetches} fetches of 3 ms CPU");
         for g in [
             "resident_memory_bytes",
             "threads",

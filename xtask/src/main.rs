@@ -223,6 +223,7 @@ fn demo(seconds: u64, listen: &str) -> anyhow::Result<()> {
             && (l.starts_with("rusty_workers_app")
                 || l.starts_with("rusty_workers_runtime")
                 || l.starts_with("rusty_workers_process")
+                || l.contains("probe_attached")
                 || l.starts_with("rusty_workers_netns")
                 || l.starts_with("rusty_workers_observer_reattaches")
                 || l.starts_with("rusty_workers_observer_unmatched")
