@@ -555,8 +555,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                     let now = monotonic_ns();
                     let mut s = loop_shared.lock().unwrap();
                     s.tracker.housekeeping(now);
+                    let s = &mut *s;
                     if let Some(q) = s.requests.as_mut() {
                         q.housekeeping(now);
+                        q.prune_placed(&s.tracker, now);
                     }
                 }
             }
@@ -678,7 +680,11 @@ fn drain(
         (s.tracker.take_map_ops(), key)
     };
     if let Some(k) = key {
-        log::info!("learnt where hyper's connection keeps the request: {k:?}");
+        if k.mode == observer_common::conn_key::UNKNOWN {
+            log::info!("the kernel no longer keys response heads (learning where hyper keeps the request again)");
+        } else {
+            log::info!("learnt where hyper's connection keeps the request: {k:?}");
+        }
         if let Err(e) = conn_key.set(0, k, 0) {
             log::warn!("setting the connection key in the kernel: {e}");
         }

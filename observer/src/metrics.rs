@@ -312,6 +312,14 @@ fn requests(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
     for (rt, id) in &q.runtime_ids {
         info.with_label_values(&[rt.as_str(), id.as_str()]).set(1);
     }
+    let inst = r.int_gauge(
+        "runtime_instances",
+        "Instances the proxy holds on each runtime: spawned there since the attach, not terminated, discarded or dropped.",
+        &["runtime"],
+    );
+    for (rt, n) in q.instances_by_runtime(i.tracker) {
+        inst.with_label_values(&[&rt]).set(n as i64);
+    }
     let c = &q.counters;
     r.total(
         "observer_unmatched_rpc_calls_total",

@@ -54,6 +54,8 @@ const MIN_VOTES: u32 = 8;
 const MAX_CALL_DISTANCE: u64 = 64 * 1024;
 /// Bytes searched on each side of a connection for the request key.
 const CONN_WINDOW: u64 = 4096;
+/// Response heads per check of a learnt connection offset.
+const CONN_CHECK: u32 = 64;
 
 /// How `tarpc::Response<RuntimeServiceResponse>` reads in memory beyond what the kernel needs
 /// (`Layout`): where the request id is, the tags of the other answers, the `Ok` of a
@@ -202,6 +204,8 @@ pub struct Learner {
     votes: HashMap<i64, u32>,
     samples: u32,
     known: Option<i64>,
+    /// Distances learnt once and then seen to fail: never learnt again.
+    rejected: std::collections::HashSet<i64>,
 }
 
 impl Learner {
@@ -211,13 +215,18 @@ impl Learner {
 
     /// One sample's candidates (duplicates count once). Once `MIN_VOTES` samples are in, the
     /// distance found in nearly all of them (7 in 8: a request whose start was missed offers
-    /// none of the right ones) is learnt; if several are, the nearest, since neighbouring
-    /// allocations of one size repeat the true distance shifted by that size.
+    /// none of the right ones) is learnt; if several are, the one found most often, then the
+    /// nearest, since neighbouring allocations of one size repeat the true distance shifted
+    /// by that size.
     pub fn vote(&mut self, candidates: &[i64]) -> Option<i64> {
         if self.known.is_some() || candidates.is_empty() {
             return self.known;
         }
-        let mut seen: Vec<i64> = candidates.to_vec();
+        let mut seen: Vec<i64> = candidates
+            .iter()
+            .copied()
+            .filter(|d| !self.rejected.contains(d))
+            .collect();
         seen.sort_unstable();
         seen.dedup();
         self.samples += 1;
@@ -230,8 +239,8 @@ impl Learner {
                 .votes
                 .iter()
                 .filter(|(_, n)| **n >= need)
-                .map(|(d, _)| *d)
-                .min_by_key(|d| (d.unsigned_abs(), *d));
+                .min_by_key(|(d, n)| (std::cmp::Reverse(**n), d.unsigned_abs(), **d))
+                .map(|(d, _)| *d);
             if self.known.is_some() || self.samples >= 8 * MIN_VOTES {
                 // Learnt, or nothing consistent in a long run (the layout changed under us,
                 // or the start of many requests was missed): start over.
@@ -240,6 +249,17 @@ impl Learner {
             }
         }
         self.known
+    }
+}
+
+impl Learner {
+    /// The learnt distance turned out wrong: forget it for good and learn again.
+    pub fn reject(&mut self) {
+        if let Some(d) = self.known.take() {
+            self.rejected.insert(d);
+        }
+        self.votes.clear();
+        self.samples = 0;
     }
 }
 
@@ -398,6 +418,10 @@ pub struct Requests {
     spawn_distance: Learner,
     conn_offset: Learner,
     conn_mode: u64,
+    /// Response heads keyed through the learnt connection offset since the last check: how
+    /// many found their request, how many did not (a wrong offset is given up).
+    conn_hits: u32,
+    conn_misses: u32,
     conn_key_update: Option<ConnKey>,
     /// Calls ended lately, oldest first: a call's end can be seen twice (`rpc_done`).
     ended: std::collections::VecDeque<(u64, u64, u64)>,
@@ -408,6 +432,8 @@ pub struct Requests {
     runtimes: HashMap<u64, String>,
     /// Runtime name -> its RuntimeId, from `id` answers.
     pub runtime_ids: BTreeMap<String, String>,
+    /// Worker handle -> the runtime that spawned it and when (from `spawn_worker` answers).
+    placed: HashMap<Bytes, (String, u64)>,
     pub counters: JoinCounters,
     pub metrics: Metrics,
 }
@@ -437,12 +463,15 @@ impl Requests {
             spawn_distance: Learner::default(),
             conn_offset: Learner::default(),
             conn_mode: conn_key::UNKNOWN,
+            conn_hits: 0,
+            conn_misses: 0,
             conn_key_update: None,
             ended: Default::default(),
             ended_set: Default::default(),
             discarded: Vec::new(),
             runtimes: HashMap::new(),
             runtime_ids: BTreeMap::new(),
+            placed: HashMap::new(),
             counters: JoinCounters::default(),
             metrics: Metrics::new(),
         }
@@ -659,6 +688,14 @@ impl Requests {
                             .observe(secs);
                     }
                 }
+                if call.method == method::SPAWN_WORKER
+                    && a.answer.result == AnswerResult::Ok
+                    && !a.string.data.is_empty()
+                    && self.placed.len() < MAX_PENDING
+                {
+                    self.placed
+                        .insert(a.string.clone(), (rt.clone(), a.ktime_ns));
+                }
                 if call.method == method::ID && a.answer.result == AnswerResult::Ok {
                     // A RuntimeId becomes a label value: validated as app ids are.
                     if let Ok(id) = crate::decode::app_label(&a.string) {
@@ -726,7 +763,7 @@ impl Requests {
                 return lone;
             }
         }
-        let d = self.conn_offset.known()?;
+        let d = self.conn_offset.known()? & !1;
         let at = conn.wrapping_add(d as u64);
         match self.conn_mode {
             conn_key::ADDRESS => Some(at),
@@ -775,15 +812,46 @@ impl Requests {
             };
             self.conn_mode = mode;
             self.conn_offset = Learner {
-                known: Some(offset),
+                known: Some(d),
+                rejected: std::mem::take(&mut self.conn_offset.rejected),
                 ..Learner::default()
             };
+            self.conn_hits = 0;
+            self.conn_misses = 0;
             self.conn_key_update = Some(ConnKey { mode, offset });
         }
         match keys.as_slice() {
             [k] => Some(*k),
             _ => None,
         }
+    }
+
+    /// A learnt offset that keys many response heads to no open request is wrong (a word that
+    /// held the key only by coincidence while it was learnt): it is given up, learnt again,
+    /// and never taken again.
+    fn check_conn_offset(&mut self, hit: bool) {
+        if hit {
+            self.conn_hits += 1;
+        } else {
+            self.conn_misses += 1;
+        }
+        if self.conn_hits + self.conn_misses < CONN_CHECK {
+            return;
+        }
+        if self.conn_misses * 4 > CONN_CHECK {
+            log::warn!(
+                "the learnt connection offset keyed {} of {CONN_CHECK} response heads to no request: learning it again",
+                self.conn_misses
+            );
+            self.conn_offset.reject();
+            self.conn_mode = conn_key::UNKNOWN;
+            self.conn_key_update = Some(ConnKey {
+                mode: conn_key::UNKNOWN,
+                offset: 0,
+            });
+        }
+        self.conn_hits = 0;
+        self.conn_misses = 0;
     }
 
     fn response(&mut self, ev: &Event, mem: &dyn Memory) {
@@ -794,10 +862,14 @@ impl Requests {
             .remove(&ev.tid)
             .filter(|(_, t)| *t <= ev.ktime_ns && ev.ktime_ns - t < SCHED_ERROR_WINDOW_NS)
             .map(|(e, _)| e);
-        let Some(req) = self
+        let learnt = self.conn_mode != conn_key::UNKNOWN;
+        let found = self
             .key_of(ev.ptr_a, ev.ptr_b, mem)
-            .and_then(|k| self.open.remove(&k))
-        else {
+            .and_then(|k| self.open.remove(&k));
+        if learnt {
+            self.check_conn_offset(found.is_some());
+        }
+        let Some(req) = found else {
             self.counters.unmatched_responses += 1;
             return;
         };
@@ -826,6 +898,26 @@ impl Requests {
         if let (false, Some(start)) = (app.is_empty(), start) {
             self.metrics.starts.with_label_values(&[&app, start]).inc();
         }
+    }
+
+    /// Live instances per runtime: the tracker's live workers, by the runtime that spawned
+    /// them. Workers whose spawn was not seen (before the attach) are not counted.
+    pub fn instances_by_runtime(&self, tracker: &Tracker) -> BTreeMap<String, u64> {
+        let mut out: BTreeMap<String, u64> =
+            self.runtimes.values().map(|r| (r.clone(), 0)).collect();
+        for (h, (rt, _)) in &self.placed {
+            if tracker.is_alive(h) {
+                *out.entry(rt.clone()).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// Forgets where workers that are gone were spawned (the first fetch pairs a worker with
+    /// its app within seconds of its spawn; a minute is ample).
+    pub fn prune_placed(&mut self, tracker: &Tracker, now_ns: u64) {
+        self.placed
+            .retain(|h, (_, t)| tracker.is_alive(h) || now_ns.saturating_sub(*t) < ANSWER_TTL_NS);
     }
 
     /// Gives up on what waited too long for its other half; sooner when too much waits (a
@@ -1058,6 +1150,60 @@ mod tests {
             l.vote(&[536 - 1920, 536, 536 + 1920]);
         }
         assert_eq!(l.known(), Some(536));
+    }
+
+    #[test]
+    fn learner_prefers_the_distance_seen_most_and_never_retakes_a_rejected_one() {
+        let mut l = Learner::default();
+        for i in 0..MIN_VOTES {
+            // 536 in every sample, 120 in 7 of 8.
+            let near = if i == 3 { 8 } else { 120 };
+            l.vote(&[near, 536]);
+        }
+        assert_eq!(l.known(), Some(536));
+        l.reject();
+        for _ in 0..MIN_VOTES {
+            l.vote(&[120, 536]);
+        }
+        assert_eq!(l.known(), Some(120), "536 is not taken again");
+    }
+
+    #[test]
+    fn a_wrong_connection_offset_is_given_up_and_learnt_again() {
+        let tracker = Tracker::new(Default::default());
+        let mut r = Requests::new(Layout::DEFAULT);
+        let mut mem = FakeMem(HashMap::new());
+        let mut learnt = Vec::new();
+        for i in 0..(MIN_VOTES + CONN_CHECK + MIN_VOTES) as u64 {
+            let key = 0x7f00_0000_0000u64 + i * 0x10000;
+            let conn = 0x5555_0000_0000u64 + i * 0x2000;
+            mem.0.insert(conn + 536, key);
+            // While it is learnt, a word nearer the connection holds the key too; later not.
+            if i < MIN_VOTES as u64 {
+                mem.0.insert(conn + 120, key);
+            }
+            let t = i * 1_000_000_000;
+            r.apply(
+                &ev(kind::HTTP_REQUEST, t, |e| e.ptr_a = key),
+                &tracker,
+                &mem,
+            );
+            r.apply(
+                &ev(kind::HTTP_RESPONSE, t + 1_000_000, |e| e.ptr_a = conn),
+                &tracker,
+                &mem,
+            );
+            learnt.extend(r.take_conn_key());
+        }
+        let load = |offset| ConnKey {
+            mode: conn_key::LOAD,
+            offset,
+        };
+        let forget = ConnKey {
+            mode: conn_key::UNKNOWN,
+            offset: 0,
+        };
+        assert_eq!(learnt, vec![load(120), forget, load(536)]);
     }
 
     #[test]

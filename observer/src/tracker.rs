@@ -237,6 +237,13 @@ impl Tracker {
         Some(a)
     }
 
+    /// Whether the worker is one of its app's live instances (paired, not left, not dropped).
+    pub fn is_alive(&self, h: &Bytes) -> bool {
+        self.handles
+            .get(h)
+            .is_some_and(|w| w.dropped_at_ns.is_none())
+    }
+
     /// The app of a worker handle, once paired.
     pub fn app_of_handle(&self, h: &Bytes) -> Option<&str> {
         self.handles.get(h).map(|w| w.app.as_str())

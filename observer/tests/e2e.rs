@@ -757,6 +757,18 @@ fn request_metrics_equal_ground_truth() {
         checked += 2;
     }
     assert!(discarded > 0, "the scenario must discard instances");
+    // The same instances by the runtime that spawned them (every spawn was after the attach).
+    let alive: f64 = apps
+        .iter()
+        .map(|a| truth_u64(&t1, &["apps", &a.id, "instances_alive"]) as f64)
+        .sum();
+    let on_runtimes: f64 = m1
+        .iter()
+        .filter(|(k, _)| k.starts_with("rusty_workers_runtime_instances{"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(on_runtimes, alive, "instances by runtime");
+    assert!(alive > 0.0, "the scenario must leave instances pooled");
     // Every outcome but the catch-all.
     for o in outcomes.iter().filter(|o| **o != "internal_error") {
         assert!(
