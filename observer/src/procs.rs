@@ -966,6 +966,27 @@ mod tests {
     }
 
     #[test]
+    fn the_proxy_by_name_and_runtimes_by_hand() {
+        let host = Fake::default();
+        host.add(100, "/bin/bash", &[]);
+        host.add(300, "/srv/proxy-v2", &[]);
+        host.add(200, "/srv/rt", &["127.0.0.1:7001"]);
+        let mut w = Watcher::new(Config {
+            proxy_exe: Some("proxy".into()),
+            runtime_pids: vec![200],
+            ..Config::default()
+        });
+        let got = started(&w.tick(&host, Instant::now()));
+        assert_eq!(
+            got,
+            vec![
+                (Role::Proxy, "proxy-v2".into(), 300, false),
+                (Role::Runtime, "127.0.0.1:7001".into(), 200, false),
+            ]
+        );
+    }
+
+    #[test]
     fn a_pid_given_by_hand_is_used_once() {
         let host = Fake::default();
         host.add(100, "/bin/rusty-workers-proxy", &[]);

@@ -1273,3 +1273,85 @@ fn processes_network_and_restarts() {
     );
     obs.lint();
 }
+
+#[test]
+fn a_target_in_its_own_mount_and_pid_namespace() {
+    require_root();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let apps: Vec<App> = (1..=3).map(|i| App::new(&format!("ct-{i}"))).collect();
+    let opts = Options {
+        apps: apps.clone(),
+        ready_instance_expiration_ms: 60_000,
+        dropout_rate: 0.0,
+        ..Options::default()
+    };
+    let tb = Testbed::start_contained(&opts);
+    let pid = tb.proxy_pid();
+    // What the host sees of it: a path that is not there, and another PID inside.
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("the proxy's exe link");
+    assert!(
+        !exe.exists(),
+        "{} is visible on the host: not a private mount",
+        exe.display()
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nspid: Vec<&str> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .expect("NSpid")
+        .split_whitespace()
+        .collect();
+    assert_eq!(nspid.len(), 2, "in a PID namespace of its own: {nspid:?}");
+    assert_ne!(nspid[1], pid.to_string());
+    eprintln!(
+        "e2e: contained proxy: host PID {pid}, PID {} inside, executable {} (not on the host)",
+        nspid[1],
+        exe.display()
+    );
+
+    let obs = Observer::start(pid, &tb.dir, false);
+    let rts: Vec<String> = tb.runtime_addrs.iter().map(|a| a.to_string()).collect();
+    time_until(&obs, Instant::now(), 10, "the contained runtimes", |m| {
+        rts.iter()
+            .all(|r| get(m, &proc_series("up", "runtime", r, None)) == 1.0)
+            && m.get("rusty_workers_observer_probe_attached{probe=\"server_fetch\",reason=\"\"}")
+                == Some(&1.0)
+    });
+    quiesce(&tb, 2);
+    let m0 = obs.scrape();
+    let own0: Vec<_> = (0..2).map(|i| runtime_bytes(&tb, i)).collect();
+    let paths: Vec<String> = (0..300)
+        .map(|i| format!("{}/c{i}", apps[i % apps.len()].prefix))
+        .collect();
+    all_ok(&load(tb.http, &paths, 4), 300);
+    quiesce(&tb, 2);
+    let truth = settle(&tb);
+    let m1 = obs.scrape();
+    for a in &apps {
+        let series = format!("rusty_workers_app_requests_total{{app=\"{}\"}}", a.id);
+        assert_eq!(
+            get(&m1, &series),
+            truth_u64(&truth, &["apps", &a.id, "requests"]) as f64,
+            "{series}\n{}",
+            observer_self(&m1)
+        );
+    }
+    let mut fetches = 0.0;
+    for (i, rt) in rts.iter().enumerate() {
+        assert_bytes_agree(
+            &format!("contained {rt}"),
+            minus(runtime_bytes(&tb, i), own0[i]),
+            minus(observed_bytes(&m1, rt), observed_bytes(&m0, rt)),
+        );
+        fetches += get(
+            &m1,
+            &format!("rusty_workers_runtime_server_call_duration_seconds_count{{method=\"fetch\",runtime=\"{rt}\"}}"),
+        );
+    }
+    assert_eq!(
+        fetches,
+        truth_u64(&truth, &["rpc_calls", "fetch"]) as f64,
+        "fetches the contained runtimes served"
+    );
+    obs.lint();
+}

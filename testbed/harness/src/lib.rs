@@ -119,6 +119,106 @@ pub struct Testbed {
     config_file: PathBuf,
     runtimes: Vec<Child>,
     proxy: Child,
+    /// Contained: the proxy's PID on the host (`proxy` is then the namespace's `unshare`).
+    proxy_host_pid: Option<u32>,
+}
+
+/// Files and ports of a test target, before its processes start.
+struct Prepared {
+    dir: PathBuf,
+    apps_file: PathBuf,
+    config_file: PathBuf,
+    runtime_addrs: Vec<SocketAddr>,
+    http: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Prepared {
+    fn new(opts: &Options) -> Prepared {
+        let dir =
+            std::env::temp_dir().join(format!("rw-testbed-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).expect("testbed dir");
+        let apps_file = dir.join("apps.json");
+        write_apps(&apps_file, &opts.apps);
+        let runtime_addrs: Vec<SocketAddr> = (0..opts.runtimes)
+            .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+            .collect();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = json!({
+            "http_listen": http, "admin_listen": admin, "runtimes": runtime_addrs,
+            "apps_file": apps_file, "load_interval_ms": opts.load_interval_ms,
+            "local": {
+                "max_ready_instances_per_app": opts.max_ready_instances_per_app,
+                "ready_instance_expiration_ms": opts.ready_instance_expiration_ms,
+                "request_timeout_ms": 10000,
+                "max_request_body_size_bytes": opts.max_request_body_size_bytes,
+                "dropout_rate": opts.dropout_rate,
+                "route_cache_size": 1000,
+                "app_cache_size": opts.app_cache_size,
+            }
+        });
+        let config_file = dir.join("proxy.json");
+        std::fs::write(&config_file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        Prepared {
+            dir,
+            apps_file,
+            config_file,
+            runtime_addrs,
+            http,
+            admin,
+        }
+    }
+
+    fn into_testbed(
+        self,
+        runtimes: Vec<Child>,
+        proxy: Child,
+        proxy_host_pid: Option<u32>,
+    ) -> Testbed {
+        Testbed {
+            dir: self.dir,
+            http: self.http,
+            admin: self.admin,
+            runtime_addrs: self.runtime_addrs,
+            apps_file: self.apps_file,
+            config_file: self.config_file,
+            runtimes,
+            proxy,
+            proxy_host_pid,
+        }
+    }
+}
+
+/// The host PID of a descendant of `root` whose executable's file name is `name`.
+fn host_pid_named(root: u32, name: &str) -> Option<u32> {
+    let ppid = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let descends = |mut pid: u32| {
+        for _ in 0..8 {
+            match ppid(pid) {
+                Some(p) if p == root => return true,
+                Some(p) if p > 1 => pid = p,
+                _ => return false,
+            }
+        }
+        false
+    };
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|&pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|e| e.file_name().is_some_and(|n| n == name))
+                && descends(pid)
+        })
 }
 
 fn spawn_runtime(dir: &Path, i: usize, addr: SocketAddr) -> Child {
@@ -190,46 +290,78 @@ fn wait_for(addr: SocketAddr, what: &str) {
 
 impl Testbed {
     pub fn start(opts: &Options) -> Testbed {
-        let dir =
-            std::env::temp_dir().join(format!("rw-testbed-{}-{}", std::process::id(), free_port()));
-        std::fs::create_dir_all(&dir).expect("testbed dir");
-        let apps_file = dir.join("apps.json");
-        write_apps(&apps_file, &opts.apps);
-        let mut runtimes = Vec::new();
-        let mut runtime_addrs = Vec::new();
-        for i in 0..opts.runtimes {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            runtimes.push(spawn_runtime(&dir, i, addr));
-            runtime_addrs.push(addr);
+        let p = Prepared::new(opts);
+        let runtimes: Vec<Child> = p
+            .runtime_addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| spawn_runtime(&p.dir, i, *a))
+            .collect();
+        let proxy = spawn_proxy(&p.dir, &p.config_file, p.http, p.admin);
+        p.into_testbed(runtimes, proxy, None)
+    }
+
+    /// The same test target in a container of its own: one new mount and PID namespace
+    /// (`unshare`), its binaries copied into a tmpfs mounted only there, so that the host sees
+    /// neither their path nor their PIDs as the processes do. The host's network namespace is
+    /// kept (the tests reach it on loopback). Dropping the testbed ends the namespace.
+    pub fn start_contained(opts: &Options) -> Testbed {
+        let p = Prepared::new(opts);
+        let bin = p.dir.join("ct-bin");
+        std::fs::create_dir_all(&bin).expect("mount point");
+        let mut script = format!(
+            "set -e\nmount -t tmpfs tmpfs {bin}\ncp {rt} {proxy} {bin}/\n",
+            bin = bin.display(),
+            rt = binary("rusty-workers-runtime").display(),
+            proxy = binary("rusty-workers-proxy").display(),
+        );
+        for (i, a) in p.runtime_addrs.iter().enumerate() {
+            script.push_str(&format!(
+                "{bin}/rusty-workers-runtime --listen {a} --stats {d}/runtime{i}.stats.json 2>>{d}/runtime{i}.log &\n",
+                bin = bin.display(),
+                d = p.dir.display()
+            ));
         }
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let config = json!({
-            "http_listen": http, "admin_listen": admin, "runtimes": runtime_addrs,
-            "apps_file": apps_file, "load_interval_ms": opts.load_interval_ms,
-            "local": {
-                "max_ready_instances_per_app": opts.max_ready_instances_per_app,
-                "ready_instance_expiration_ms": opts.ready_instance_expiration_ms,
-                "request_timeout_ms": 10000,
-                "max_request_body_size_bytes": opts.max_request_body_size_bytes,
-                "dropout_rate": opts.dropout_rate,
-                "route_cache_size": 1000,
-                "app_cache_size": opts.app_cache_size,
-            }
-        });
-        let config_file = dir.join("proxy.json");
-        std::fs::write(&config_file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-        let proxy = spawn_proxy(&dir, &config_file, http, admin);
-        Testbed {
-            dir,
-            http,
-            admin,
-            runtime_addrs,
-            apps_file,
-            config_file,
-            runtimes,
-            proxy,
+        // The runtimes listen before the proxy connects to them.
+        script.push_str("sleep 0.5\n");
+        script.push_str(&format!(
+            "{bin}/rusty-workers-proxy --config {c} 2>>{d}/proxy.log &\nwait\n",
+            bin = bin.display(),
+            c = p.config_file.display(),
+            d = p.dir.display()
+        ));
+        std::fs::write(p.dir.join("start.sh"), script).expect("container script");
+        let ns = Command::new("unshare")
+            .process_group(0)
+            // The shell is the namespace's init: when unshare dies, it is killed, and with it
+            // every process of the namespace.
+            .args([
+                "--mount",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--propagation",
+                "private",
+            ])
+            .arg("--mount-proc")
+            .arg("sh")
+            .arg(p.dir.join("start.sh"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(p.dir.join("container.log")).unwrap())
+            .spawn()
+            .expect("starting unshare (util-linux)");
+        for a in &p.runtime_addrs {
+            wait_for(*a, "contained runtime");
         }
+        wait_for(p.http, "contained proxy");
+        wait_for(p.admin, "contained proxy admin");
+        let proxy_pid =
+            host_pid_named(ns.id(), "rusty-workers-proxy").expect("the contained proxy's host PID");
+        p.into_testbed(Vec::new(), ns, Some(proxy_pid))
+    }
+
+    pub fn proxy_pid(&self) -> u32 {
+        self.proxy_host_pid.unwrap_or_else(|| self.proxy.id())
     }
 
     pub fn runtime_pid(&self, i: usize) -> u32 {
@@ -245,6 +377,10 @@ impl Testbed {
 
     /// Kills the proxy (SIGKILL) and starts a new one with the same configuration.
     pub fn restart_proxy(&mut self) {
+        assert!(
+            self.proxy_host_pid.is_none(),
+            "a contained test target is started once"
+        );
         self.kill_proxy();
         self.proxy = spawn_proxy(&self.dir, &self.config_file, self.http, self.admin);
     }
@@ -263,10 +399,6 @@ impl Testbed {
             Ok(text) => serde_json::from_str(&text).expect("runtime stats are JSON"),
             Err(_) => json!({"fetches": 0, "bytes_read": 0, "bytes_written": 0}),
         }
-    }
-
-    pub fn proxy_pid(&self) -> u32 {
-        self.proxy.id()
     }
 
     /// Kills runtime `i` (SIGKILL): the proxy's connection to it breaks.
