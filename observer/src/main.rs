@@ -403,6 +403,12 @@ impl Lifecycle {
             }
         };
         let resolutions = resolve::resolve(&self.catalog, &table);
+        if resolutions.iter().all(|r| r.sites().is_empty()) {
+            log::error!(
+                "PID {pid} ({}) was taken for the proxy but is not a rusty-workers proxy: none of the catalog's probes resolved (a narrower --exe NAME picks the right process)",
+                target.exe_path.display()
+            );
+        }
         let (attached, old) = {
             let mut k = self.kernel.lock().unwrap();
             let Some(k) = k.as_mut() else { return };

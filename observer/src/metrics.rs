@@ -387,7 +387,7 @@ fn server(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
 
 /// procfs readings and kernel socket counters of the proxy and the runtimes.
 fn processes(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
-    let l = &["role", "instance"];
+    let l = &["role", "process"];
     let up = r.int_gauge("process_up", "1 while a process holds this instance name; 0 after it ended (kept 5 minutes, then retired).", l);
     let starts = r.counter(
         "process_starts_total",
@@ -397,12 +397,12 @@ fn processes(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
     let cpu = r.seconds(
         "process_cpu_seconds_total",
         "CPU time by mode (/proc/<pid>/stat utime, stime), over every process of the instance.",
-        &["role", "instance", "mode"],
+        &["role", "process", "mode"],
     );
     let switches = r.counter(
         "process_context_switches_total",
         "Context switches (/proc/<pid>/status), voluntary (waits) and involuntary (preempted).",
-        &["role", "instance", "kind"],
+        &["role", "process", "kind"],
     );
     let rss = r.gauge("process_resident_memory_bytes", "Resident memory.", l);
     let vm = r.gauge("process_virtual_memory_bytes", "Virtual memory size.", l);
@@ -416,12 +416,12 @@ fn processes(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
     let bytes = r.counter(
         "process_network_bytes_total",
         "TCP and UDP payload bytes the process sent and received on IPv4/IPv6 sockets, counted in the kernel (sock:sock_send_length, sock:sock_recv_length).",
-        &["role", "instance", "direction"],
+        &["role", "process", "direction"],
     );
     let messages = r.counter(
         "process_network_messages_total",
         "Socket sends and receives that moved bytes (one read or write call each).",
-        &["role", "instance", "direction"],
+        &["role", "process", "direction"],
     );
     for inst in i.watcher.instances() {
         let (role, name) = (inst.role.as_str(), inst.name.as_str());

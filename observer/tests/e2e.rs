@@ -906,7 +906,7 @@ fn request_metrics_equal_ground_truth() {
 /// A process series of the observer: `rusty_workers_process_<name>{<labels>,role,instance}`
 /// with the labels in the exposition's (sorted) order.
 fn proc_series(name: &str, role: &str, instance: &str, extra: Option<(&str, &str)>) -> String {
-    let mut labels = vec![("instance", instance), ("role", role)];
+    let mut labels = vec![("process", instance), ("role", role)];
     if let Some(kv) = extra {
         labels.push(kv);
     }
