@@ -183,9 +183,9 @@ fn demo(seconds: u64, listen: &str) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!(
-        "demo: metrics on http://{listen}/metrics; sending load for {seconds} s (Ctrl-C stops)"
-    );
+    eprintln!("demo: metrics on http://{listen}/metrics");
+    let _prometheus = start_prometheus(&tb.dir, listen);
+    eprintln!("demo: sending load for {seconds} s (Ctrl-C stops)");
     // Ctrl-C ends the load; the test target and the observer are then stopped in order.
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = stop.clone();
@@ -238,6 +238,90 @@ fn demo(seconds: u64, listen: &str) -> anyhow::Result<()> {
     unsafe { kill(obs.id() as i32, 2) };
     obs.wait()?;
     Ok(())
+}
+
+/// Processes the demo started beside the test target, stopped when it ends.
+struct Beside(Vec<std::process::Child>);
+
+impl Drop for Beside {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn installed(cmd: &str) -> bool {
+    Command::new(cmd)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// node_exporter and Prometheus with grafana/prometheus.yml (its alert rules included), on
+/// free loopback ports, when Debian's packages are installed (scripts/bootstrap.sh installs
+/// them); prints where they are.
+fn start_prometheus(dir: &Path, observer: &str) -> Beside {
+    let mut beside = Beside(Vec::new());
+    if !installed("prometheus") {
+        eprintln!("demo: Prometheus is not installed (apt-get install prometheus prometheus-node-exporter): metrics only");
+        return beside;
+    }
+    let grafana = Path::new(env!("CARGO_MANIFEST_DIR")).join("../grafana");
+    let mut config = std::fs::read_to_string(grafana.join("prometheus.yml"))
+        .unwrap_or_default()
+        .replace("127.0.0.1:9898", observer);
+    if installed("prometheus-node-exporter") {
+        let node = format!("127.0.0.1:{}", testbed_harness::free_port());
+        match Command::new("prometheus-node-exporter")
+            .process_group(0)
+            .arg(format!("--web.listen-address={node}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(c) => {
+                beside.0.push(c);
+                eprintln!("demo: node_exporter on http://{node}/metrics");
+            }
+            Err(e) => eprintln!("demo: node_exporter did not start: {e}"),
+        }
+        config = config.replace("127.0.0.1:9100", &node);
+    }
+    let _ = std::fs::write(dir.join("prometheus.yml"), config);
+    let _ = std::fs::copy(grafana.join("alerts.yml"), dir.join("alerts.yml"));
+    let prom = format!("127.0.0.1:{}", testbed_harness::free_port());
+    match Command::new("prometheus")
+        .process_group(0)
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={prom}"))
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::create(dir.join("prometheus.log"))
+                .map(Stdio::from)
+                .unwrap_or(Stdio::null()),
+        )
+        .spawn()
+    {
+        Ok(c) => {
+            beside.0.push(c);
+            eprintln!(
+                "demo: Prometheus on http://{prom} (alerts: http://{prom}/alerts); Grafana: add it as a datasource and import grafana/dashboards/*.json (README: Dashboards and alerts)"
+            );
+        }
+        Err(e) => eprintln!("demo: Prometheus did not start: {e}"),
+    }
+    beside
 }
 
 /// One wrk run: requests per second and latency percentiles (ms) as wrk prints them.
