@@ -188,6 +188,9 @@ struct Shared {
     /// Time of one watcher tick (the procfs collector).
     procs_seconds: f64,
     server: observer::server::ServerMetrics,
+    /// How long the last attach to a proxy and to a runtime took (symbols read and resolved,
+    /// uprobes attached).
+    attach_seconds: std::collections::BTreeMap<&'static str, f64>,
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -289,7 +292,7 @@ impl Lifecycle {
                 );
                 match role {
                     procs::Role::Proxy => self.attach_proxy(pid, again, shared),
-                    procs::Role::Runtime => self.attach_runtime(pid, &instance),
+                    procs::Role::Runtime => self.attach_runtime(pid, &instance, shared),
                 }
             }
             procs::Change::Ended {
@@ -340,7 +343,17 @@ impl Lifecycle {
     }
 
     /// The runtime probes, in a runtime process (its symbols resolved once per executable).
-    fn attach_runtime(&mut self, pid: u32, instance: &str) {
+    fn attach_runtime(&mut self, pid: u32, instance: &str, shared: &Mutex<Shared>) {
+        let t0 = std::time::Instant::now();
+        self.attach_runtime_probes(pid, instance);
+        shared
+            .lock()
+            .unwrap()
+            .attach_seconds
+            .insert("runtime", t0.elapsed().as_secs_f64());
+    }
+
+    fn attach_runtime_probes(&mut self, pid: u32, instance: &str) {
         let Some(catalog) = &self.runtime_catalog else {
             return;
         };
@@ -390,6 +403,7 @@ impl Lifecycle {
     }
 
     fn attach_proxy(&mut self, pid: u32, again: bool, shared: &Mutex<Shared>) {
+        let t0 = std::time::Instant::now();
         let found = (|| -> anyhow::Result<_> {
             let target = Target::open(pid)?;
             let table = SymbolTable::from_elf_file(&target.exe_link)?;
@@ -430,6 +444,7 @@ impl Lifecycle {
             .ok();
         let mut s = shared.lock().unwrap();
         s.mem = mem;
+        s.attach_seconds.insert("proxy", t0.elapsed().as_secs_f64());
         if again {
             s.tracker.target_restarted();
             if let Some(q) = s.requests.as_mut() {
@@ -501,6 +516,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         net_base: HashMap::new(),
         procs_seconds: 0.0,
         server: observer::server::ServerMetrics::new(),
+        attach_seconds: Default::default(),
     }));
     let mut life = Lifecycle {
         catalog,
@@ -600,6 +616,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                         net_base: &s.net_base,
                         procs_seconds: s.procs_seconds,
                         server: &s.server,
+                        attach_seconds: &s.attach_seconds,
                         now_ns: monotonic_ns(),
                     });
                     (

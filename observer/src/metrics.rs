@@ -36,6 +36,8 @@ pub struct Inputs<'a> {
     pub procs_seconds: f64,
     /// The runtimes' served calls.
     pub server: &'a ServerMetrics,
+    /// How long the last attach took, by role.
+    pub attach_seconds: &'a BTreeMap<&'static str, f64>,
     pub now_ns: u64,
 }
 
@@ -195,6 +197,14 @@ fn observer(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
     for role in [Role::Proxy, Role::Runtime] {
         re.with_label_values(&[role.as_str()])
             .inc_by(i.watcher.reattaches.get(&role).copied().unwrap_or(0));
+    }
+    let attach = r.gauge(
+        "observer_attach_duration_seconds",
+        "How long the last attach to a process of the role took: its executable's symbols read and resolved, its uprobes attached.",
+        &["role"],
+    );
+    for (role, secs) in i.attach_seconds {
+        attach.with_label_values(&[role]).set(*secs);
     }
     r.total(
         "observer_unwatched_processes_total",

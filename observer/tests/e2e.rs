@@ -777,7 +777,10 @@ fn request_metrics_equal_ground_truth() {
         );
     }
 
-    // Latency: the observer's p50 and p99 fall in the bucket of the client's.
+    // Latency: the observer's p50 and p99 fall between the bucket of the injected delay (no
+    // request is shorter) and the bucket of the client's quantile (the observer times a part of
+    // what the client waits: the client adds its connect and the scheduling of a busy machine,
+    // which at p99 can push it past a bucket bound, as 5 ms + 5.8 ms once did).
     for (id, ms) in &slow {
         let lat: Vec<Duration> = latency_reqs
             .iter()
@@ -789,6 +792,7 @@ fn request_metrics_equal_ground_truth() {
         for q in [0.5, 0.99] {
             let client = client_quantile(lat.clone(), q);
             let want = bucket_of(client);
+            let floor = bucket_of(*ms as f64 / 1e3 + 1e-4);
             let got = bucket_of_quantile(&m1, &m0, id, q);
             eprintln!(
                 "e2e: {id}: client p{} {:.1} ms, observer's in bucket {got} (le {})",
@@ -802,9 +806,9 @@ fn request_metrics_equal_ground_truth() {
             slowest.sort();
             slowest.reverse();
             slowest.truncate(5);
-            assert_eq!(
-                got, want,
-                "{id} ({ms} ms injected): observer p{} in bucket {got}, client's {client:.4} s in bucket {want}; slowest at the client: {slowest:?}",
+            assert!(
+                (floor..=want).contains(&got),
+                "{id} ({ms} ms injected, bucket {floor}): observer p{} in bucket {got}, client's {client:.4} s in bucket {want}; slowest at the client: {slowest:?}",
                 q * 100.0
             );
         }
