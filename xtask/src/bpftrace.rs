@@ -1,0 +1,121 @@
+//! The bpftrace equivalent of the observer's default probe set, for the bench: the same
+//! functions of the proxy and the runtimes (resolved by the observer's own resolver) and the
+//! same socket tracepoints, each counting in a bpftrace map, filtered by process.
+
+use anyhow::{bail, Context as _};
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// (probe name, virtual address) of every resolved site, from `observer probes --binary`.
+fn sites(
+    observer: &Path,
+    binary: &Path,
+    catalog: Option<&Path>,
+) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut cmd = Command::new(observer);
+    cmd.arg("probes").arg("--binary").arg(binary);
+    if let Some(c) = catalog {
+        cmd.arg("--catalog").arg(c);
+    }
+    let out = cmd.output().context("observer probes")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut name = String::new();
+    let mut sites = Vec::new();
+    for line in text.lines() {
+        if !line.starts_with(' ') {
+            if let Some(n) = line.split_whitespace().next() {
+                name = n.to_string();
+            }
+        } else if let Some(a) = line.trim().strip_prefix("addr 0x") {
+            let hex = a.split_whitespace().next().unwrap_or("");
+            sites.push((name.clone(), u64::from_str_radix(hex, 16)?));
+        }
+    }
+    if sites.is_empty() {
+        bail!("no site resolved in {}:\n{text}", binary.display());
+    }
+    Ok(sites)
+}
+
+/// The bpftrace program: a count per probe, bytes per process on the socket tracepoints.
+pub fn script(
+    observer: &Path,
+    proxy: (&Path, u32),
+    runtimes: (&Path, &[u32]),
+) -> anyhow::Result<String> {
+    let catalog =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../catalog/rusty-workers-runtime.toml");
+    let mut s = String::new();
+    for (name, addr) in sites(observer, proxy.0, None)? {
+        s.push_str(&format!(
+            "uprobe:{}:{addr:#x} /pid == {}/ {{ @calls[\"{name}\"] = count(); }}\n",
+            proxy.0.display(),
+            proxy.1
+        ));
+    }
+    let rt_filter = runtimes
+        .1
+        .iter()
+        .map(|p| format!("pid == {p}"))
+        .collect::<Vec<_>>()
+        .join(" || ");
+    for (name, addr) in sites(observer, runtimes.0, Some(&catalog))? {
+        s.push_str(&format!(
+            "uprobe:{}:{addr:#x} /{rt_filter}/ {{ @calls[\"{name}\"] = count(); }}\n",
+            runtimes.0.display()
+        ));
+    }
+    let all = format!("pid == {} || {rt_filter}", proxy.1);
+    for (tp, map) in [
+        ("sock_send_length", "sent"),
+        ("sock_recv_length", "received"),
+    ] {
+        s.push_str(&format!(
+            "tracepoint:sock:{tp} /({all}) && args->ret > 0/ {{ @{map}[pid] = sum(args->ret); @{map}_calls[pid] = count(); }}\n"
+        ));
+    }
+    Ok(s)
+}
+
+/// bpftrace running `script`, ready when it says it attached; stopped (SIGINT) when dropped.
+pub struct Running(pub crate::Killed);
+
+pub fn start(script: &str, dir: &Path) -> anyhow::Result<Running> {
+    let file = dir.join("bench.bt");
+    std::fs::write(&file, script)?;
+    let log = dir.join("bpftrace.log");
+    let mut child = Command::new("bpftrace")
+        .process_group(0)
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("running bpftrace (scripts/bootstrap.sh installs it)")?;
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("Attaching") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let mut child = crate::Killed(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rx.recv_timeout(Duration::from_millis(100)).is_err() {
+        let exited = matches!(child.0.try_wait(), Ok(Some(_)));
+        if exited || Instant::now() > deadline {
+            bail!(
+                "bpftrace did not attach ({}):\n{}",
+                if exited { "it exited" } else { "60 s" },
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+    }
+    // "Attaching N probes..." comes before the last probe is in.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(Running(child))
+}

@@ -1,0 +1,89 @@
+//! The observer's `/metrics` scrape time and memory against the number of apps.
+
+use anyhow::{bail, Context as _};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use testbed_harness::{http_get, load, App, Options, Testbed};
+
+pub struct Scale {
+    pub apps: usize,
+    /// Apps the observer named (the rest count under app="other", past --max-apps).
+    pub series_apps: usize,
+    pub scrape_ms_p50: f64,
+    pub scrape_ms_max: f64,
+    pub scrape_bytes: usize,
+    pub rss_mib: f64,
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// The test target with `n` apps, every one loaded and requested once, the observer attached
+/// (default probe set) from the start; then 20 scrapes.
+pub fn measure(observer: &Path, n: usize) -> anyhow::Result<Scale> {
+    let apps: Vec<App> = (0..n).map(|i| App::new(&format!("app-{i:05}"))).collect();
+    let tb = Testbed::start(&Options {
+        apps: apps.clone(),
+        app_cache_size: n + 10,
+        load_interval_ms: 0,
+        ready_instance_expiration_ms: 600_000,
+        dropout_rate: 0.0,
+        ..Options::default()
+    });
+    let listen = format!("127.0.0.1:{}", testbed_harness::free_port());
+    let addr: std::net::SocketAddr = listen.parse()?;
+    let mut child = crate::Killed(
+        Command::new(observer)
+            .process_group(0)
+            .args(["--pid", &tb.proxy_pid().to_string(), "--listen", &listen])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", observer.display()))?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(addr, "localhost", "/metrics").is_err() {
+        if Instant::now() > deadline {
+            bail!("the observer did not serve /metrics");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let paths: Vec<String> = apps.iter().map(|a| format!("{}/s", a.prefix)).collect();
+    load(tb.http, &paths, 16);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut times = Vec::new();
+    let mut body = String::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        body = http_get(addr, "localhost", "/metrics")?.1;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let series_apps = body
+        .lines()
+        .filter(|l| l.starts_with("rusty_workers_app_requests_total{"))
+        .count();
+    let s = Scale {
+        apps: n,
+        series_apps,
+        scrape_ms_p50: times[times.len() / 2],
+        scrape_ms_max: times[times.len() - 1],
+        scrape_bytes: body.len(),
+        rss_mib: rss_mib(child.0.id()),
+    };
+    // SAFETY: kill(2) on our own child: SIGINT detaches the observer cleanly.
+    unsafe { crate::kill(child.0.id() as i32, 2) };
+    child.0.wait()?;
+    Ok(s)
+}
