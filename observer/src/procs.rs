@@ -307,7 +307,12 @@ impl Watcher {
         self.find_runtimes(host, now, &mut changes);
         for inst in &mut self.instances {
             if let Some(r) = &mut inst.running {
-                if let Some(s) = host.sample(r.id.pid) {
+                if let Some(mut s) = host.sample(r.id.pid) {
+                    // Context switches are summed over the live threads: a thread that exits
+                    // takes its own away. A counter must not go back.
+                    s.voluntary_switches = s.voluntary_switches.max(r.last.voluntary_switches);
+                    s.involuntary_switches =
+                        s.involuntary_switches.max(r.last.involuntary_switches);
                     r.last = s;
                 }
             }
@@ -575,20 +580,23 @@ impl Host for ProcHost {
         use std::os::unix::fs::MetadataExt as _;
         let p = process(pid)?;
         let stat = p.stat().ok()?;
-        let status = p.status().ok();
+        // /proc/<pid>/status counts the switches of the main thread only: add every thread's.
+        let (mut voluntary, mut involuntary) = (0, 0);
+        if let Ok(tasks) = p.tasks() {
+            for t in tasks.flatten() {
+                if let Ok(st) = t.status() {
+                    voluntary += st.voluntary_ctxt_switches.unwrap_or(0);
+                    involuntary += st.nonvoluntary_ctxt_switches.unwrap_or(0);
+                }
+            }
+        }
         let tps = procfs::ticks_per_second() as f64;
         let boot = procfs::boot_time_secs().unwrap_or(0) as f64;
         Some(Sample {
             cpu_user_seconds: stat.utime as f64 / tps,
             cpu_system_seconds: stat.stime as f64 / tps,
-            voluntary_switches: status
-                .as_ref()
-                .and_then(|s| s.voluntary_ctxt_switches)
-                .unwrap_or(0),
-            involuntary_switches: status
-                .as_ref()
-                .and_then(|s| s.nonvoluntary_ctxt_switches)
-                .unwrap_or(0),
+            voluntary_switches: voluntary,
+            involuntary_switches: involuntary,
             resident_bytes: stat.rss * procfs::page_size(),
             virtual_bytes: stat.vsize,
             threads: stat.num_threads.max(0) as u64,
@@ -656,6 +664,7 @@ mod tests {
         start: u64,
         ino: u64,
         cpu: f64,
+        switches: u64,
         listen: Vec<SocketAddr>,
         peers: Vec<SocketAddr>,
     }
@@ -678,6 +687,7 @@ mod tests {
                     start: pid as u64 * 10,
                     ino: 1,
                     cpu: 0.0,
+                    switches: 0,
                     listen: listen.iter().map(|a| addr(a)).collect(),
                     peers: Vec::new(),
                 },
@@ -713,6 +723,7 @@ mod tests {
         fn sample(&self, pid: u32) -> Option<Sample> {
             self.procs.borrow().get(&pid).map(|p| Sample {
                 cpu_user_seconds: p.cpu,
+                voluntary_switches: p.switches,
                 ..Default::default()
             })
         }
@@ -937,6 +948,22 @@ mod tests {
             vec![(Role::Proxy, "rusty-workers-proxy".into(), 101, true)]
         );
         assert_eq!(w.reattaches.get(&Role::Proxy), Some(&2));
+    }
+
+    #[test]
+    fn context_switches_do_not_go_back_when_a_thread_exits() {
+        let host = Fake::default();
+        host.add(100, "/bin/rusty-workers-proxy", &[]);
+        host.with(100, |p| p.switches = 500);
+        let mut w = watcher(100);
+        let t0 = Instant::now();
+        w.tick(&host, t0);
+        host.with(100, |p| p.switches = 300);
+        w.tick(&host, t0 + Duration::from_secs(1));
+        assert_eq!(w.instances()[0].totals().voluntary_switches, 500);
+        host.with(100, |p| p.switches = 600);
+        w.tick(&host, t0 + Duration::from_secs(2));
+        assert_eq!(w.instances()[0].totals().voluntary_switches, 600);
     }
 
     #[test]

@@ -45,6 +45,11 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// One row of the bench's scrape table: the test target with N apps (prints, writes nothing).
+    BenchScale {
+        #[arg(long, default_value_t = 1000)]
+        apps: usize,
+    },
 }
 
 mod attach;
@@ -647,19 +652,26 @@ fn bench(seconds: u64, connections: u32, rounds: usize) -> anyhow::Result<()> {
 
     out!("## Scrape time and memory against the number of apps\n");
     out!("The test target with N apps, each loaded and requested once with the observer attached (default probe set, `--max-apps` 1000: apps past it count under `other`); 20 scrapes of `/metrics`; the observer's resident memory after them.\n");
-    out!("| apps | app series | scrape p50 (ms) | scrape max (ms) | exposition (KiB) | observer RSS (MiB) |");
-    out!("|---|---|---|---|---|---|");
+    out!("| apps | app series | scrape p50 (ms) | scrape max (ms) | exposition (KiB) | observer RSS (MiB) | slowest collectors (ms, observer's own timing) |");
+    out!("|---|---|---|---|---|---|---|");
     let mut at_1000 = None;
     for n in [10, 1000, 10000] {
         let sc = scale::measure(&observer, n)?;
+        let slow: Vec<String> = sc
+            .collectors
+            .iter()
+            .take(3)
+            .map(|(n, ms)| format!("{n} {ms:.1}"))
+            .collect();
         out!(
-            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.1} |",
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {} |",
             sc.apps,
             sc.series_apps,
             sc.scrape_ms_p50,
             sc.scrape_ms_max,
             sc.scrape_bytes as f64 / 1024.0,
-            sc.rss_mib
+            sc.rss_mib,
+            slow.join(", ")
         );
         if n == 1000 {
             at_1000 = Some(sc);
@@ -957,5 +969,21 @@ fn main() -> anyhow::Result<()> {
             connections,
             rounds,
         } => bench(seconds, connections, rounds.max(1)),
+        Task::BenchScale { apps } => {
+            build_ebpf()?;
+            run(cargo().args(["build", "--release", "--workspace"]))?;
+            let sc = scale::measure(&testbed_harness::release_dir().join("observer"), apps)?;
+            println!(
+                "{} apps: {} app series, scrape p50 {:.2} ms, max {:.2} ms, {:.0} KiB, RSS {:.1} MiB; collectors (ms): {:?}",
+                sc.apps,
+                sc.series_apps,
+                sc.scrape_ms_p50,
+                sc.scrape_ms_max,
+                sc.scrape_bytes as f64 / 1024.0,
+                sc.rss_mib,
+                sc.collectors
+            );
+            Ok(())
+        }
     }
 }

@@ -15,6 +15,8 @@ pub struct Scale {
     pub scrape_ms_max: f64,
     pub scrape_bytes: usize,
     pub rss_mib: f64,
+    /// The observer's own time per collector in the last scrape (ms), slowest first.
+    pub collectors: Vec<(String, f64)>,
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -74,7 +76,18 @@ pub fn measure(observer: &Path, n: usize) -> anyhow::Result<Scale> {
         .lines()
         .filter(|l| l.starts_with("rusty_workers_app_requests_total{"))
         .count();
+    let mut collectors: Vec<(String, f64)> = body
+        .lines()
+        .filter_map(|l| {
+            let rest =
+                l.strip_prefix("rusty_workers_observer_collector_duration_seconds{collector=\"")?;
+            let (name, v) = rest.split_once("\"} ")?;
+            Some((name.to_string(), v.trim().parse::<f64>().ok()? * 1e3))
+        })
+        .collect();
+    collectors.sort_by(|a, b| b.1.total_cmp(&a.1));
     let s = Scale {
+        collectors,
         apps: n,
         series_apps,
         scrape_ms_p50: times[times.len() / 2],
