@@ -415,6 +415,35 @@ fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// The observer attached to `pid` with `extra` arguments, on a free loopback port, once it
+/// serves `/metrics`.
+pub(crate) fn start_observer(
+    observer: &Path,
+    pid: u32,
+    extra: &[&str],
+) -> anyhow::Result<(Killed, std::net::SocketAddr)> {
+    let addr: std::net::SocketAddr =
+        format!("127.0.0.1:{}", testbed_harness::free_port()).parse()?;
+    let child = Killed(
+        Command::new(observer)
+            .process_group(0)
+            .args(["--pid", &pid.to_string(), "--listen", &addr.to_string()])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", observer.display()))?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(addr, "localhost", "/metrics").is_err() {
+        if Instant::now() > deadline {
+            bail!("the observer did not serve http://{addr}/metrics");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((child, addr))
+}
+
 /// A child process killed when dropped (an error must not leave an observer attached).
 pub(crate) struct Killed(pub(crate) std::process::Child);
 
@@ -755,28 +784,11 @@ fn measure_fixed(
         Some(script) => Some(bpftrace::start(script, &tb.dir)?),
         None => None,
     };
-    let listen = format!("127.0.0.1:{}", testbed_harness::free_port());
-    let addr: std::net::SocketAddr = listen.parse()?;
     let obs = match args {
         None => None,
         Some(extra) => {
-            let child = Killed(
-                Command::new(observer)
-                    .process_group(0)
-                    .args(["--pid", &tb.proxy_pid().to_string(), "--listen", &listen])
-                    .args(extra)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .with_context(|| format!("starting {}", observer.display()))?,
-            );
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while http_get(addr, "localhost", "/metrics").is_err() {
-                if Instant::now() > deadline {
-                    bail!("the observer did not serve http://{listen}/metrics");
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            let (child, _) = start_observer(observer, tb.proxy_pid(), extra)?;
+            // The request joins learn from the first requests: let them.
             run_wrk(tb.http, path, 1, 1)?;
             Some(child)
         }
@@ -887,35 +899,17 @@ fn measure(
         Some(script) => Some(bpftrace::start(script, &tb.dir)?),
         None => None,
     };
-    let listen = format!("127.0.0.1:{}", testbed_harness::free_port());
-    let addr: std::net::SocketAddr = listen.parse()?;
     let mut obs = match args {
         None => None,
         Some(extra) => {
-            let child = Killed(
-                Command::new(observer)
-                    .process_group(0)
-                    .args(["--pid", &tb.proxy_pid().to_string(), "--listen", &listen])
-                    .args(extra)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .with_context(|| format!("starting {}", observer.display()))?,
-            );
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while http_get(addr, "localhost", "/metrics").is_err() {
-                if Instant::now() > deadline {
-                    bail!("the observer did not serve http://{listen}/metrics");
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            let (child, addr) = start_observer(observer, tb.proxy_pid(), extra)?;
             // The request joins learn from the first requests: let them.
             run_wrk(tb.http, path, 1, 1)?;
-            Some(child)
+            Some((child, addr))
         }
     };
-    let before = match obs {
-        Some(_) => http_get(addr, "localhost", "/metrics")?.1,
+    let before = match &obs {
+        Some((_, addr)) => http_get(*addr, "localhost", "/metrics")?.1,
         None => String::new(),
     };
     let wrk = run_wrk(tb.http, path, seconds, connections)?;
@@ -925,8 +919,8 @@ fn measure(
         per_program: Vec::new(),
         wrk,
     };
-    if let Some(child) = obs.as_mut() {
-        let after = http_get(addr, "localhost", "/metrics")?.1;
+    if let Some((child, addr)) = obs.as_mut() {
+        let after = http_get(*addr, "localhost", "/metrics")?.1;
         let d = |n: &str| metric_sum(&after, n) - metric_sum(&before, n);
         let n = m.wrk.requests;
         m.runs = d("rusty_workers_observer_bpf_program_runs_total") / n;

@@ -1,9 +1,6 @@
 //! The observer's `/metrics` scrape time and memory against the number of apps.
 
-use anyhow::{bail, Context as _};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use testbed_harness::{http_get, load, App, Options, Testbed};
 
@@ -43,24 +40,7 @@ pub fn measure(observer: &Path, n: usize) -> anyhow::Result<Scale> {
         dropout_rate: 0.0,
         ..Options::default()
     });
-    let listen = format!("127.0.0.1:{}", testbed_harness::free_port());
-    let addr: std::net::SocketAddr = listen.parse()?;
-    let mut child = crate::Killed(
-        Command::new(observer)
-            .process_group(0)
-            .args(["--pid", &tb.proxy_pid().to_string(), "--listen", &listen])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", observer.display()))?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(addr, "localhost", "/metrics").is_err() {
-        if Instant::now() > deadline {
-            bail!("the observer did not serve /metrics");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut child, addr) = crate::start_observer(observer, tb.proxy_pid(), &[])?;
     let paths: Vec<String> = apps.iter().map(|a| format!("{}/s", a.prefix)).collect();
     load(tb.http, &paths, 16);
     std::thread::sleep(Duration::from_millis(500));
