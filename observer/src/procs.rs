@@ -339,6 +339,8 @@ impl Watcher {
                 _ => Ended::Exited,
             };
             let r = inst.running.take().expect("checked above");
+            // A PID given by hand names that process only: not whatever reuses the PID later.
+            self.cfg.runtime_pids.retain(|p| *p != r.id.pid);
             inst.ended.add(&r.last);
             inst.down_since = Some(now);
             changes.push(Change::Ended {
@@ -387,7 +389,6 @@ impl Watcher {
 
     fn find_runtimes(&mut self, host: &dyn Host, now: Instant, changes: &mut Vec<Change>) {
         let proxy = self.proxy();
-        let peers = proxy.map(|p| host.peers(p)).unwrap_or_default();
         let mut found: Vec<u32> = self.cfg.runtime_pids.clone();
         for pid in host.pids() {
             if self.watching(pid) || Some(pid) == proxy {
@@ -403,7 +404,17 @@ impl Watcher {
         let scan_due = self
             .last_peer_scan
             .is_none_or(|t| now.duration_since(t) >= PEER_SCAN_EVERY);
-        if let (true, true, Some(proxy)) = (self.cfg.runtime_peers, scan_due, proxy) {
+        let scan = self.cfg.runtime_peers && scan_due && proxy.is_some();
+        // The proxy's connections (all its sockets, read from procfs) only when they are
+        // needed: a busy proxy holds thousands.
+        let new = found
+            .iter()
+            .any(|p| !self.watching(*p) && Some(*p) != proxy);
+        let peers = match proxy {
+            Some(p) if scan || new => host.peers(p),
+            _ => Vec::new(),
+        };
+        if let (true, Some(proxy)) = (scan, proxy) {
             self.last_peer_scan = Some(now);
             let known: HashSet<String> = self
                 .instances
@@ -1011,6 +1022,13 @@ mod tests {
                 (Role::Runtime, "127.0.0.1:7001".into(), 200, false),
             ]
         );
+        // The runtime ends and its PID goes to another program: that one is not watched.
+        host.kill(200);
+        host.add(200, "/bin/bash", &[]);
+        host.with(200, |p| p.start = 999);
+        let t1 = Instant::now() + Duration::from_secs(1);
+        assert!(started(&w.tick(&host, t1)).is_empty());
+        assert!(started(&w.tick(&host, t1 + LISTEN_GRACE)).is_empty());
     }
 
     #[test]
