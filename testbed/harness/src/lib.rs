@@ -35,12 +35,28 @@ pub fn binary(name: &str) -> PathBuf {
     p
 }
 
-/// A free loopback port (bound, read, released).
+/// A free loopback port (bound, read, released), below Linux's ephemeral range (32768-60999 by
+/// default, net.ipv4.ip_local_port_range): a port the kernel hands out to the tests' own client
+/// connections could be taken again before the server that is given it binds it (seen under
+/// the bench's load: "binding admin ...: address in use").
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    use std::sync::atomic::AtomicU16;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Spread over the range by PID, so that test binaries running one after another (or a
+    // demo beside them) do not walk the same ports.
+    let _ = NEXT.compare_exchange(
+        0,
+        (std::process::id() % 12_000) as u16,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..12_000 {
+        let port = 20_000 + NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-31999")
 }
 
 #[derive(Debug, Clone)]
