@@ -94,6 +94,10 @@ struct RunArgs {
     /// the observer's cost); serves no meaningful metrics.
     #[arg(long, hide = true)]
     floor: bool,
+    /// For `cargo xtask bench`: how often userspace drains the ring buffer (a slow drain
+    /// overruns it, to show that the losses are counted).
+    #[arg(long, hide = true, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    drain_interval_ms: u64,
 }
 
 fn load_catalog(path: Option<&Path>) -> anyhow::Result<Catalog> {
@@ -546,11 +550,12 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     // SAFETY: the AsyncFd owns the RingBuf, which owns the fd: it stays open while registered.
     let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let drain_ms = a.drain_interval_ms;
     let event_loop = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         // The probes submit without waking us (one wakeup per event would cost the proxy more
         // than the event): drain in batches.
-        let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
+        let mut drain_tick = tokio::time::interval(Duration::from_millis(drain_ms));
         drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -20,6 +20,46 @@ pub fn symbol_table() -> PathBuf {
         .join("../../shared/rusty-workers/proxy-release.functions.tsv")
 }
 
+/// The synthetic proxy's `main`: with no arguments it waits (attach time); with `THREADS
+/// SECONDS` it waits for a line on its input, then calls hyper's `recv_msg` (where the
+/// observer's `http_request` probe sends an event per call, always with the same key) from
+/// THREADS threads for SECONDS, and prints the calls.
+const MAIN_C: &str = r#"#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <stdatomic.h>
+extern void rw_recv_msg(void *key);
+static atomic_int stop;
+static atomic_ulong calls;
+static void *spin(void *unused) {
+    static int key;
+    unsigned long n = 0;
+    (void)unused;
+    while (!atomic_load_explicit(&stop, memory_order_relaxed)) {
+        rw_recv_msg(&key);
+        n++;
+    }
+    atomic_fetch_add(&calls, n);
+    return 0;
+}
+int main(int argc, char **argv) {
+    if (argc < 3) {
+        for (;;) pause();
+    }
+    int threads = atoi(argv[1]);
+    pthread_t t[64];
+    if (threads < 1 || threads > 64) return 2;
+    getchar();
+    for (int i = 0; i < threads; i++) pthread_create(&t[i], 0, spin, 0);
+    usleep((useconds_t)(atof(argv[2]) * 1e6));
+    atomic_store(&stop, 1);
+    for (int i = 0; i < threads; i++) pthread_join(t[i], 0);
+    printf("%lu\n", atomic_load(&calls));
+    return 0;
+}
+"#;
+
 /// Builds the synthetic executable in `dir` from the symbol table (with gcc); returns its path
 /// and how many function symbols it has.
 pub fn synthetic_proxy(dir: &Path) -> anyhow::Result<(PathBuf, usize)> {
@@ -49,6 +89,10 @@ pub fn synthetic_proxy(dir: &Path) -> anyhow::Result<(PathBuf, usize)> {
             ));
         }
         let f = &mut files[*k];
+        if name.contains("dispatch..Dispatch$GT$8recv_msg") {
+            // A plain name at the same address, for main.c's event generator.
+            let _ = writeln!(f, ".globl rw_recv_msg\nrw_recv_msg:");
+        }
         let _ = writeln!(f, ".type \"{name}\", @function\n\"{name}\":\n  ret");
         if *size > 1 {
             let _ = writeln!(f, "  .skip {}, 0xcc", size - 1);
@@ -58,10 +102,7 @@ pub fn synthetic_proxy(dir: &Path) -> anyhow::Result<(PathBuf, usize)> {
     }
     std::fs::create_dir_all(dir)?;
     let mut sources = vec![dir.join("main.c")];
-    std::fs::write(
-        &sources[0],
-        "#include <unistd.h>\nint main(void) { for (;;) pause(); }\n",
-    )?;
+    std::fs::write(&sources[0], MAIN_C)?;
     for (k, f) in files.iter().enumerate() {
         let p = dir.join(format!("funcs{k}.s"));
         std::fs::write(&p, f)?;
@@ -72,6 +113,7 @@ pub fn synthetic_proxy(dir: &Path) -> anyhow::Result<(PathBuf, usize)> {
         .arg("-o")
         .arg(&out)
         .args(&sources)
+        .arg("-lpthread")
         .status()
         .context("running gcc")?;
     if !status.success() {
