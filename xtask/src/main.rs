@@ -520,11 +520,7 @@ fn bench(seconds: u64, connections: u32, rounds: usize) -> anyhow::Result<()> {
             results[i].push(m);
         }
     }
-    let median = |v: &[Measured]| -> Measured {
-        let mut v = v.to_vec();
-        v.sort_by(|a, b| a.wrk.rps.total_cmp(&b.wrk.rps));
-        v[v.len() / 2].clone()
-    };
+    let median = |v: &[Measured]| median_by(v, |m| m.wrk.rps);
     let rows: Vec<(&str, Measured)> = modes
         .iter()
         .zip(&results)
@@ -813,6 +809,36 @@ fn median_by<T: Clone>(v: &[T], key: impl Fn(&T) -> f64) -> T {
     v[v.len() / 2].clone()
 }
 
+/// What runs beside the test target in one mode of the bench.
+struct Mode {
+    obs: Option<(Killed, std::net::SocketAddr)>,
+    bpftrace: Option<bpftrace::Running>,
+}
+
+/// Starts bpftrace with `bt_script`, or the observer with `args` (then lets its request joins
+/// learn from a second of requests), or nothing.
+fn start_mode(
+    tb: &Testbed,
+    observer: &Path,
+    path: &str,
+    args: Option<&[&str]>,
+    bt_script: Option<&str>,
+) -> anyhow::Result<Mode> {
+    let bpftrace = match bt_script {
+        Some(script) => Some(bpftrace::start(script, &tb.dir)?),
+        None => None,
+    };
+    let obs = match args {
+        None => None,
+        Some(extra) => {
+            let started = start_observer(observer, tb.proxy_pid(), extra)?;
+            run_wrk(tb.http, path, 1, 1)?;
+            Some(started)
+        }
+    };
+    Ok(Mode { obs, bpftrace })
+}
+
 /// One mode at a fixed rate: the observer started with `args` (None: none), then the load.
 fn measure_fixed(
     tb: &Testbed,
@@ -823,19 +849,7 @@ fn measure_fixed(
     rate: f64,
     seconds: f64,
 ) -> anyhow::Result<FixedMeasured> {
-    let bt = match bt_script {
-        Some(script) => Some(bpftrace::start(script, &tb.dir)?),
-        None => None,
-    };
-    let obs = match args {
-        None => None,
-        Some(extra) => {
-            let (child, _) = start_observer(observer, tb.proxy_pid(), extra)?;
-            // The request joins learn from the first requests: let them.
-            run_wrk(tb.http, path, 1, 1)?;
-            Some(child)
-        }
-    };
+    let Mode { obs, bpftrace: bt } = start_mode(tb, observer, path, args, bt_script)?;
     let targets: Vec<u32> = std::iter::once(tb.proxy_pid())
         .chain((0..2).map(|i| tb.runtime_pid(i)))
         .collect();
@@ -847,7 +861,7 @@ fn measure_fixed(
     };
     let obs_pid: Vec<u32> = obs
         .iter()
-        .map(|c| c.0.id())
+        .map(|(c, _)| c.0.id())
         .chain(bt.iter().map(|b| b.0 .0.id()))
         .collect();
     let (t0, o0) = (sum(&targets), sum(&obs_pid));
@@ -867,10 +881,9 @@ fn measure_fixed(
             (f64::NAN, f64::NAN)
         },
     };
-    if let Some(child) = obs {
+    if let Some((mut child, _)) = obs {
         // SAFETY: kill(2) on our own child: SIGINT detaches the observer cleanly.
         unsafe { kill(child.0.id() as i32, 2) };
-        let mut child = child;
         child.0.wait()?;
     }
     Ok(m)
@@ -938,19 +951,10 @@ fn measure(
     seconds: u64,
     connections: u32,
 ) -> anyhow::Result<Measured> {
-    let _bpftrace = match bt_script {
-        Some(script) => Some(bpftrace::start(script, &tb.dir)?),
-        None => None,
-    };
-    let mut obs = match args {
-        None => None,
-        Some(extra) => {
-            let (child, addr) = start_observer(observer, tb.proxy_pid(), extra)?;
-            // The request joins learn from the first requests: let them.
-            run_wrk(tb.http, path, 1, 1)?;
-            Some((child, addr))
-        }
-    };
+    let Mode {
+        mut obs,
+        bpftrace: _bpftrace,
+    } = start_mode(tb, observer, path, args, bt_script)?;
     let before = match &obs {
         Some((_, addr)) => http_get(*addr, "localhost", "/metrics")?.1,
         None => String::new(),
