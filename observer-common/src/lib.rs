@@ -44,7 +44,8 @@ pub mod kind {
     /// `Server::recv_msg` receives: the box its service future goes into).
     pub const HTTP_REQUEST: u32 = 8;
     /// hyper's HTTP/1 server encodes a response head: `ptr_a` = the connection, `ptr_b` = the
-    /// request key read from it (0 until userspace has learnt where it is).
+    /// request key read from it (0 until userspace has learnt where it is). Until then the
+    /// record is a `ConnSnapshot` (`word_a` = 1 if its words were read).
     pub const HTTP_RESPONSE: u32 = 9;
     /// `SchedError::build_response`: `word_a` = the error's discriminant.
     pub const SCHED_ERROR: u32 = 10;
@@ -261,6 +262,28 @@ pub struct ConnKey {
 }
 
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 16);
+
+/// Bytes of the connection's memory on each side of it that a `ConnSnapshot` holds. hyper
+/// 0.14's `Dispatcher` (the connection with the request's service beside it) is well under
+/// 1 KiB on x86_64; the test target's key sits 536 bytes past the connection.
+pub const CONN_WINDOW: u64 = 2048;
+pub const CONN_SNAP_WORDS: usize = 2 * CONN_WINDOW as usize / 8;
+
+/// A response head's event with the memory around its connection, copied by the kernel when
+/// the head is encoded. Userspace learns where the request key is from these; it cannot read
+/// that memory later itself, because by then a closed connection's memory holds the next one.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConnSnapshot {
+    pub ev: Event,
+    /// The words from `ev.ptr_a - CONN_WINDOW` on (zero if the read failed).
+    pub words: [u64; CONN_SNAP_WORDS],
+}
+
+const _: () = assert!(
+    core::mem::size_of::<ConnSnapshot>()
+        == core::mem::size_of::<Event>() + 2 * CONN_WINDOW as usize
+);
 
 pub mod conn_key {
     pub const UNKNOWN: u64 = 0;

@@ -8,15 +8,22 @@
 //! - `hyper::proto::h1::conn::Conn<I, B, T>::encode_head`: the response head is written
 //!   (`encode_head(&mut self, head, body)` returns its value in the sret slot: rdi = sret,
 //!   rsi = self). The connection is not the request key: the dispatcher holds both, at an
-//!   offset userspace learns and sets in `CONN_KEY`.
+//!   offset userspace learns, from copies of the connection's memory taken here, and sets in
+//!   `CONN_KEY`.
 //! - `rusty_workers_proxy::sched::SchedError::build_response(&self) -> Response<Body>`: the
 //!   proxy answers with one of its own errors (rdi = the sret slot, rsi = self); the enum is
 //!   fieldless, a byte.
 
-use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use observer_common::{conn_key, kind};
+use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
+    cty::c_void,
+    helpers::generated::bpf_probe_read_user,
+    macros::uprobe,
+    programs::ProbeContext,
+};
+use observer_common::{conn_key, kind, stat, ConnSnapshot, CONN_WINDOW};
 
-use crate::{read, send, CONN_KEY};
+use crate::{bump, header, read, send, CONN_KEY, EVENTS, OBSERVER_STATS};
 
 #[uprobe]
 pub fn http_request(ctx: ProbeContext) -> u32 {
@@ -43,19 +50,51 @@ fn try_http_request(ctx: &ProbeContext) -> Result<(), i64> {
 
 fn try_http_response(ctx: &ProbeContext) -> Result<(), i64> {
     let conn: u64 = ctx.arg(1).ok_or(1i64)?;
-    // SAFETY: index 0 of an array map always exists; a plain copy.
-    let how = CONN_KEY.get(0).copied();
+    let how = CONN_KEY
+        .get(0)
+        .copied()
+        .filter(|h| h.mode != conn_key::UNKNOWN);
+    let Some(how) = how else {
+        return send_snapshot(conn);
+    };
     send(kind::HTTP_RESPONSE, conn, |ev| {
-        if let Some(how) = how {
-            let at = conn.wrapping_add(how.offset as u64);
-            ev.ptr_b = match how.mode {
-                conn_key::LOAD => read::word(at).unwrap_or(0),
-                conn_key::ADDRESS => at,
-                _ => 0,
-            };
-        }
+        let at = conn.wrapping_add(how.offset as u64);
+        ev.ptr_b = match how.mode {
+            conn_key::LOAD => read::word(at).unwrap_or(0),
+            _ => at,
+        };
         Ok(())
     })
+}
+
+/// The response event with the memory around its connection, while userspace learns where
+/// the request key is: the connection is closed and its memory reused within microseconds
+/// of the head when clients do not keep connections alive, long before userspace looks.
+fn send_snapshot(conn: u64) -> Result<(), i64> {
+    let Some(mut entry) = EVENTS.reserve::<ConnSnapshot>(0) else {
+        bump(&OBSERVER_STATS, stat::EVENTS_LOST);
+        return Err(1);
+    };
+    // SAFETY: the entry is ours until submitted.
+    let snap = unsafe { &mut *entry.as_mut_ptr() };
+    header(&mut snap.ev, kind::HTTP_RESPONSE, conn);
+    let words = &mut snap.words;
+    // SAFETY: the destination is the entry's own array, of the size passed; a bad source
+    // address makes the helper fail and zero the destination (mm/maccess.c).
+    let rc = unsafe {
+        bpf_probe_read_user(
+            words.as_mut_ptr() as *mut c_void,
+            core::mem::size_of_val(words) as u32,
+            conn.wrapping_sub(CONN_WINDOW) as *const c_void,
+        )
+    };
+    if rc == 0 {
+        snap.ev.word_a = 1;
+    } else {
+        bump(&OBSERVER_STATS, stat::READ_ERRORS);
+    }
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    Ok(())
 }
 
 fn try_sched_error(ctx: &ProbeContext) -> Result<(), i64> {

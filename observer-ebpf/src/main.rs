@@ -106,14 +106,9 @@ fn send(
         bump(&OBSERVER_STATS, stat::EVENTS_LOST);
         return Err(1);
     };
-    // SAFETY: the entry is ours until submitted; zeroed first so no stale bytes leak out.
+    // SAFETY: the entry is ours until submitted.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
-    *ev = Event::zeroed();
-    ev.kind = kind;
-    ev.tid = bpf_get_current_pid_tgid() as u32;
-    // SAFETY: no preconditions.
-    ev.ktime_ns = unsafe { bpf_ktime_get_ns() };
-    ev.ptr_a = ptr_a;
+    header(ev, kind, ptr_a);
     match fill(ev) {
         Ok(()) => {
             // No wakeup: userspace drains on a short timer, in batches. A wakeup per event
@@ -127,6 +122,17 @@ fn send(
             Err(e)
         }
     }
+}
+
+/// Zeroes the event (no stale ring bytes leak out) and fills what every event has.
+#[inline(always)]
+fn header(ev: &mut Event, kind: u32, ptr_a: u64) {
+    *ev = Event::zeroed();
+    ev.kind = kind;
+    ev.tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: no preconditions.
+    ev.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    ev.ptr_a = ptr_a;
 }
 
 #[cfg(not(test))]

@@ -1,7 +1,7 @@
 //! Pure decoders of what the probes send: ring buffer records and strings read from the
 //! target's memory, which are untrusted until validated here.
 
-use observer_common::{kind, method, Event, MAX_STR};
+use observer_common::{kind, method, ConnSnapshot, Event, CONN_WINDOW, MAX_STR};
 
 /// A ring buffer record, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +90,46 @@ pub fn event(record: &[u8]) -> Result<Event, DecodeError> {
         return Err(DecodeError::Kind(ev.kind));
     }
     Ok(ev)
+}
+
+/// The memory around a response head's connection, as the kernel copied it when the head
+/// was encoded (`ConnSnapshot`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Address of `bytes[0]` in the target.
+    pub base: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// The snapshot a response head's record carries, if it is one whose read succeeded.
+pub fn snapshot(record: &[u8], ev: &Event) -> Option<Snapshot> {
+    let want = std::mem::size_of::<ConnSnapshot>();
+    if ev.kind != kind::HTTP_RESPONSE || record.len() < want || ev.word_a != 1 {
+        return None;
+    }
+    Some(Snapshot {
+        base: ev.ptr_a.wrapping_sub(CONN_WINDOW),
+        bytes: record[std::mem::size_of::<Event>()..want].to_vec(),
+    })
+}
+
+impl Snapshot {
+    /// Copies `buf.len()` bytes from `addr`, if the snapshot holds all of them.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        let Some(start) = addr.checked_sub(self.base) else {
+            return false;
+        };
+        let Ok(start) = usize::try_from(start) else {
+            return false;
+        };
+        match self.bytes.get(start..start.saturating_add(buf.len())) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// `ev.str` as a string read from the target.
@@ -206,6 +246,83 @@ pub fn app_label(b: &Bytes) -> Result<String, Refused> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn snapshot_record(kind: u32, read_ok: u64, conn: u64, len: usize) -> (Vec<u8>, Event) {
+        let mut ev = Event::zeroed();
+        ev.kind = kind;
+        ev.ptr_a = conn;
+        ev.word_a = read_ok;
+        let p = &ev as *const Event as *const u8;
+        // SAFETY: reading the bytes of a plain old data value.
+        let mut rec =
+            unsafe { std::slice::from_raw_parts(p, std::mem::size_of::<Event>()) }.to_vec();
+        rec.extend((0..len - rec.len()).map(|i| (i / 8) as u8));
+        (rec, ev)
+    }
+
+    #[test]
+    fn snapshots_come_only_with_response_heads_whose_read_succeeded() {
+        let full = std::mem::size_of::<ConnSnapshot>();
+        let plain = std::mem::size_of::<Event>();
+        let cases = [
+            (
+                "a response head with its snapshot",
+                kind::HTTP_RESPONSE,
+                1,
+                full,
+                true,
+            ),
+            ("the read failed", kind::HTTP_RESPONSE, 0, full, false),
+            (
+                "a response head the kernel keyed itself",
+                kind::HTTP_RESPONSE,
+                1,
+                plain,
+                false,
+            ),
+            ("a cut record", kind::HTTP_RESPONSE, 1, full - 8, false),
+            ("another kind", kind::HTTP_REQUEST, 1, full, false),
+        ];
+        for (what, k, ok, len, want) in cases {
+            let (rec, ev) = snapshot_record(k, ok, 0x10_0000, len);
+            assert_eq!(snapshot(&rec, &ev).is_some(), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_snapshot_reads_only_what_it_holds() {
+        let conn = 0x10_0000u64;
+        let (rec, ev) = snapshot_record(
+            kind::HTTP_RESPONSE,
+            1,
+            conn,
+            std::mem::size_of::<ConnSnapshot>(),
+        );
+        let snap = snapshot(&rec, &ev).expect("a snapshot");
+        assert_eq!(snap.base, conn - CONN_WINDOW);
+        let words = (2 * CONN_WINDOW / 8) as usize;
+        let cases = [
+            ("the first word", snap.base, true),
+            ("the connection's word", conn, true),
+            ("the last word", snap.base + 8 * (words as u64 - 1), true),
+            ("past the end", snap.base + 8 * words as u64, false),
+            (
+                "straddling the end",
+                snap.base + 8 * words as u64 - 4,
+                false,
+            ),
+            ("before the start", snap.base - 8, false),
+            ("an address that wraps", u64::MAX - 3, false),
+        ];
+        for (what, addr, want) in cases {
+            let mut b = [0u8; 8];
+            assert_eq!(snap.read(addr, &mut b), want, "{what}");
+            if want {
+                // The synthetic snapshot numbers its words (mod 256) in their first byte.
+                assert_eq!(b[0], ((addr - snap.base) / 8) as u8, "{what}");
+            }
+        }
+    }
 
     fn record(kind: u32, s: &[u8], full: u64, words: [u64; 4]) -> Vec<u8> {
         record2(kind, s, full, words, 0, b"")

@@ -184,8 +184,6 @@ struct Shared {
     events_received: u64,
     decode_errors: u64,
     watcher: procs::Watcher,
-    /// The running proxy's memory (the request joins read where hyper keeps a request's key).
-    mem: Option<requests::ProcMem>,
     /// Kernel socket counters of a slot when its instance took it (a retired instance's slot
     /// is reused).
     net_base: HashMap<u32, [u64; netstat::COUNT as usize]>,
@@ -322,9 +320,6 @@ impl Lifecycle {
                     .as_mut()
                     .map(|k| k.detach(pid))
                     .unwrap_or_default();
-                if role == procs::Role::Proxy {
-                    shared.lock().unwrap().mem = None;
-                }
                 self.drop_links(links);
             }
         }
@@ -442,12 +437,7 @@ impl Lifecycle {
             (k.uprobes_attached(pid), old)
         };
         self.drop_links(old);
-        let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
-            .map(requests::ProcMem)
-            .map_err(|e| log::warn!("opening /proc/{pid}/mem: {e}; request joins need it"))
-            .ok();
         let mut s = shared.lock().unwrap();
-        s.mem = mem;
         s.attach_seconds.insert("proxy", t0.elapsed().as_secs_f64());
         if again {
             s.tracker.target_restarted();
@@ -516,7 +506,6 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             runtime_pids: a.runtime_pid.clone(),
             runtime_peers: !a.no_runtime_peers,
         }),
-        mem: None,
         net_base: HashMap::new(),
         procs_seconds: 0.0,
         server: observer::server::ServerMetrics::new(),
@@ -694,7 +683,8 @@ fn drain(
                 }
             }
             if let Some(q) = s.requests.as_mut() {
-                let mem: &dyn requests::Memory = match &s.mem {
+                let snap = decode::snapshot(&rec, &ev);
+                let mem: &dyn requests::Memory = match &snap {
                     Some(m) => m,
                     None => &requests::NoMemory,
                 };

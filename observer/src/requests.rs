@@ -52,8 +52,8 @@ const REQUEST_FAILED_AFTER_RETRIES: u64 = 3;
 const MIN_VOTES: u32 = 8;
 /// Calls farther than this from a request key are not its (a service future is smaller).
 const MAX_CALL_DISTANCE: u64 = 64 * 1024;
-/// Bytes searched on each side of a connection for the request key.
-const CONN_WINDOW: u64 = 4096;
+/// Bytes searched on each side of a connection for the request key (what the kernel copies).
+use observer_common::CONN_WINDOW;
 /// Response heads per check of a learnt connection offset.
 const CONN_CHECK: u32 = 64;
 
@@ -263,14 +263,13 @@ impl Learner {
     }
 }
 
-/// Reads the target's memory (the proxy's `/proc/<pid>/mem`); a trait so tests can fake it.
+/// Memory of the target as the kernel copied it at an event (`decode::Snapshot`); a trait so
+/// tests can fake it.
 pub trait Memory {
     fn read(&self, addr: u64, buf: &mut [u8]) -> bool;
 }
 
-pub struct ProcMem(pub std::fs::File);
-
-/// No target to read (between a proxy's end and its successor).
+/// An event that came without a copy of the target's memory.
 pub struct NoMemory;
 
 impl Memory for NoMemory {
@@ -279,9 +278,9 @@ impl Memory for NoMemory {
     }
 }
 
-impl Memory for ProcMem {
+impl Memory for crate::decode::Snapshot {
     fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
-        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, addr).is_ok()
+        crate::decode::Snapshot::read(self, addr, buf)
     }
 }
 
@@ -783,13 +782,16 @@ impl Requests {
         let mut buf = vec![0u8; (2 * CONN_WINDOW) as usize];
         let mut candidates = Vec::new();
         let mut keys = Vec::new();
-        if mem.read(lo, &mut buf) {
-            for (i, w) in buf.chunks_exact(8).enumerate() {
-                let w = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
-                if w != 0 && self.open.contains_key(&w) {
-                    candidates.push(lo.wrapping_add(8 * i as u64).wrapping_sub(conn) as i64);
-                    keys.push(w);
-                }
+        if !mem.read(lo, &mut buf) {
+            // Without the connection's memory the sample lacks every load candidate: a vote
+            // would count against a true load offset.
+            return None;
+        }
+        for (i, w) in buf.chunks_exact(8).enumerate() {
+            let w = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+            if w != 0 && self.open.contains_key(&w) {
+                candidates.push(lo.wrapping_add(8 * i as u64).wrapping_sub(conn) as i64);
+                keys.push(w);
             }
         }
         // Both kinds of relation vote in one learner: a load offset is tagged by the low bit
