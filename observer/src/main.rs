@@ -165,9 +165,20 @@ fn monotonic_ns() -> u64 {
 }
 
 fn preflight() -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the observer needs root: loading eBPF programs and attaching uprobes takes CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (run it with sudo)");
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let missing = observer::target::missing_capabilities(&status);
+    if !missing.is_empty() {
+        // SAFETY: geteuid has no preconditions.
+        let who = if unsafe { libc::geteuid() } == 0 {
+            "root, but without"
+        } else {
+            "not root, and without"
+        };
+        bail!(
+            "the observer is {who} {}: loading eBPF programs takes CAP_BPF, attaching uprobes and reading BPF statistics CAP_PERFMON (CAP_SYS_ADMIN stands in for both), and reading the /proc entries of a target run by another user CAP_SYS_PTRACE; run it as root (sudo), or in a container with --privileged or these capabilities added",
+            missing.join(", ")
+        );
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux is missing): the observer needs a kernel built with CONFIG_DEBUG_INFO_BTF=y");
@@ -470,13 +481,15 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             }
         })
     };
+    // Privileges first: without them the target's /proc entries cannot be read either, and the
+    // message would blame the PID.
+    preflight()?;
     if let Some(pid) = a.pid {
         check_proxy(pid, &catalog)?;
     }
     for &pid in &a.runtime_pid {
         Target::open(pid).context("--runtime-pid")?;
     }
-    preflight()?;
     let listener = bind(a.listen).await?;
 
     let detail = !a.no_request_metrics;

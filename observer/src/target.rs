@@ -8,7 +8,7 @@ use thiserror::Error;
 pub enum TargetError {
     #[error("no process with PID {0}: pass the PID of a running rusty-workers proxy (pgrep -f rusty-workers-proxy)")]
     NoSuchProcess(i32),
-    #[error("PID {pid}: cannot read /proc/{pid}/{what} ({source}); a kernel thread, or not permitted: run as root")]
+    #[error("PID {pid}: cannot read /proc/{pid}/{what} ({source}); a kernel thread, or not permitted: run as root, with CAP_SYS_PTRACE to read processes of other users")]
     Unreadable {
         pid: i32,
         what: &'static str,
@@ -62,6 +62,32 @@ impl Target {
     }
 }
 
+/// Capability numbers (include/uapi/linux/capability.h).
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// The capabilities the observer lacks, from its `/proc/self/status` (`CapEff`, a hex mask).
+/// CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON, as the kernel lets it
+/// (kernel/bpf/syscall.c `bpf_capable`, include/linux/capability.h `perfmon_capable`).
+pub fn missing_capabilities(status: &str) -> Vec<&'static str> {
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| eff & (1 << cap) != 0;
+    let admin = has(CAP_SYS_ADMIN);
+    let mut missing = Vec::new();
+    if !admin && !has(CAP_BPF) {
+        missing.push("CAP_BPF");
+    }
+    if !admin && !has(CAP_PERFMON) {
+        missing.push("CAP_PERFMON");
+    }
+    missing
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +99,26 @@ mod tests {
         assert_eq!(me.exe_path, std::env::current_exe().unwrap());
         let err = Target::open(2_147_483_646).expect_err("no such PID");
         assert!(err.to_string().contains("no process with PID"), "{err}");
+    }
+
+    #[test]
+    fn capabilities_missing_from_a_status() {
+        let all = "Name:\tobserver\nCapEff:\t000001ffffffffff\n";
+        let none = "CapEff:\t0000000000000000\n";
+        let bpf_perfmon_ptrace =
+            format!("CapEff:\t{:016x}\n", (1u64 << 39) | (1 << 38) | (1 << 19));
+        let admin_ptrace = format!("CapEff:\t{:016x}\n", (1u64 << 21) | (1 << 19));
+        let bpf_only = format!("CapEff:\t{:016x}\n", 1u64 << 39);
+        let cases: [(&str, &str, &[&str]); 6] = [
+            ("root", all, &[]),
+            ("nothing", none, &["CAP_BPF", "CAP_PERFMON"]),
+            ("the narrow set", &bpf_perfmon_ptrace, &[]),
+            ("CAP_SYS_ADMIN covers BPF and perf", &admin_ptrace, &[]),
+            ("CAP_BPF alone", &bpf_only, &["CAP_PERFMON"]),
+            ("no CapEff line", "Name:\tx\n", &["CAP_BPF", "CAP_PERFMON"]),
+        ];
+        for (what, status, want) in cases {
+            assert_eq!(missing_capabilities(status), want, "{what}");
+        }
     }
 }

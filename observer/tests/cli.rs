@@ -4,7 +4,20 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 fn observer(args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_observer"))
+    observer_under(&[], args)
+}
+
+fn observer_under(wrapper: &[&str], args: &[&str]) -> Output {
+    let bin = env!("CARGO_BIN_EXE_observer");
+    let mut cmd = match wrapper {
+        [] => Command::new(bin),
+        [w, rest @ ..] => {
+            let mut c = Command::new(w);
+            c.args(rest).arg(bin);
+            c
+        }
+    };
+    let mut child = cmd
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -22,7 +35,12 @@ fn observer(args: &[&str]) -> Output {
 }
 
 fn refused(args: &[&str], want: &[&str]) {
-    let out = observer(args);
+    refused_under(&[], args, want)
+}
+
+/// As `refused`, the observer started through `wrapper` (e.g. `setpriv` with its options).
+fn refused_under(wrapper: &[&str], args: &[&str], want: &[&str]) {
+    let out = observer_under(wrapper, args);
     let stderr =
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert_eq!(
@@ -50,6 +68,67 @@ fn a_pid_that_does_not_exist() {
     );
     refused(
         &["probes", "--pid", "2147483646"],
+        &["no process with PID 2147483646"],
+    );
+}
+
+/// The observer's binary where any user can run it (the build directory may not be).
+fn world_runnable_observer() -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("observer-cli-{}-bin", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let bin = dir.join("observer");
+    std::fs::copy(env!("CARGO_BIN_EXE_observer"), &bin).expect("copying the observer");
+    bin.display().to_string()
+}
+
+#[test]
+fn without_root_or_its_capabilities() {
+    // Not root (nobody), no capabilities.
+    let bin = world_runnable_observer();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .args([&bin, "--pid", "1"])
+        .output()
+        .expect("running setpriv");
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "as nobody:\n{text}");
+    for want in [
+        "not root",
+        "CAP_BPF",
+        "CAP_PERFMON",
+        "CAP_SYS_PTRACE",
+        "sudo",
+    ] {
+        assert!(text.contains(want), "as nobody: want {want:?} in:\n{text}");
+    }
+    let _ = std::fs::remove_dir_all(std::path::Path::new(&bin).parent().expect("a dir"));
+    // Root in a container that was not given them: dropped from the bounding set, they are
+    // not regained when the observer is executed.
+    refused_under(
+        &[
+            "setpriv",
+            "--bounding-set=-bpf,-perfmon,-sys_admin",
+            "--inh-caps=-bpf,-perfmon,-sys_admin",
+        ],
+        &["--pid", "1"],
+        &["root, but without CAP_BPF, CAP_PERFMON:", "--privileged"],
+    );
+    // CAP_SYS_ADMIN stands in for both (the older kernels' rule, still honoured): past the
+    // check, the observer goes on to the PID.
+    refused_under(
+        &[
+            "setpriv",
+            "--bounding-set=-bpf,-perfmon",
+            "--inh-caps=-bpf,-perfmon",
+        ],
+        &["--pid", "2147483646"],
         &["no process with PID 2147483646"],
     );
 }
