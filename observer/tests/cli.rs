@@ -54,10 +54,25 @@ fn refused_under(wrapper: &[&str], args: &[&str], want: &[&str]) {
     }
 }
 
-fn write_temp(name: &str, text: &str) -> String {
+/// A file or directory of a test, removed when the test ends.
+struct Temp(String);
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let p = std::path::Path::new(&self.0);
+        let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir_all(p));
+    }
+}
+
+fn temp_path(name: &str) -> Temp {
     let p = std::env::temp_dir().join(format!("observer-cli-{}-{name}", std::process::id()));
-    std::fs::write(&p, text).expect("temp file");
-    p.display().to_string()
+    Temp(p.display().to_string())
+}
+
+fn write_temp(name: &str, text: &str) -> Temp {
+    let t = temp_path(name);
+    std::fs::write(&t.0, text).expect("temp file");
+    t
 }
 
 #[test]
@@ -73,20 +88,20 @@ fn a_pid_that_does_not_exist() {
 }
 
 /// The observer's binary where any user can run it (the build directory may not be).
-fn world_runnable_observer() -> String {
+fn world_runnable_observer() -> (Temp, String) {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("observer-cli-{}-bin", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let bin = dir.join("observer");
+    let dir = temp_path("bin");
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let bin = format!("{}/observer", dir.0);
     std::fs::copy(env!("CARGO_BIN_EXE_observer"), &bin).expect("copying the observer");
-    bin.display().to_string()
+    (dir, bin)
 }
 
 #[test]
 fn without_root_or_its_capabilities() {
     // Not root (nobody), no capabilities.
-    let bin = world_runnable_observer();
+    let (_dir, bin) = world_runnable_observer();
     let out = Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -108,7 +123,6 @@ fn without_root_or_its_capabilities() {
     ] {
         assert!(text.contains(want), "as nobody: want {want:?} in:\n{text}");
     }
-    let _ = std::fs::remove_dir_all(std::path::Path::new(&bin).parent().expect("a dir"));
     // Root in a container that was not given them: dropped from the bounding set, they are
     // not regained when the observer is executed.
     refused_under(
@@ -165,16 +179,15 @@ fn a_binary_that_is_not_rusty_workers() {
 
 #[test]
 fn a_stripped_binary() {
-    let stripped =
-        std::env::temp_dir().join(format!("observer-cli-{}-stripped", std::process::id()));
-    std::fs::copy(env!("CARGO_BIN_EXE_observer"), &stripped).expect("copy");
+    let stripped = temp_path("stripped");
+    std::fs::copy(env!("CARGO_BIN_EXE_observer"), &stripped.0).expect("copy");
     let ok = Command::new("strip")
-        .arg(&stripped)
+        .arg(&stripped.0)
         .status()
         .expect("strip (binutils)");
     assert!(ok.success());
     refused(
-        &["probes", "--binary", &stripped.display().to_string()],
+        &["probes", "--binary", &stripped.0],
         &["is stripped (no .symtab)"],
     );
 }
@@ -182,7 +195,7 @@ fn a_stripped_binary() {
 #[test]
 fn a_file_that_is_not_elf() {
     let p = write_temp("not-elf", "hello\n");
-    refused(&["probes", "--binary", &p], &["is not an ELF executable"]);
+    refused(&["probes", "--binary", &p.0], &["is not an ELF executable"]);
     refused(
         &["probes", "--binary", "/nonexistent/proxy"],
         &["cannot read /nonexistent/proxy"],
@@ -201,7 +214,7 @@ fn a_bad_catalog_names_line_and_field() {
             "--binary",
             env!("CARGO_BIN_EXE_observer"),
             "--catalog",
-            &p,
+            &p.0,
         ],
         &[":3: field `program`", "no_such_program", "rpc_call"],
     );
@@ -212,7 +225,7 @@ fn a_bad_catalog_names_line_and_field() {
             "--binary",
             env!("CARGO_BIN_EXE_observer"),
             "--catalog",
-            &p,
+            &p.0,
         ],
         &["catalog2.toml", "line 1"],
     );
@@ -224,5 +237,5 @@ fn a_bad_symbol_dump_names_the_line() {
         "dump.tsv",
         "# address\tsize\n0000000000002000\tzz\tt\t_ZN1fE\tf\n",
     );
-    refused(&["probes", "--symbols", &p], &["line 2", "size"]);
+    refused(&["probes", "--symbols", &p.0], &["line 2", "size"]);
 }
