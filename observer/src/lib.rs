@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod decode;
+pub mod expo;
 pub mod kernel;
 pub mod metrics;
 pub mod procs;

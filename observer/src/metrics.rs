@@ -3,15 +3,15 @@
 //! Built fresh on every scrape from the current state (as ebpf_exporter does), so a series
 //! never outlives what it describes and counters come straight from their source.
 
+use crate::expo::{Kind, Writer};
 use crate::kernel::{Counters, ProbeStatus, ProgramStats};
 use crate::procs::{Role, Watcher};
 use crate::requests::Requests;
 use crate::server::ServerMetrics;
+use crate::tracker::AppStats;
 use crate::tracker::Tracker;
 use observer_common::{method, netstat};
-use prometheus::{
-    CounterVec, Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{CounterVec, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
@@ -84,87 +84,100 @@ impl Reg {
 }
 
 /// One concern's metrics, timed and reported like node_exporter's collectors.
-type Collector = fn(&Reg, &Inputs) -> anyhow::Result<()>;
+type Collector = fn(&Reg, &mut Writer, &Inputs) -> anyhow::Result<()>;
 
-fn apps(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
-    let loaded = r.int_gauge(
+/// The app cache and instances, a series per app: written directly (`expo`).
+fn apps(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
+    let apps = &i.tracker.apps;
+    // Read before anything is written: a failed read leaves no half-written family.
+    let requests = apps
+        .values()
+        .map(|a| Ok(a.requests_user + i.counters.app_requests(a.slot)?))
+        .collect::<anyhow::Result<Vec<u64>>>()?;
+    let loaded = apps.values().filter(|a| a.loaded).count();
+    r.level(
         "apps_loaded",
         "Apps in the proxy's app cache now (2021: APP_NUM).",
-        &[],
+        loaded as i64,
     );
-    let age = r.gauge(
+    w.family(
         "app_loaded_seconds",
+        Kind::Gauge,
         "Seconds since the app was loaded into the app cache (2021: APP_LAST_TIME, per app).",
-        &["app"],
     );
-    let inst = r.int_gauge(
-        "app_instances",
-        "Instances the proxy holds for the app: spawned, not terminated, not dropped (2021: READY_INSTANCE, per app).",
-        &["app"],
-    );
-    let loads = r.counter(
-        "app_loads_total",
-        "App loads into the proxy's app cache.",
-        &["app"],
-    );
-    let evictions = r.counter(
-        "app_evictions_total",
-        "App evictions from the app cache; reason: changed (the app changed or was deleted) or capacity (least recently used, the cache was full).",
-        &["app", "reason"],
-    );
-    let spawns = r.counter(
-        "app_instance_spawns_total",
-        "spawn_worker RPCs sent for the app (instance cold starts).",
-        &["app"],
-    );
-    let terms = r.counter(
-        "app_instance_terminations_total",
-        "terminate_worker RPCs sent for the app's instances (expiry, dropout, pool overflow).",
-        &["app"],
-    );
-    let dropped = r.counter(
-        "app_instances_dropped_total",
-        "Instances that left with their evicted app, never terminated.",
-        &["app"],
-    );
-    let discarded = r.counter(
-        "app_instances_discarded_total",
-        "Instances the proxy let go after a failed fetch (lost by the runtime, ended by an execution error, or on a failed connection): neither pooled nor terminated. Seen with request metrics only.",
-        &["app"],
-    );
-    let reqs = r.counter(
-        "app_requests_total",
-        "Requests the proxy routed to an instance of the app (fetch RPCs; a retried request counts each attempt).",
-        &["app"],
-    );
-    let mut n_loaded = 0;
-    for (app, a) in &i.tracker.apps {
-        let l = [app.as_str()];
-        if a.loaded {
-            n_loaded += 1;
-            age.with_label_values(&l)
-                .set(i.now_ns.saturating_sub(a.loaded_at_ns) as f64 / 1e9);
-        }
-        inst.with_label_values(&l).set(a.alive as i64);
-        loads.with_label_values(&l).inc_by(a.loads);
-        evictions
-            .with_label_values(&[app.as_str(), "changed"])
-            .inc_by(a.evictions);
-        evictions
-            .with_label_values(&[app.as_str(), "capacity"])
-            .inc_by(a.capacity_evictions);
-        spawns.with_label_values(&l).inc_by(a.spawns);
-        terms.with_label_values(&l).inc_by(a.terminations);
-        dropped.with_label_values(&l).inc_by(a.dropped);
-        discarded.with_label_values(&l).inc_by(a.discarded);
-        reqs.with_label_values(&l)
-            .inc_by(a.requests_user + i.counters.app_requests(a.slot)?);
+    for (app, a) in apps.iter().filter(|(_, a)| a.loaded) {
+        let age = i.now_ns.saturating_sub(a.loaded_at_ns) as f64 / 1e9;
+        w.sample(&[("app", app)], age);
     }
-    loaded.with_label_values(NO_LABELS).set(n_loaded);
+    type Field = fn(&AppStats) -> u64;
+    let per_app: [(&str, Kind, &str, Field); 6] = [
+        (
+            "app_instances",
+            Kind::Gauge,
+            "Instances the proxy holds for the app: spawned, not terminated, not dropped (2021: READY_INSTANCE, per app).",
+            |a| a.alive,
+        ),
+        (
+            "app_loads_total",
+            Kind::Counter,
+            "App loads into the proxy's app cache.",
+            |a| a.loads,
+        ),
+        (
+            "app_instance_spawns_total",
+            Kind::Counter,
+            "spawn_worker RPCs sent for the app (instance cold starts).",
+            |a| a.spawns,
+        ),
+        (
+            "app_instance_terminations_total",
+            Kind::Counter,
+            "terminate_worker RPCs sent for the app's instances (expiry, dropout, pool overflow).",
+            |a| a.terminations,
+        ),
+        (
+            "app_instances_dropped_total",
+            Kind::Counter,
+            "Instances that left with their evicted app, never terminated.",
+            |a| a.dropped,
+        ),
+        (
+            "app_instances_discarded_total",
+            Kind::Counter,
+            "Instances the proxy let go after a failed fetch (lost by the runtime, ended by an execution error, or on a failed connection): neither pooled nor terminated. Seen with request metrics only.",
+            |a| a.discarded,
+        ),
+    ];
+    for (name, kind, help, field) in per_app {
+        w.family(name, kind, help);
+        for (app, a) in apps {
+            w.int(&[("app", app)], field(a));
+        }
+    }
+    w.family(
+        "app_evictions_total",
+        Kind::Counter,
+        "App evictions from the app cache; reason: changed (the app changed or was deleted) or capacity (least recently used, the cache was full).",
+    );
+    for (app, a) in apps {
+        w.int(&[("app", app), ("reason", "changed")], a.evictions);
+        w.int(
+            &[("app", app), ("reason", "capacity")],
+            a.capacity_evictions,
+        );
+    }
+    w.family(
+        "app_requests_total",
+        Kind::Counter,
+        "Requests the proxy routed to an instance of the app (fetch RPCs; a retried request counts each attempt).",
+    );
+    for (app, n) in apps.keys().zip(requests) {
+        w.int(&[("app", app)], n);
+    }
     Ok(())
 }
 
-fn rpcs(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
+fn rpcs(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     let c = r.counter(
         "runtime_rpcs_total",
         "RPCs the proxy sent to runtimes, by RuntimeService method.",
@@ -176,7 +189,7 @@ fn rpcs(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn observer(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
+fn observer(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     r.int_gauge(
         "observer_build_info",
         "The observer's version.",
@@ -307,13 +320,14 @@ fn observer(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn requests(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
+fn requests(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     let Some(q) = i.requests else {
         return Ok(());
     };
     for c in q.metrics.collectors() {
         r.0.register(c)?;
     }
+    q.metrics.write(w);
     let info = r.int_gauge(
         "runtime_info",
         "Runtimes that answered an id RPC: their address and RuntimeId.",
@@ -383,7 +397,7 @@ const COLLECTORS: &[(&str, Collector)] = &[
 ];
 
 /// The runtimes' served calls (runtime probes).
-fn server(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
+fn server(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     for c in i.server.collectors() {
         r.0.register(c)?;
     }
@@ -396,7 +410,7 @@ fn server(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
 }
 
 /// procfs readings and kernel socket counters of the proxy and the runtimes.
-fn processes(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
+fn processes(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     let l = &["role", "process"];
     let up = r.int_gauge("process_up", "1 while a process holds this instance name; 0 after it ended (kept 5 minutes, then retired).", l);
     let starts = r.counter(
@@ -477,7 +491,7 @@ fn processes(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
 
 /// The network namespaces of the watched processes, whole (`/proc/<pid>/net/dev`): every
 /// process in them counts here, not only the watched ones.
-fn netns(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
+fn netns(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     let mut spaces: BTreeMap<u64, u32> = BTreeMap::new();
     for inst in i.watcher.instances() {
         if let (Some(s), Some(pid)) = (inst.current(), inst.pid()) {
@@ -516,6 +530,7 @@ fn netns(r: &Reg, i: &Inputs) -> anyhow::Result<()> {
 
 pub fn render(i: &Inputs) -> String {
     let reg = Reg(Registry::new());
+    let mut w = Writer::new();
     let ok = reg.int_gauge(
         "observer_collector_success",
         "1 if the collector's last scrape succeeded.",
@@ -528,7 +543,7 @@ pub fn render(i: &Inputs) -> String {
     );
     for (name, collect) in COLLECTORS {
         let start = Instant::now();
-        let res = collect(&reg, i);
+        let res = collect(&reg, &mut w, i);
         if let Err(e) = &res {
             log::warn!("collector {name} failed: {e:#}");
         }
@@ -536,9 +551,9 @@ pub fn render(i: &Inputs) -> String {
         dur.with_label_values(&[name])
             .set(start.elapsed().as_secs_f64());
     }
-    let mut buf = Vec::new();
+    let mut out = w.finish();
     TextEncoder::new()
-        .encode(&reg.0.gather(), &mut buf)
-        .expect("text encoding into a Vec cannot fail");
-    String::from_utf8(buf).expect("the text format is UTF-8")
+        .encode_utf8(&reg.0.gather(), &mut out)
+        .expect("text encoding into a String cannot fail");
+    out
 }

@@ -19,6 +19,7 @@
 //!   proxy's own error is the next head's on that thread.
 
 use crate::decode::{str1, str2, Bytes};
+use crate::expo::{Hist, Kind, Writer};
 use crate::tracker::Tracker;
 use observer_common::{conn_key, family, kind, method, ConnKey, Event, Layout, MAX_STR};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
@@ -330,12 +331,25 @@ pub struct JoinCounters {
     pub abandoned_requests: u64,
 }
 
+/// What the joins count per app (`expo` writes it: with 1,000 apps these are most of a
+/// scrape).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AppRequests {
+    /// From hyper handing the request to the proxy to its response head.
+    pub duration: Hist,
+    /// Answered `spawn_worker` RPCs.
+    pub spawn: Hist,
+    /// Responses by outcome (`OUTCOMES`' order).
+    pub responses: [u64; OUTCOMES.len()],
+    /// Requests by start (`STARTS`' order).
+    pub starts: [u64; STARTS.len()],
+}
+
+pub const STARTS: &[&str] = &["cold", "warm"];
+
 /// The metrics this module keeps (persistent: histograms cannot be rebuilt per scrape).
 pub struct Metrics {
-    pub request_duration: HistogramVec,
-    pub responses: IntCounterVec,
-    pub starts: IntCounterVec,
-    pub spawn_duration: HistogramVec,
+    pub apps: BTreeMap<String, AppRequests>,
     pub rpc_duration: HistogramVec,
     pub rpc_failures: IntCounterVec,
 }
@@ -360,26 +374,7 @@ fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
 impl Metrics {
     fn new() -> Self {
         Metrics {
-            request_duration: histogram(
-                "app_request_duration_seconds",
-                "Requests by app, from hyper handing the request to the proxy to its response head (app=\"\": no app, e.g. no route).",
-                &["app"],
-            ),
-            responses: counter(
-                "app_responses_total",
-                "Requests answered, by app and outcome: ok, execution_error, no_route, no_instance, retries_exhausted, body_too_large, internal_error.",
-                &["app", "outcome"],
-            ),
-            starts: counter(
-                "app_request_starts_total",
-                "Requests by app that had to spawn an instance (start=cold) or were served by a ready one (start=warm); a request that got no instance is neither.",
-                &["app", "start"],
-            ),
-            spawn_duration: histogram(
-                "app_spawn_duration_seconds",
-                "spawn_worker RPCs answered, by app: the instance cold-start cost.",
-                &["app"],
-            ),
+            apps: BTreeMap::new(),
             rpc_duration: histogram(
                 "runtime_rpc_duration_seconds",
                 "Runtime RPCs answered, by runtime (its address) and method, from the call to the answer.",
@@ -393,15 +388,67 @@ impl Metrics {
         }
     }
 
+    /// The per-runtime families (few series: through the prometheus crate).
     pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
         vec![
-            Box::new(self.request_duration.clone()),
-            Box::new(self.responses.clone()),
-            Box::new(self.starts.clone()),
-            Box::new(self.spawn_duration.clone()),
             Box::new(self.rpc_duration.clone()),
             Box::new(self.rpc_failures.clone()),
         ]
+    }
+
+    fn app(&mut self, app: &str) -> &mut AppRequests {
+        if !self.apps.contains_key(app) {
+            self.apps.insert(app.to_string(), AppRequests::default());
+        }
+        self.apps.get_mut(app).expect("just inserted")
+    }
+
+    /// Writes the per-app families.
+    pub fn write(&self, w: &mut Writer) {
+        w.family(
+            "app_request_duration_seconds",
+            Kind::Histogram,
+            "Requests by app, from hyper handing the request to the proxy to its response head (app=\"\": no app, e.g. no route).",
+        );
+        for (app, a) in &self.apps {
+            if a.duration.count() > 0 {
+                w.histogram(&[("app", app)], &a.duration);
+            }
+        }
+        w.family(
+            "app_responses_total",
+            Kind::Counter,
+            "Requests answered, by app and outcome: ok, execution_error, no_route, no_instance, retries_exhausted, body_too_large, internal_error.",
+        );
+        for (app, a) in &self.apps {
+            for (o, n) in OUTCOMES.iter().zip(a.responses) {
+                if n > 0 {
+                    w.int(&[("app", app), ("outcome", o)], n);
+                }
+            }
+        }
+        w.family(
+            "app_request_starts_total",
+            Kind::Counter,
+            "Requests by app that had to spawn an instance (start=cold) or were served by a ready one (start=warm); a request that got no instance is neither.",
+        );
+        for (app, a) in &self.apps {
+            for (st, n) in STARTS.iter().zip(a.starts) {
+                if n > 0 {
+                    w.int(&[("app", app), ("start", st)], n);
+                }
+            }
+        }
+        w.family(
+            "app_spawn_duration_seconds",
+            Kind::Histogram,
+            "spawn_worker RPCs answered, by app: the instance cold-start cost.",
+        );
+        for (app, a) in &self.apps {
+            if a.spawn.count() > 0 {
+                w.histogram(&[("app", app)], &a.spawn);
+            }
+        }
     }
 }
 
@@ -681,10 +728,7 @@ impl Requests {
                     .observe(secs);
                 if call.method == method::SPAWN_WORKER {
                     if let Some(app) = &call.app {
-                        self.metrics
-                            .spawn_duration
-                            .with_label_values(&[app])
-                            .observe(secs);
+                        self.metrics.app(app).spawn.observe(secs);
                     }
                 }
                 if call.method == method::SPAWN_WORKER
@@ -884,21 +928,20 @@ impl Requests {
         let outcome = outcome_of(sched_error, req.last_fetch);
         let app = req.app.unwrap_or_default();
         let secs = ev.ktime_ns.saturating_sub(req.start_ns) as f64 / 1e9;
-        self.metrics
-            .request_duration
-            .with_label_values(&[&app])
-            .observe(secs);
-        self.metrics
-            .responses
-            .with_label_values(&[&app, outcome])
-            .inc();
+        let a = self.metrics.app(&app);
+        a.duration.observe(secs);
+        let o = OUTCOMES
+            .iter()
+            .position(|x| *x == outcome)
+            .expect("outcome_of answers one of OUTCOMES");
+        a.responses[o] += 1;
         let start = if req.cold {
-            Some("cold")
+            Some(0)
         } else {
-            req.fetched.then_some("warm")
+            req.fetched.then_some(1)
         };
         if let (false, Some(start)) = (app.is_empty(), start) {
-            self.metrics.starts.with_label_values(&[&app, start]).inc();
+            a.starts[start] += 1;
         }
     }
 
@@ -1106,8 +1149,7 @@ mod tests {
         }
         assert_eq!(r.open_requests(), 0);
         assert_eq!(r.counters.unmatched_responses, 2);
-        use prometheus::core::Collector as _;
-        assert!(r.metrics.responses.collect()[0].get_metric().is_empty());
+        assert!(r.metrics.apps.is_empty());
     }
 
     #[test]
@@ -1314,28 +1356,12 @@ mod tests {
         assert!(r.learnt().iter().take(1).all(|(_, k)| *k));
         assert_eq!(r.counters, JoinCounters::default());
         // The fetches name app slot 0: `other`.
-        let ok = r
-            .metrics
-            .responses
-            .with_label_values(&["other", "ok"])
-            .get();
-        let err = r
-            .metrics
-            .responses
-            .with_label_values(&["other", "execution_error"])
-            .get();
+        let other = &r.metrics.apps["other"];
+        let (ok, err) = (other.responses[0], other.responses[1]);
+        assert_eq!((OUTCOMES[0], OUTCOMES[1]), ("ok", "execution_error"));
         assert_eq!((ok, err), (n / 2, n / 2));
-        assert_eq!(
-            r.metrics
-                .request_duration
-                .with_label_values(&["other"])
-                .get_sample_count(),
-            n
-        );
-        assert_eq!(
-            r.metrics.starts.with_label_values(&["other", "warm"]).get(),
-            n
-        );
+        assert_eq!(other.duration.count(), n);
+        assert_eq!(other.starts, [0, n]);
         assert_eq!(
             r.metrics
                 .rpc_failures
