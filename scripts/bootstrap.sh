@@ -34,5 +34,13 @@ else
     --no-default-features --features llvm-22
 fi
 
+# cargo-fuzz runs the fuzz targets (fuzz/) in `cargo xtask test`.
+if command -v cargo-fuzz >/dev/null 2>&1 && cargo fuzz --version 2>/dev/null | grep -q "0.13.2"; then
+  echo "bootstrap: cargo-fuzz 0.13.2 present"
+else
+  echo "bootstrap: installing cargo-fuzz 0.13.2"
+  cargo install --locked cargo-fuzz --version 0.13.2
+fi
+
 test -x /usr/bin/rustc || { echo "bootstrap: /usr/bin/rustc missing after install" >&2; exit 1; }
 echo "bootstrap: done ($(/usr/bin/rustc --version))"

@@ -45,6 +45,13 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Run each fuzz target (fuzz/: ring buffer records, runtime answers, catalogs, ELF files)
+    /// for a bounded time with cargo-fuzz; fails on the first crash, its input kept.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// One row of the bench's scrape table: the test target with N apps (prints, writes nothing).
     BenchScale {
         #[arg(long, default_value_t = 1000)]
@@ -78,10 +85,16 @@ fn ensure_toolchain() -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if Path::new("/usr/bin/rustc").exists() && have_linker {
+    let have_fuzz = cargo()
+        .args(["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if Path::new("/usr/bin/rustc").exists() && have_linker && have_fuzz {
         return Ok(());
     }
-    eprintln!("xtask: Rust eBPF toolchain missing; running scripts/bootstrap.sh");
+    eprintln!("xtask: Rust eBPF toolchain or cargo-fuzz missing; running scripts/bootstrap.sh");
     run(Command::new("bash").arg(root().join("scripts/bootstrap.sh")))
 }
 
@@ -138,10 +151,62 @@ fn test() -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
+    let fuzzed = fuzz(FUZZ_SECONDS_IN_TEST);
     println!("xtask: {passed} passed, {failed} failed");
     if !status.success() || failed > 0 {
         bail!("tests failed ({status})");
     }
+    fuzzed
+}
+
+/// Seconds per fuzz target in `cargo xtask test` (CI): long enough to pass the decoders' first
+/// branches, short enough for the 30 minutes CI has.
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
+
+/// The fuzz targets, their seed directories (under the project root) and largest inputs.
+const FUZZ_TARGETS: &[(&str, Option<&str>, usize)] = &[
+    // Up to a few records, with and without the 4 KiB snapshot of a response head.
+    ("events", None, 16 * 1024),
+    ("answer", None, 256),
+    ("catalog", Some("catalog"), 8 * 1024),
+    ("elf", None, 4096),
+];
+
+fn fuzz(seconds: u64) -> anyhow::Result<()> {
+    // The observer's build script wants the eBPF object.
+    build_ebpf()?;
+    let dir = root().join("fuzz");
+    for (target, seeds, max_len) in FUZZ_TARGETS {
+        eprintln!("xtask: fuzzing {target} for {seconds} s");
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("creating {}", corpus.display()))?;
+        let mut cmd = cargo();
+        // cargo-fuzz passes the sanitizer-coverage flags as -Z options: stable rustc takes them
+        // with RUSTC_BOOTSTRAP (rustup's nightly is not to be had here). No sanitizer: the code
+        // under test is safe Rust, and its panics and overflows are what is looked for.
+        cmd.current_dir(&dir)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", "--sanitizer", "none", "--debug-assertions"])
+            .arg(target)
+            .arg(&corpus);
+        if let Some(seeds) = seeds {
+            cmd.arg(root().join(seeds));
+        }
+        cmd.args([
+            "--".to_string(),
+            format!("-max_total_time={seconds}"),
+            format!("-max_len={max_len}"),
+            "-print_final_stats=1".to_string(),
+        ]);
+        run(&mut cmd).with_context(|| {
+            format!("fuzz target {target} failed: the input that did it is under fuzz/artifacts/{target}/")
+        })?;
+    }
+    eprintln!(
+        "xtask: fuzzing: {} targets, {seconds} s each, nothing found",
+        FUZZ_TARGETS.len()
+    );
     Ok(())
 }
 
@@ -1004,6 +1069,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf => build_ebpf(),
         Task::Test => test(),
+        Task::Fuzz { seconds } => fuzz(seconds),
         Task::Demo { seconds, listen } => demo(seconds, &listen),
         Task::Bench {
             seconds,
