@@ -119,6 +119,10 @@ pub struct Tracker {
     app_cache: Option<u64>,
     other_caches: BTreeSet<u64>,
     handles: HashMap<Bytes, Worker>,
+    /// The dropped workers among `handles`, oldest first (entries of workers that left since
+    /// are skipped): at most `MAX_DROPPED` are kept, so that a target churning through app
+    /// ids cannot grow the observer.
+    dropped_order: VecDeque<(u64, Bytes)>,
     pending: Vec<Pending>,
     deltas: BTreeSet<i64>,
     deferred: Vec<Deferred>,
@@ -131,6 +135,9 @@ pub struct Tracker {
 }
 
 const MAX_UNCLASSIFIED: usize = 1024;
+/// Dropped workers remembered (to take them out of the dropped count if they are terminated
+/// after all); the oldest are forgotten past it.
+const MAX_DROPPED: usize = 8192;
 
 pub fn handle_key(h: &Bytes) -> Option<HandleKey> {
     if h.data.is_empty() || h.data.len() > HANDLE_KEY_LEN || h.full_len as usize != h.data.len() {
@@ -189,6 +196,7 @@ impl Tracker {
     /// Apps are no longer loaded and have no instances; counters, labels and slots stay (they
     /// continue over the proxy's restarts), and the kernel forgets the old workers' handles.
     pub fn target_restarted(&mut self) {
+        self.dropped_order.clear();
         for h in std::mem::take(&mut self.handles).into_keys() {
             if let Some(k) = handle_key(&h) {
                 self.ops.push(MapOp::Remove(k));
@@ -397,9 +405,10 @@ impl Tracker {
         // The app's state goes, its pool of instances with it: they will not be terminated,
         // unless one was already on its way out. Requests still in flight on them stay this
         // app's (the kernel keeps their handles).
-        for w in self.handles.values_mut() {
+        for (h, w) in self.handles.iter_mut() {
             if w.app == label && w.dropped_at_ns.is_none() {
                 w.dropped_at_ns = Some(now_ns);
+                self.dropped_order.push_back((now_ns, h.clone()));
             }
         }
     }
@@ -429,6 +438,9 @@ impl Tracker {
                 let slot = a.slot;
                 if let Some(k) = handle_key(&f.handle) {
                     self.ops.push(MapOp::Insert(k, slot));
+                }
+                if dropped {
+                    self.dropped_order.push_back((f.ktime_ns, f.handle.clone()));
                 }
                 self.handles.insert(
                     f.handle,
@@ -516,18 +528,23 @@ impl Tracker {
     /// evicted apps that were never terminated (leaked in their runtime; no request reaches them).
     pub fn housekeeping(&mut self, now_ns: u64) {
         let ttl = self.cfg.pending_ttl_ns;
-        let ops = &mut self.ops;
-        self.handles.retain(|h, w| {
-            let keep = w
-                .dropped_at_ns
-                .is_none_or(|t| now_ns.saturating_sub(t) < 10 * ttl);
-            if !keep {
-                if let Some(k) = handle_key(h) {
-                    ops.push(MapOp::Remove(k));
+        while let Some((t, _)) = self.dropped_order.front() {
+            if self.dropped_order.len() <= MAX_DROPPED && now_ns.saturating_sub(*t) < 10 * ttl {
+                break;
+            }
+            let (t, h) = self.dropped_order.pop_front().expect("a front");
+            // Still the same dropped worker (not terminated since, its handle not reused).
+            if self
+                .handles
+                .get(&h)
+                .is_some_and(|w| w.dropped_at_ns == Some(t))
+            {
+                self.handles.remove(&h);
+                if let Some(k) = handle_key(&h) {
+                    self.ops.push(MapOp::Remove(k));
                 }
             }
-            keep
-        });
+        }
         self.pending
             .retain(|p| now_ns.saturating_sub(p.ktime_ns) < ttl);
         let before = self.deferred.len();
@@ -753,6 +770,36 @@ mod tests {
         t.housekeeping(2 + 10 * Config::default().pending_ttl_ns);
         assert!(t.handles.is_empty());
         assert_eq!(t.take_map_ops().len(), 1);
+    }
+
+    #[test]
+    fn dropped_workers_are_remembered_up_to_a_cap() {
+        // App ids churning through the cache, each leaving a dropped worker behind (as 100,000
+        // apps passing through a 1,000-app cache do): the oldest are forgotten past the cap,
+        // not kept for their ten minutes.
+        let mut t = Tracker::new(Config::default());
+        let n = MAX_DROPPED + 500;
+        for i in 0..n {
+            let (app, h) = (format!("a{i}"), format!("h{i}"));
+            t.apply(insert(0xB00, &app, true));
+            t.apply(spawn(0x1000, &app));
+            t.apply(fetch(0x1100, &h));
+            t.apply(remove(0xB00, &app));
+        }
+        assert_eq!(t.handles.len(), n);
+        t.housekeeping(10);
+        assert_eq!(t.handles.len(), MAX_DROPPED);
+        // The youngest are the ones kept: a late termination of one still counts.
+        assert!(t.handles.contains_key(&b(&format!("h{}", n - 1))));
+        assert!(!t.handles.contains_key(&b("h0")));
+        let removes = t
+            .take_map_ops()
+            .iter()
+            .filter(|o| matches!(o, MapOp::Remove(_)))
+            .count();
+        assert_eq!(removes, 500);
+        t.apply(term("h0"));
+        assert_eq!(t.counters.unattributed_terminations, 1);
     }
 
     #[test]
