@@ -116,14 +116,21 @@ pub struct ProgramStats {
 
 impl Kernel {
     /// Loads the programs; `detail`: per-request events (request metrics). With `floor`, empty
-    /// programs go where the real ones would (the bench's floor).
-    pub fn load(layout: &Layout, detail: bool, floor: bool) -> anyhow::Result<Self> {
+    /// programs go where the real ones would (the bench's floor). `ring_bytes`: the event ring
+    /// buffer's size.
+    pub fn load(
+        layout: &Layout,
+        detail: bool,
+        floor: bool,
+        ring_bytes: u32,
+    ) -> anyhow::Result<Self> {
         // Run-time statistics cost two clock reads a run, against the microseconds of a uprobe
         // trap; they give the observer's own cost per program.
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
         let ebpf = EbpfLoader::new()
             .override_global("LAYOUT", layout, true)
             .override_global("DETAIL", &u32::from(detail), true)
+            .map_max_entries("EVENTS", ring_bytes)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object into the kernel")?;
         Ok(Kernel {

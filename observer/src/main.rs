@@ -98,6 +98,26 @@ struct RunArgs {
     /// overruns it, to show that the losses are counted).
     #[arg(long, hide = true, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     drain_interval_ms: u64,
+    /// Size of the ring buffer that carries events to userspace, in bytes: a power of two, at
+    /// least 4096. The default holds about 3,700 requests' events, some 40 drains' worth at
+    /// 10,000 requests/s; events past it are lost and counted
+    /// (rusty_workers_observer_events_lost_total).
+    #[arg(long, default_value_t = 4 << 20, value_parser = ring_bytes)]
+    ring_bytes: u32,
+}
+
+/// A ring buffer's size: the kernel wants a power of two and a multiple of the page size
+/// (kernel/bpf/ringbuf.c, ringbuf_map_alloc).
+fn ring_bytes(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count"))?;
+    if n < 4096 || !n.is_power_of_two() || n > 1 << 30 {
+        return Err(format!(
+            "{n} is not a power of two between 4096 and 1073741824 (e.g. 4194304 for 4 MiB)"
+        ));
+    }
+    Ok(n)
 }
 
 fn load_catalog(path: Option<&Path>) -> anyhow::Result<Catalog> {
@@ -493,7 +513,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let listener = bind(a.listen).await?;
 
     let detail = !a.no_request_metrics;
-    let mut kernel = kernel::Kernel::load(&catalog.layout, detail, a.floor)?;
+    let mut kernel = kernel::Kernel::load(&catalog.layout, detail, a.floor, a.ring_bytes)?;
     kernel.attach_tracepoints()?;
     let kernel::Maps {
         events,
