@@ -31,30 +31,69 @@ pub struct AppConfig {
 
 pub struct DataClient {
     path: String,
+    /// The file as last parsed, while its inode, modification time and length stay the same (a
+    /// test with 100,000 apps must not parse megabytes of JSON for every app load). The
+    /// harness replaces the file by a rename: a new inode for every version.
+    parsed: std::sync::Mutex<Option<Parsed>>,
+}
+
+struct Parsed {
+    stamp: (u64, std::time::SystemTime, u64),
+    file: std::sync::Arc<AppsFile>,
+    by_id: std::sync::Arc<std::collections::HashMap<String, usize>>,
 }
 
 impl DataClient {
     pub fn new(path: &str) -> Self {
         Self {
             path: path.to_string(),
+            parsed: std::sync::Mutex::new(None),
         }
     }
 
-    async fn read(&self) -> anyhow::Result<AppsFile> {
+    async fn read_indexed(
+        &self,
+    ) -> anyhow::Result<(
+        std::sync::Arc<AppsFile>,
+        std::sync::Arc<std::collections::HashMap<String, usize>>,
+    )> {
+        let meta = tokio::fs::metadata(&self.path).await?;
+        let stamp = (
+            std::os::unix::fs::MetadataExt::ino(&meta),
+            meta.modified()?,
+            meta.len(),
+        );
+        if let Some(p) = self.parsed.lock().unwrap().as_ref() {
+            if p.stamp == stamp {
+                return Ok((p.file.clone(), p.by_id.clone()));
+            }
+        }
         let text = tokio::fs::read_to_string(&self.path).await?;
-        Ok(serde_json::from_str(&text)?)
+        let file: AppsFile = serde_json::from_str(&text)?;
+        let by_id: std::collections::HashMap<String, usize> = file
+            .apps
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.id.clone(), i))
+            .collect();
+        let (file, by_id) = (std::sync::Arc::new(file), std::sync::Arc::new(by_id));
+        *self.parsed.lock().unwrap() = Some(Parsed {
+            stamp,
+            file: file.clone(),
+            by_id: by_id.clone(),
+        });
+        Ok((file, by_id))
+    }
+
+    async fn read(&self) -> anyhow::Result<std::sync::Arc<AppsFile>> {
+        Ok(self.read_indexed().await?.0)
     }
 
     pub async fn app_metadata_get(&self, id: &str) -> anyhow::Result<Option<AppConfig>> {
-        Ok(self
-            .read()
-            .await?
-            .apps
-            .into_iter()
-            .find(|a| a.id == id)
-            .map(|a| AppConfig {
-                bundle_id: a.bundle_id,
-            }))
+        let (file, by_id) = self.read_indexed().await?;
+        Ok(by_id.get(id).map(|i| AppConfig {
+            bundle_id: file.apps[*i].bundle_id.clone(),
+        }))
     }
 
     pub async fn app_bundle_get(&self, bundle_id: &str) -> anyhow::Result<Option<Vec<u8>>> {
@@ -66,10 +105,10 @@ impl DataClient {
         domain: &str,
     ) -> anyhow::Result<BTreeMap<String, String>> {
         let mut map = BTreeMap::new();
-        for app in self.read().await?.apps {
-            for r in app.routes {
+        for app in &self.read().await?.apps {
+            for r in &app.routes {
                 if r.domain == domain {
-                    map.insert(r.path_prefix, app.id.clone());
+                    map.insert(r.path_prefix.clone(), app.id.clone());
                 }
             }
         }

