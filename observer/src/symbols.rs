@@ -20,8 +20,11 @@ pub enum SymbolError {
     NotElf { path: String, source: object::Error },
     #[error(
         "{path} is stripped (no .symtab): the observer attaches only at function starts taken \
-         from the symbol table; point it at an unstripped build (rusty-workers' release profile \
-         keeps the symbol table unless `strip` is set)"
+         from the symbol table, so none of its app, instance, request or RPC metrics can be had; \
+         what needs no symbols (the process's CPU, memory, threads, file descriptors and socket \
+         bytes) is not worth an observer on its own (node_exporter's process collector gives \
+         most of it). Point it at an unstripped build (rusty-workers' release profile keeps the \
+         symbol table unless `strip` is set)"
     )]
     Stripped { path: String },
     #[error("symbol table line {line}: {msg}")]

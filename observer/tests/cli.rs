@@ -147,6 +147,29 @@ fn without_root_or_its_capabilities() {
     );
 }
 
+/// A kernel without a feature the observer needs, as seen from a mount namespace in which its
+/// sysfs entry is hidden under an empty tmpfs.
+#[test]
+fn a_kernel_without_a_needed_feature_is_named() {
+    for (hide, want) in [
+        (
+            "/sys/kernel/btf",
+            &["no BTF", "CONFIG_DEBUG_INFO_BTF=y"][..],
+        ),
+        (
+            "/sys/bus/event_source/devices",
+            &["no uprobe perf PMU", "CONFIG_UPROBE_EVENTS=y"][..],
+        ),
+    ] {
+        let script = format!("mount -t tmpfs none {hide} && exec \"$0\" \"$@\"");
+        refused_under(
+            &["unshare", "--mount", "sh", "-c", &script],
+            &["--pid", "1"],
+            want,
+        );
+    }
+}
+
 #[test]
 fn no_pid_at_all() {
     refused(&[], &["missing --pid"]);
@@ -188,7 +211,11 @@ fn a_stripped_binary() {
     assert!(ok.success());
     refused(
         &["probes", "--binary", &stripped.0],
-        &["is stripped (no .symtab)"],
+        &[
+            "is stripped (no .symtab)",
+            "socket bytes",
+            "unstripped build",
+        ],
     );
 }
 
