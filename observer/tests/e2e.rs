@@ -63,6 +63,11 @@ impl Drop for Observer {
 impl Observer {
     /// Starts the observer with request metrics (the default), or without (`lean`).
     fn start(pid: u32, dir: &std::path::Path, lean: bool) -> Observer {
+        Observer::start_with(pid, dir, lean, &[])
+    }
+
+    /// As `start`, with more command line options.
+    fn start_with(pid: u32, dir: &std::path::Path, lean: bool, extra: &[&str]) -> Observer {
         let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = dir.join("observer.log");
         let mut args = vec![
@@ -74,6 +79,7 @@ impl Observer {
         if lean {
             args.push("--no-request-metrics".into());
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         let child = Command::new(env!("CARGO_BIN_EXE_observer"))
             .args(&args)
             .stdout(Stdio::null())
@@ -155,51 +161,119 @@ impl Observer {
     /// SIGINT (an operator's Ctrl-C, 2) or SIGTERM (systemd, 15): must detach and exit 0.
     fn stop(mut self, signal: i32) -> String {
         self.stopped = true;
+        let ours = ours_in_kernel();
+        assert!(
+            !ours.programs.is_empty() && !ours.links.is_empty(),
+            "bpftool shows none of the observer's programs and links: {ours:?}"
+        );
         // SAFETY: kill(2) on our own child.
         unsafe { libc_kill(self.child.id() as i32, signal) };
         let status = self.child.wait().expect("observer exit");
         let log = self.log_text();
         assert!(status.success(), "observer exited with {status}:\n{log}");
         assert!(log.contains("detached"), "no detach message:\n{log}");
-        // Nothing stays in the kernel: no program of ours (the kernel frees them shortly after
-        // their last file descriptor closes), no uprobe.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let Ok(out) = Command::new("bpftool").args(["prog", "show"]).output() else {
-                break;
-            };
-            let progs = String::from_utf8_lossy(&out.stdout).to_string();
-            let left: Vec<&str> = [
-                "rpc_call",
-                "lru_insert",
-                "lru_remove",
-                "rpc_response",
-                "rpc_done",
-                "http_request",
-                "http_response",
-                "sched_error",
-                "sock_recv",
-            ]
-            .into_iter()
-            .filter(|n| progs.contains(&format!("name {n} ")))
-            .collect();
-            if left.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{left:?} still loaded 5 s after exit:\n{progs}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let events =
-            std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
-        assert!(
-            !events.contains("rusty-workers"),
-            "uprobe left behind: {events}"
-        );
+        assert_nothing_left(&ours);
         log
     }
+
+    /// SIGKILL: no detach code runs. Returns what it had in the kernel and how long that took
+    /// to go (checked by `assert_nothing_left`).
+    fn kill9(mut self) -> (KernelObjects, Duration) {
+        self.stopped = true;
+        let ours = ours_in_kernel();
+        assert!(
+            !ours.programs.is_empty() && !ours.links.is_empty(),
+            "bpftool shows none of the observer's programs and links: {ours:?}"
+        );
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc_kill(self.child.id() as i32, 9) };
+        let _ = self.child.wait();
+        let gone = assert_nothing_left(&ours);
+        (ours, gone)
+    }
+}
+
+/// The observer's programs and links in the kernel, by id (`bpftool`; the e2e tests run one
+/// observer at a time, `SERIAL`).
+#[derive(Debug, Default)]
+struct KernelObjects {
+    programs: Vec<u64>,
+    links: Vec<u64>,
+}
+
+const OUR_PROGRAMS: &[&str] = &[
+    "rpc_call",
+    "lru_insert",
+    "lru_remove",
+    "rpc_response",
+    "rpc_done",
+    "http_request",
+    "http_response",
+    "sched_error",
+    "sock_recv",
+    "sock_send",
+    "server_poll",
+    "server_poll_sret",
+    "server_drop",
+];
+
+fn bpftool_json(what: &str) -> Vec<Value> {
+    let out = Command::new("bpftool")
+        .args(["-j", what, "show"])
+        .output()
+        .expect("bpftool (scripts/bootstrap.sh installs it)");
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+fn ours_in_kernel() -> KernelObjects {
+    let programs: Vec<u64> = bpftool_json("prog")
+        .iter()
+        .filter(|p| OUR_PROGRAMS.contains(&p["name"].as_str().unwrap_or("")))
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    let links = bpftool_json("link")
+        .iter()
+        .filter(|l| {
+            l["prog_id"]
+                .as_u64()
+                .is_some_and(|id| programs.contains(&id))
+        })
+        .filter_map(|l| l["id"].as_u64())
+        .collect();
+    KernelObjects { programs, links }
+}
+
+/// None of `before`'s programs and links is in the kernel any more (it frees them shortly
+/// after their last file descriptor closes: waits up to 5 s), and no uprobe is registered
+/// through tracefs. Returns how long they took to go.
+fn assert_nothing_left(before: &KernelObjects) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let progs: Vec<u64> = bpftool_json("prog")
+            .iter()
+            .filter_map(|p| p["id"].as_u64())
+            .filter(|id| before.programs.contains(id))
+            .collect();
+        let links: Vec<u64> = bpftool_json("link")
+            .iter()
+            .filter_map(|l| l["id"].as_u64())
+            .filter(|id| before.links.contains(id))
+            .collect();
+        if progs.is_empty() && links.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "programs {progs:?} and links {links:?} still in the kernel 5 s after the observer's exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let events = std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
+    assert!(
+        !events.contains("rusty-workers"),
+        "uprobe left behind: {events}"
+    );
+    t0.elapsed()
 }
 
 extern "C" {
@@ -1356,6 +1430,441 @@ fn a_target_in_its_own_mount_and_pid_namespace() {
         fetches,
         truth_u64(&truth, &["rpc_calls", "fetch"]) as f64,
         "fetches the contained runtimes served"
+    );
+    obs.lint();
+}
+
+// Faults (issue 7): the observer or the target killed mid-load, the scrape endpoint hammered,
+// the ring buffer overrun.
+
+fn app_paths(app: &App, tag: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{}/{tag}{i}", app.prefix)).collect()
+}
+
+#[test]
+fn the_observer_killed_mid_load_leaves_nothing_behind_and_the_target_unharmed() {
+    require_root();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let app = App::new("plain");
+    let tb = Testbed::start(&Options {
+        apps: vec![app.clone()],
+        ..Options::default()
+    });
+    let obs = Observer::start(tb.proxy_pid(), &tb.dir, false);
+    let t0 = settle(&tb);
+    let n = 3000;
+    let loader = {
+        let (http, p) = (tb.http, app_paths(&app, "k", n));
+        std::thread::spawn(move || load(http, &p, 4))
+    };
+    wait_until("events from the load", 10, || {
+        obs.try_scrape()
+            .is_ok_and(|m| m["rusty_workers_observer_events_total"] > 100.0)
+    });
+    let (ours, gone) = obs.kill9();
+    let statuses = loader.join().unwrap();
+    eprintln!(
+        "e2e: observer SIGKILLed mid-load with {} programs and {} links in the kernel; all gone {:.3} s later; the load: {statuses:?}",
+        ours.programs.len(),
+        ours.links.len(),
+        gone.as_secs_f64()
+    );
+    // Every request of the load, before and after the kill, was served.
+    all_ok(&statuses, n);
+    let t1 = settle(&tb);
+    assert_eq!(
+        truth_u64(&t1, &["apps", "plain", "requests"])
+            - truth_u64(&t0, &["apps", "plain", "requests"]),
+        n as u64,
+        "the proxy's own count of the requests it served"
+    );
+}
+
+#[test]
+fn the_proxy_killed_mid_load_is_marked_down_and_taken_up_again() {
+    require_root();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let app = App::new("plain");
+    let mut tb = Testbed::start(&Options {
+        apps: vec![app.clone()],
+        ..Options::default()
+    });
+    let obs = Observer::start(tb.proxy_pid(), &tb.dir, false);
+    let loader = {
+        let (http, p) = (tb.http, app_paths(&app, "k", 100_000));
+        std::thread::spawn(move || load(http, &p, 4))
+    };
+    wait_until("events from the load", 10, || {
+        obs.try_scrape()
+            .is_ok_and(|m| m["rusty_workers_observer_events_total"] > 100.0)
+    });
+    let t_kill = Instant::now();
+    tb.kill_proxy();
+    let proxy_up = proc_series("up", "proxy", "rusty-workers-proxy", None);
+    let down = time_until(&obs, t_kill, 2, "the proxy marked down", |m| {
+        m["rusty_workers_observer_target_up"] == 0.0 && m.get(&proxy_up) == Some(&0.0)
+    });
+    // While it is down the observer keeps serving.
+    let mut scrapes = 0;
+    while t_kill.elapsed() < Duration::from_secs(2) {
+        let m = obs
+            .try_scrape()
+            .expect("the observer serves while its target is down");
+        assert_eq!(m[&proxy_up], 0.0);
+        scrapes += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let failed_load = loader.join().unwrap();
+    let t_start = Instant::now();
+    tb.restart_proxy();
+    let back = time_until(&obs, t_start, 2, "the proxy taken up again", |m| {
+        m["rusty_workers_observer_reattaches_total{role=\"proxy\"}"] == 1.0
+            && m.get(&proxy_up) == Some(&1.0)
+            && SPINE_PROBES.iter().chain(REQUEST_PROBES).all(|p| {
+                m.get(&format!(
+                    "rusty_workers_observer_probe_attached{{probe=\"{p}\",reason=\"\"}}"
+                )) == Some(&1.0)
+            })
+    });
+    eprintln!(
+        "e2e: proxy SIGKILLed mid-load (the load: {failed_load:?}): marked down +{:.3} s, {scrapes} scrapes served while down, taken up again +{:.3} s after its restart",
+        down.as_secs_f64(),
+        back.as_secs_f64()
+    );
+    // Counting again, from the new process: its requests equal its own ground truth.
+    let t0 = settle(&tb);
+    let m0 = obs.scrape();
+    let n = 400;
+    all_ok(&load(tb.http, &app_paths(&app, "again", n), 4), n);
+    let t1 = settle(&tb);
+    std::thread::sleep(Duration::from_millis(300));
+    let m1 = obs.scrape();
+    let series = "rusty_workers_app_requests_total{app=\"plain\"}";
+    assert_eq!(
+        get(&m1, series) - get(&m0, series),
+        (truth_u64(&t1, &["apps", "plain", "requests"])
+            - truth_u64(&t0, &["apps", "plain", "requests"])) as f64,
+        "{series} after the restart"
+    );
+    obs.lint();
+}
+
+#[test]
+fn scrapes_hammered_while_events_flow() {
+    require_root();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let apps: Vec<App> = (0..20).map(|i| App::new(&format!("app-{i}"))).collect();
+    let tb = Testbed::start(&Options {
+        apps: apps.clone(),
+        ..Options::default()
+    });
+    let obs = Observer::start(tb.proxy_pid(), &tb.dir, false);
+    warm_up(&tb, &obs, &apps);
+    let t0 = settle(&tb);
+    let m0 = obs.scrape();
+    let n_per_app = 150;
+    let paths: Vec<String> = (0..n_per_app)
+        .flat_map(|i| apps.iter().map(move |a| format!("{}/h{i}", a.prefix)))
+        .collect();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scrapers: Vec<_> = (0..8)
+        .map(|_| {
+            let (addr, done) = (obs.addr, done.clone());
+            std::thread::spawn(move || {
+                let mut times = Vec::new();
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let (status, body) =
+                        http_get(addr, "localhost", "/metrics").expect("a scrape under load");
+                    assert_eq!(status, 200);
+                    assert!(body.contains("rusty_workers_observer_events_total"));
+                    times.push(t.elapsed());
+                }
+                times
+            })
+        })
+        .collect();
+    let statuses = load(tb.http, &paths, 8);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut times: Vec<Duration> = scrapers
+        .into_iter()
+        .flat_map(|s| s.join().expect("a scraper failed"))
+        .collect();
+    times.sort();
+    all_ok(&statuses, paths.len());
+    eprintln!(
+        "e2e: {} scrapes by 8 threads during {} requests: p50 {:.1} ms, max {:.1} ms",
+        times.len(),
+        paths.len(),
+        times[times.len() / 2].as_secs_f64() * 1e3,
+        times[times.len() - 1].as_secs_f64() * 1e3
+    );
+    assert!(times.len() >= 50, "only {} scrapes", times.len());
+    let t1 = settle(&tb);
+    std::thread::sleep(Duration::from_millis(300));
+    let m1 = obs.scrape();
+    assert_eq!(m1["rusty_workers_observer_events_lost_total"], 0.0);
+    for a in &apps {
+        for (metric, field) in [
+            ("app_requests_total", "requests"),
+            ("app_loads_total", "loads"),
+        ] {
+            let series = format!("rusty_workers_{metric}{{app=\"{}\"}}", a.id);
+            let want =
+                truth_u64(&t1, &["apps", &a.id, field]) - truth_u64(&t0, &["apps", &a.id, field]);
+            assert_eq!(
+                get(&m1, &series) - get(&m0, &series),
+                want as f64,
+                "{series}"
+            );
+        }
+        let series = format!(
+            "rusty_workers_app_responses_total{{app=\"{}\",outcome=\"ok\"}}",
+            a.id
+        );
+        assert_eq!(
+            get(&m1, &series) - get(&m0, &series),
+            n_per_app as f64,
+            "{series}"
+        );
+    }
+    obs.lint();
+}
+
+#[test]
+fn a_ring_buffer_overrun_is_counted_and_kernel_counts_stay_exact() {
+    require_root();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let app = App::new("plain");
+    let tb = Testbed::start(&Options {
+        apps: vec![app.clone()],
+        ..Options::default()
+    });
+    // 64 KiB hold about 290 events; drained every second, a burst of requests overruns it.
+    let obs = Observer::start_with(
+        tb.proxy_pid(),
+        &tb.dir,
+        false,
+        &["--ring-bytes", "65536", "--drain-interval-ms", "1000"],
+    );
+    let rts: Vec<String> = tb.runtime_addrs.iter().map(|a| a.to_string()).collect();
+    wait_until("the runtimes watched", 10, || {
+        obs.try_scrape().is_ok_and(|m| {
+            rts.iter()
+                .all(|r| m.get(&proc_series("up", "runtime", r, None)) == Some(&1.0))
+        })
+    });
+    quiesce(&tb, rts.len());
+    let t0 = settle(&tb);
+    let m0 = obs.scrape();
+    let own0: Vec<(f64, f64)> = (0..rts.len()).map(|i| runtime_bytes(&tb, i)).collect();
+    let n = 3000;
+    all_ok(&load(tb.http, &app_paths(&app, "burst", n), 8), n);
+    quiesce(&tb, rts.len());
+    std::thread::sleep(Duration::from_millis(1200));
+    let t1 = settle(&tb);
+    let m1 = obs.scrape();
+    let lost = get(&m1, "rusty_workers_observer_events_lost_total")
+        - get(&m0, "rusty_workers_observer_events_lost_total");
+    let received = get(&m1, "rusty_workers_observer_events_total")
+        - get(&m0, "rusty_workers_observer_events_total");
+    eprintln!("e2e: overrun: {received} events received, {lost} lost and counted");
+    assert!(
+        lost > 0.0,
+        "a 64 KiB ring drained every second was not overrun"
+    );
+    // What the kernel counts itself is exact whatever the ring loses: RPCs by method, and
+    // every process's socket bytes.
+    for method in &method::NAMES[..method::UNKNOWN as usize] {
+        let series = format!("rusty_workers_runtime_rpcs_total{{method=\"{method}\"}}");
+        let want = truth_u64(&t1, &["rpc_calls", method]) - truth_u64(&t0, &["rpc_calls", method]);
+        assert_eq!(
+            get(&m1, &series) - get(&m0, &series),
+            want as f64,
+            "{series}"
+        );
+    }
+    for (i, rt) in rts.iter().enumerate() {
+        assert_bytes_agree(
+            &format!("overrun, runtime {rt}"),
+            minus(runtime_bytes(&tb, i), own0[i]),
+            minus(observed_bytes(&m1, rt), observed_bytes(&m0, rt)),
+        );
+    }
+    assert_eq!(m1["rusty_workers_observer_decode_errors_total"], 0.0);
+    obs.lint();
+}
+
+// Hostile or odd data from the target (issue 7).
+
+#[test]
+fn hostile_app_ids_never_become_labels_and_are_counted_under_other() {
+    require_root();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let long = "x".repeat(5000);
+    let cut_mid_char = "é".repeat(40);
+    let hostile: Vec<(&str, &str)> = vec![
+        ("quo\"te", "bad_char"),
+        ("new\nline", "bad_char"),
+        ("back\\slash", "bad_char"),
+        ("app\"} 1\nrusty_workers_forged_total{a=\"", "bad_char"),
+        ("sp ace", "bad_char"),
+        ("ünïcödé", "bad_char"),
+        (&long, "too_long"),
+        // 80 bytes cut at 64 in the kernel (MAX_STR): too long before it could be half a char.
+        (&cut_mid_char, "too_long"),
+    ];
+    let mut apps: Vec<App> = hostile
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| App {
+            id: id.to_string(),
+            bundle_id: "v1".into(),
+            prefix: format!("/h{i}"),
+        })
+        .collect();
+    apps.push(App::new("fine"));
+    let tb = Testbed::start(&Options {
+        apps: apps.clone(),
+        ..Options::default()
+    });
+    let obs = Observer::start(tb.proxy_pid(), &tb.dir, false);
+    let t0 = settle(&tb);
+    let m0 = obs.scrape();
+    for a in &apps {
+        all_ok(&load(tb.http, &app_paths(a, "r", 20), 2), 20);
+    }
+    let t1 = settle(&tb);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, body) = http_get(obs.addr, "localhost", "/metrics").expect("scrape");
+    let labels: std::collections::BTreeSet<&str> = body
+        .split("app=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert!(
+        labels.iter().all(|l| ["fine", "other", ""].contains(l)),
+        "app labels {labels:?}: a hostile id reached the exposition"
+    );
+    assert!(
+        !body.contains("forged"),
+        "a forged series in the exposition"
+    );
+    let m1 = parse_metrics(&body);
+    let grew = |series: &str| get(&m1, series) - get(&m0, series);
+    // Every hostile app's loads, spawns and requests are counted, under app="other".
+    for (metric, field) in [
+        ("app_loads_total", "loads"),
+        ("app_instance_spawns_total", "spawns"),
+        ("app_requests_total", "requests"),
+    ] {
+        let want: u64 = hostile
+            .iter()
+            .map(|(id, _)| {
+                truth_u64(&t1, &["apps", id, field]) - truth_u64(&t0, &["apps", id, field])
+            })
+            .sum();
+        assert!(want > 0, "{metric}: the hostile apps did nothing");
+        let series = format!("rusty_workers_{metric}{{app=\"other\"}}");
+        assert_eq!(grew(&series), want as f64, "{series}");
+        let fine = format!("rusty_workers_{metric}{{app=\"fine\"}}");
+        let want =
+            truth_u64(&t1, &["apps", "fine", field]) - truth_u64(&t0, &["apps", "fine", field]);
+        assert_eq!(grew(&fine), want as f64, "{fine}");
+    }
+    for reason in ["bad_char", "too_long"] {
+        let series = format!("rusty_workers_observer_label_refused_total{{reason=\"{reason}\"}}");
+        assert!(grew(&series) > 0.0, "{series} did not grow");
+    }
+    eprintln!(
+        "e2e: hostile app ids: refused bad_char {}, too_long {}; under app=\"other\": {} loads, {} requests",
+        grew("rusty_workers_observer_label_refused_total{reason=\"bad_char\"}"),
+        grew("rusty_workers_observer_label_refused_total{reason=\"too_long\"}"),
+        grew("rusty_workers_app_loads_total{app=\"other\"}"),
+        grew("rusty_workers_app_requests_total{app=\"other\"}"),
+    );
+    obs.lint();
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .expect("the observer's VmRSS")
+}
+
+#[test]
+fn a_hundred_thousand_app_ids_keep_the_label_cap_and_memory_bounded() {
+    require_root();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = 100_000;
+    let apps: Vec<App> = (0..n).map(|i| App::new(&format!("a{i:06}"))).collect();
+    let tb = Testbed::start(&Options {
+        apps: apps.clone(),
+        // The proxy holds 1,000 apps; instances expire in a second: the target stays small
+        // while every app passes through it.
+        app_cache_size: 1000,
+        ready_instance_expiration_ms: 1000,
+        max_ready_instances_per_app: 1,
+        dropout_rate: 0.0,
+        ..Options::default()
+    });
+    let obs = Observer::start(tb.proxy_pid(), &tb.dir, false);
+    let rss_start = rss_mib(obs.child.id());
+    let t0 = Instant::now();
+    let paths: Vec<String> = apps.iter().map(|a| format!("{}/once", a.prefix)).collect();
+    let mut rss_max = rss_start;
+    for chunk in paths.chunks(10_000) {
+        all_ok(&load(tb.http, chunk, 16), chunk.len());
+        rss_max = rss_max.max(rss_mib(obs.child.id()));
+    }
+    let took = t0.elapsed();
+    let truth = settle(&tb);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, body) = http_get(obs.addr, "localhost", "/metrics").expect("scrape");
+    let rss_end = rss_mib(obs.child.id());
+    let m = parse_metrics(&body);
+    let series = |metric: &str| -> Vec<f64> {
+        m.iter()
+            .filter(|(k, _)| k.starts_with(&format!("rusty_workers_{metric}{{app=")))
+            .map(|(_, v)| *v)
+            .collect()
+    };
+    let loads = series("app_loads_total");
+    eprintln!(
+        "e2e: {n} apps loaded once each in {:.0} s: {} app label values, exposition {} KiB; observer RSS {rss_start:.1} MiB at start, {rss_max:.1} MiB at most, {rss_end:.1} MiB at the end",
+        took.as_secs_f64(),
+        loads.len(),
+        body.len() / 1024
+    );
+    // The cap: 1,000 app labels (the default --max-apps) and "other".
+    assert_eq!(loads.len(), 1001, "app label values");
+    assert!(m["rusty_workers_observer_label_overflow_total"] > 0.0);
+    // Nothing lost: summed over the labels, every load and request is there.
+    let want = |field: &str| -> f64 {
+        truth["apps"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|a| a[field].as_u64().unwrap_or(0) as f64)
+            .sum()
+    };
+    assert_eq!(loads.iter().sum::<f64>(), want("loads"), "loads summed");
+    assert_eq!(
+        series("app_requests_total").iter().sum::<f64>(),
+        want("requests"),
+        "requests summed"
+    );
+    // Memory bounded: what the observer keeps per app id past the cap is nothing; it grows
+    // with the live workers and the joins in flight, which the target bounds.
+    assert!(
+        rss_end < 80.0,
+        "observer RSS {rss_end:.1} MiB after {n} app ids (at start {rss_start:.1} MiB)"
     );
     obs.lint();
 }
