@@ -52,6 +52,13 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Minutes of mixed load on the test target with app changes, capacity evictions and
+    /// runtime restarts, the observer attached: its memory over time, and every counter
+    /// against ground truth at the end.
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+    },
     /// One row of the bench's scrape table: the test target with N apps (prints, writes nothing).
     BenchScale {
         #[arg(long, default_value_t = 1000)]
@@ -64,6 +71,7 @@ mod bpftrace;
 mod fixed;
 mod pipeline;
 mod scale;
+mod soak;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -1070,6 +1078,31 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf(),
         Task::Test => test(),
         Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Soak { minutes } => {
+            build_ebpf()?;
+            run(cargo().args(["build", "--release", "--workspace"]))?;
+            let r = soak::run(&testbed_harness::release_dir().join("observer"), minutes)?;
+            println!(
+                "soak: {:.1} minutes, {} requests, {} app changes, {} runtime restarts",
+                r.minutes, r.requests, r.app_changes, r.runtime_restarts
+            );
+            println!(
+                "soak: observer RSS {:.1} MiB after warm-up, {:.1} MiB at the end (max {:.1} MiB)",
+                r.rss_start_mib, r.rss_end_mib, r.rss_max_mib
+            );
+            println!(
+                "soak: {} counters against ground truth, {} differ",
+                r.checked,
+                r.mismatches.len()
+            );
+            for m in &r.mismatches {
+                println!("soak: MISMATCH {m}");
+            }
+            if !r.mismatches.is_empty() {
+                bail!("{} counters differ from ground truth", r.mismatches.len());
+            }
+            Ok(())
+        }
         Task::Demo { seconds, listen } => demo(seconds, &listen),
         Task::Bench {
             seconds,
