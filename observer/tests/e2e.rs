@@ -1818,10 +1818,10 @@ fn a_hundred_thousand_app_ids_keep_the_label_cap_and_memory_bounded() {
     let rss_start = rss_mib(obs.child.id());
     let t0 = Instant::now();
     let paths: Vec<String> = apps.iter().map(|a| format!("{}/once", a.prefix)).collect();
-    let mut rss_max = rss_start;
+    let mut rss_each = Vec::new();
     for chunk in paths.chunks(10_000) {
         all_ok(&load(tb.http, chunk, 16), chunk.len());
-        rss_max = rss_max.max(rss_mib(obs.child.id()));
+        rss_each.push(format!("{:.1}", rss_mib(obs.child.id())));
     }
     let took = t0.elapsed();
     let truth = settle(&tb);
@@ -1837,10 +1837,11 @@ fn a_hundred_thousand_app_ids_keep_the_label_cap_and_memory_bounded() {
     };
     let loads = series("app_loads_total");
     eprintln!(
-        "e2e: {n} apps loaded once each in {:.0} s: {} app label values, exposition {} KiB; observer RSS {rss_start:.1} MiB at start, {rss_max:.1} MiB at most, {rss_end:.1} MiB at the end",
+        "e2e: {n} apps loaded once each in {:.0} s: {} app label values, exposition {} KiB; observer RSS {rss_start:.1} MiB at start, after each 10,000 apps {}, {rss_end:.1} MiB at the end",
         took.as_secs_f64(),
         loads.len(),
-        body.len() / 1024
+        body.len() / 1024,
+        rss_each.join(", ")
     );
     // The cap: 1,000 app labels (the default --max-apps) and "other".
     assert_eq!(loads.len(), 1001, "app label values");
