@@ -708,7 +708,14 @@ fn drain(
                     s.server.observe(runtime, method, duration_ns, polls);
                     continue;
                 }
-                Ok(d) => s.tracker.apply(d),
+                Ok(d) => {
+                    if let (decode::Decoded::Terminate { handle, .. }, Some(q)) =
+                        (&d, s.requests.as_mut())
+                    {
+                        q.forget_worker(handle);
+                    }
+                    s.tracker.apply(d)
+                }
                 Err(e) => {
                     s.decode_errors += 1;
                     log::debug!("undecodable event: {e}");

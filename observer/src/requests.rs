@@ -783,9 +783,15 @@ impl Requests {
                 Some(AnswerResult::Ok) | Some(AnswerResult::Error("script_throws"))
             );
             if let (false, Some(h)) = (kept, call.handle) {
+                self.placed.remove(&h);
                 self.discarded.push(h);
             }
         }
+    }
+
+    /// A worker was terminated: where it ran no longer matters.
+    pub fn forget_worker(&mut self, handle: &Bytes) {
+        self.placed.remove(handle);
     }
 
     fn fail(&self, rt: &str, m: &str, reason: &str) {
@@ -961,8 +967,11 @@ impl Requests {
     /// Forgets where workers that are gone were spawned (the first fetch pairs a worker with
     /// its app within seconds of its spawn; a minute is ample).
     pub fn prune_placed(&mut self, tracker: &Tracker, now_ns: u64) {
-        self.placed
-            .retain(|h, (_, t)| tracker.is_alive(h) || now_ns.saturating_sub(*t) < ANSWER_TTL_NS);
+        // A worker the tracker knows and not as alive was dropped with its app: gone. One it
+        // does not know yet has not been paired by its first fetch.
+        self.placed.retain(|h, (_, t)| {
+            tracker.is_alive(h) || (!tracker.knows(h) && now_ns.saturating_sub(*t) < ANSWER_TTL_NS)
+        });
     }
 
     /// Gives up on what waited too long for its other half; sooner when too much waits (a

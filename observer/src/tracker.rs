@@ -252,6 +252,11 @@ impl Tracker {
             .is_some_and(|w| w.dropped_at_ns.is_none())
     }
 
+    /// Whether the worker is known (paired, and not left since; alive or dropped).
+    pub fn knows(&self, h: &Bytes) -> bool {
+        self.handles.contains_key(h)
+    }
+
     /// The app of a worker handle, once paired.
     pub fn app_of_handle(&self, h: &Bytes) -> Option<&str> {
         self.handles.get(h).map(|w| w.app.as_str())
