@@ -294,6 +294,11 @@ fn observer(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     );
     r.total("observer_capacity_evictions_unnamed_total", "App cache capacity evictions past the first of one insert, whose app the probe does not read.", c.unnamed_capacity_evictions);
     r.total(
+        "observer_app_removes_not_cached_total",
+        "App cache removes of an app that was no longer cached (evicted for capacity while the proxy checked it for changes): not counted as evictions.",
+        c.removes_not_cached,
+    );
+    r.total(
         "observer_handle_pairings_total",
         "New worker handles paired with the app of their spawn.",
         c.pairings,

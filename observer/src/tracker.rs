@@ -77,6 +77,9 @@ pub struct SelfCounters {
     pub pairings: u64,
     /// Capacity evictions past the first of one insert (the probe names only the first).
     pub unnamed_capacity_evictions: u64,
+    /// Removes from the app cache of an app that was not in it (evicted for capacity between
+    /// the proxy's check for a changed app and its remove): not evictions.
+    pub removes_not_cached: u64,
 }
 
 /// A change to the kernel's `HANDLE_APP` map.
@@ -399,6 +402,15 @@ impl Tracker {
     fn evict(&mut self, key: &Bytes, capacity: bool, now_ns: u64) {
         let label = self.label(key);
         let a = self.app(&label);
+        // The probe sees `remove` called, not whether the key was there. An app seen loaded
+        // and since evicted is not: the proxy's changed-app check (rusty-workers-proxy
+        // `apps_gc`) lists the cache, then awaits the database for each app before removing
+        // it, and a capacity eviction can come in between. (An app loaded before the attach
+        // has no loads here: its remove counts.)
+        if !capacity && label != OTHER && !a.loaded && a.loads > 0 {
+            self.counters.removes_not_cached += 1;
+            return;
+        }
         if capacity {
             a.capacity_evictions += 1;
         } else {
@@ -775,6 +787,22 @@ mod tests {
         t.housekeeping(2 + 10 * Config::default().pending_ttl_ns);
         assert!(t.handles.is_empty());
         assert_eq!(t.take_map_ops().len(), 1);
+    }
+
+    #[test]
+    fn a_remove_of_an_app_no_longer_cached_is_no_eviction() {
+        let t = run(vec![
+            insert(0xB00, "app1", true),
+            insert_evicting(0xB00, "app2", "app1"),
+            // The changed-app check listed app1 before its capacity eviction.
+            remove(0xB00, "app1"),
+            // An app loaded before the attach: its remove is an eviction.
+            remove(0xB00, "app0"),
+        ]);
+        let a1 = &t.apps["app1"];
+        assert_eq!((a1.capacity_evictions, a1.evictions), (1, 0));
+        assert_eq!(t.apps["app0"].evictions, 1);
+        assert_eq!(t.counters.removes_not_cached, 1);
     }
 
     #[test]
