@@ -53,7 +53,7 @@ const REQUEST_FAILED_AFTER_RETRIES: u64 = 3;
 const MIN_VOTES: u32 = 8;
 /// Calls farther than this from a request key are not its (a service future is smaller).
 const MAX_CALL_DISTANCE: u64 = 64 * 1024;
-/// Bytes searched on each side of a connection for the request key (what the kernel copies).
+// Bytes searched on each side of a connection for the request key: what the kernel copies.
 use observer_common::CONN_WINDOW;
 /// Response heads per check of a learnt connection offset.
 const CONN_CHECK: u32 = 64;

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::time::{Duration, Instant};
-use testbed_harness::{http_get, load, App, Options, Testbed};
+use testbed_harness::{http_get, load, rss_mib, App, Options, Testbed};
 
 pub struct Scale {
     pub apps: usize,
@@ -14,18 +14,6 @@ pub struct Scale {
     pub rss_mib: f64,
     /// The observer's own time per collector in the last scrape (ms), slowest first.
     pub collectors: Vec<(String, f64)>,
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 /// The test target with `n` apps, every one loaded and requested once, the observer attached

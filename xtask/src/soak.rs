@@ -4,11 +4,10 @@
 //! grown with time.
 
 use anyhow::{bail, Context};
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use testbed_harness::{http_get, load, parse_metrics, App, Options, Testbed};
+use testbed_harness::{http_get, load, parse_metrics, rss_mib, truth_u64, App, Options, Testbed};
 
 fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
     let (status, body) = http_get(addr, "localhost", "/metrics").context("scraping")?;
@@ -16,43 +15,6 @@ fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
         bail!("scrape answered {status}");
     }
     Ok(parse_metrics(&body))
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
-/// Ground truth once it stops moving (the proxy's periodic load queries aside).
-fn settle(tb: &Testbed) -> anyhow::Result<Value> {
-    let still = |mut v: Value| {
-        v["rpc_calls"]["load"] = Value::Null;
-        v
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = still(tb.truth());
-    loop {
-        std::thread::sleep(Duration::from_millis(400));
-        let now = tb.truth();
-        if still(now.clone()) == last {
-            return Ok(now);
-        }
-        if Instant::now() > deadline {
-            bail!("ground truth still moving after 60 s");
-        }
-        last = still(now);
-    }
-}
-
-fn truth_u64(v: &Value, path: &[&str]) -> u64 {
-    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
 }
 
 /// The apps of generation `generation`: their bundles change with it (an app change evicts
@@ -136,7 +98,7 @@ pub fn run(observer: &Path, minutes: f64) -> anyhow::Result<Report> {
         load(tb.http, &paths, 1);
         round += 1;
     }
-    let t0 = settle(&tb)?;
+    let t0 = tb.settled_truth();
     let m0 = scrape(addr)?;
     let rss_start = rss_mib(pid);
     eprintln!("soak: joins learnt; observer RSS {rss_start:.1} MiB; {minutes} minutes of load");
@@ -185,7 +147,7 @@ pub fn run(observer: &Path, minutes: f64) -> anyhow::Result<Report> {
             );
         }
     }
-    let t1 = settle(&tb)?;
+    let t1 = tb.settled_truth();
     std::thread::sleep(Duration::from_millis(1200));
     let m1 = scrape(addr)?;
     let rss_end = rss_mib(pid);

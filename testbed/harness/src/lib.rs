@@ -428,6 +428,29 @@ impl Testbed {
         write_apps(&self.apps_file, apps);
     }
 
+    /// Ground truth once it stops moving: the terminate queue drained, the work in flight done
+    /// (the proxy's periodic `load` queries aside). Panics if it still moves after 60 s.
+    pub fn settled_truth(&self) -> Value {
+        let still = |mut v: Value| {
+            v["rpc_calls"]["load"] = Value::Null;
+            v
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = still(self.truth());
+        loop {
+            std::thread::sleep(Duration::from_millis(400));
+            let now = self.truth();
+            if still(now.clone()) == last {
+                return now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ground truth still moving after 60 s: {now}"
+            );
+            last = still(now);
+        }
+    }
+
     /// The proxy's ground truth (`GET /truth` on its admin port).
     pub fn truth(&self) -> Value {
         let body = http_get(self.admin, "localhost", "/truth")
@@ -555,6 +578,24 @@ pub fn load_requests(
         .collect();
     all.sort_by_key(|x| x.0);
     all.into_iter().map(|(_, s, d)| (s, d)).collect()
+}
+
+/// A process's resident memory (`VmRSS` of `/proc/<pid>/status`), in MiB; NaN if unreadable.
+pub fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// The number at `path` in a ground truth document (0 if absent).
+pub fn truth_u64(v: &Value, path: &[&str]) -> u64 {
+    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
 }
 
 /// Prometheus text format -> `name{labels}` -> value (labels as exposed, in order).
