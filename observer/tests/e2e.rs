@@ -1756,10 +1756,8 @@ fn hostile_app_ids_never_become_labels_and_are_counted_under_other() {
     obs.lint();
 }
 
-/// Six minutes on these VMs (the test target cold-starts about 300 apps a second): outside
-/// CI's budget, run by hand (`cargo test --release -p observer --test e2e -- --ignored`).
+/// About six minutes on these VMs: the test target cold-starts about 300 apps a second.
 #[test]
-#[ignore = "six minutes: run with --ignored"]
 fn a_hundred_thousand_app_ids_keep_the_label_cap_and_memory_bounded() {
     require_root();
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
