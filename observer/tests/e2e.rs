@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use testbed_harness::{
     free_port, http_get, load, load_requests, parse_metrics, rss_mib, truth_u64, App, Options,
-    Request, Testbed,
+    Request, Testbed, APP_COUNTERS,
 };
 
 /// Probes of the lean mode (`--no-request-metrics`), and those request metrics add.
@@ -304,25 +304,8 @@ fn assert_metrics_equal_truth(
     let mut checked = 0;
     for a in apps {
         let t = &truth["apps"][a.id.as_str()];
-        for (metric, field) in [
-            ("app_loads_total{app=\"{}\"}", "loads"),
-            (
-                "app_evictions_total{app=\"{}\",reason=\"changed\"}",
-                "evictions",
-            ),
-            (
-                "app_evictions_total{app=\"{}\",reason=\"capacity\"}",
-                "capacity_evictions",
-            ),
-            ("app_instance_spawns_total{app=\"{}\"}", "spawns"),
-            (
-                "app_instance_terminations_total{app=\"{}\"}",
-                "terminations",
-            ),
-            ("app_instances_dropped_total{app=\"{}\"}", "dropped"),
-            ("app_requests_total{app=\"{}\"}", "requests"),
-            ("app_instances{app=\"{}\"}", "instances_alive"),
-        ] {
+        let instances = [("app_instances{app=\"{}\"}", "instances_alive")];
+        for (metric, field) in APP_COUNTERS.iter().chain(&instances) {
             let series = format!("rusty_workers_{}", metric.replace("{}", &a.id));
             let want = t[field].as_u64().unwrap_or(0) as f64;
             let got = m

@@ -7,7 +7,9 @@ use anyhow::{bail, Context};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use testbed_harness::{http_get, load, parse_metrics, rss_mib, truth_u64, App, Options, Testbed};
+use testbed_harness::{
+    http_get, load, parse_metrics, rss_mib, truth_u64, App, Options, Testbed, APP_COUNTERS,
+};
 
 fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
     let (status, body) = http_get(addr, "localhost", "/metrics").context("scraping")?;
@@ -165,24 +167,7 @@ pub fn run(observer: &Path, minutes: f64) -> anyhow::Result<Report> {
     };
     for a in apps(generation) {
         let id = a.id.as_str();
-        for (metric, field) in [
-            ("app_loads_total{app=\"{}\"}", "loads"),
-            (
-                "app_evictions_total{app=\"{}\",reason=\"changed\"}",
-                "evictions",
-            ),
-            (
-                "app_evictions_total{app=\"{}\",reason=\"capacity\"}",
-                "capacity_evictions",
-            ),
-            ("app_instance_spawns_total{app=\"{}\"}", "spawns"),
-            (
-                "app_instance_terminations_total{app=\"{}\"}",
-                "terminations",
-            ),
-            ("app_instances_dropped_total{app=\"{}\"}", "dropped"),
-            ("app_requests_total{app=\"{}\"}", "requests"),
-        ] {
+        for (metric, field) in APP_COUNTERS {
             let series = format!("rusty_workers_{}", metric.replace("{}", id));
             let want = truth_u64(&t1, &["apps", id, field]) - truth_u64(&t0, &["apps", id, field]);
             check(series.clone(), grew(&series), want as f64);

@@ -593,6 +593,27 @@ pub fn rss_mib(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The observer's per-app counters (`{}` stands for the app id) and the field of an app's
+/// ground truth each must equal.
+pub const APP_COUNTERS: &[(&str, &str)] = &[
+    ("app_loads_total{app=\"{}\"}", "loads"),
+    (
+        "app_evictions_total{app=\"{}\",reason=\"changed\"}",
+        "evictions",
+    ),
+    (
+        "app_evictions_total{app=\"{}\",reason=\"capacity\"}",
+        "capacity_evictions",
+    ),
+    ("app_instance_spawns_total{app=\"{}\"}", "spawns"),
+    (
+        "app_instance_terminations_total{app=\"{}\"}",
+        "terminations",
+    ),
+    ("app_instances_dropped_total{app=\"{}\"}", "dropped"),
+    ("app_requests_total{app=\"{}\"}", "requests"),
+];
+
 /// The number at `path` in a ground truth document (0 if absent).
 pub fn truth_u64(v: &Value, path: &[&str]) -> u64 {
     path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
