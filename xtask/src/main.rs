@@ -498,6 +498,16 @@ pub(crate) fn start_observer(
     pid: u32,
     extra: &[&str],
 ) -> anyhow::Result<(Killed, std::net::SocketAddr)> {
+    start_observer_logged(observer, pid, extra, Stdio::null())
+}
+
+/// `start_observer`, its log (stderr) going to `log`.
+pub(crate) fn start_observer_logged(
+    observer: &Path,
+    pid: u32,
+    extra: &[&str],
+    log: Stdio,
+) -> anyhow::Result<(Killed, std::net::SocketAddr)> {
     let addr: std::net::SocketAddr =
         format!("127.0.0.1:{}", testbed_harness::free_port()).parse()?;
     let child = Killed(
@@ -506,7 +516,7 @@ pub(crate) fn start_observer(
             .args(["--pid", &pid.to_string(), "--listen", &addr.to_string()])
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", observer.display()))?,
     );
@@ -1089,9 +1099,16 @@ fn main() -> anyhow::Result<()> {
                 r.minutes, r.requests, r.app_changes, r.runtime_restarts
             );
             println!(
-                "soak: observer RSS {:.1} MiB after warm-up, {:.1} MiB at the end (max {:.1} MiB)",
-                r.rss_start_mib, r.rss_end_mib, r.rss_max_mib
+                "soak: observer RSS {:.1} MiB after warm-up, {:.1} MiB after {:.0} s, {:.1} MiB at the end (max {:.1} MiB): {:+.1} MiB since {:.0} s",
+                r.rss_start_mib,
+                r.rss_settled_mib,
+                r.settled_after_s,
+                r.rss_end_mib,
+                r.rss_max_mib,
+                r.rss_end_mib - r.rss_settled_mib,
+                r.settled_after_s
             );
+            println!("soak: the observer's log is {}", r.log.display());
             println!(
                 "soak: {} counters against ground truth, {} differ",
                 r.checked,

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use testbed_harness::{
-    http_get, load, parse_metrics, rss_mib, truth_u64, App, Options, Testbed, APP_COUNTERS,
+    http_get, load, parse_metrics, rss_mib, status_mib, truth_u64, App, Options, Testbed,
+    APP_COUNTERS,
 };
 
 fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
@@ -57,6 +58,11 @@ pub struct Report {
     pub rss_start_mib: f64,
     pub rss_end_mib: f64,
     pub rss_max_mib: f64,
+    /// RSS once the first fifth of the run (at most 2 minutes) is over, and when.
+    pub rss_settled_mib: f64,
+    pub settled_after_s: f64,
+    /// The observer's log (its stderr).
+    pub log: std::path::PathBuf,
     pub checked: usize,
     pub mismatches: Vec<String>,
 }
@@ -72,7 +78,11 @@ pub fn run(observer: &Path, minutes: f64) -> anyhow::Result<Report> {
         dropout_rate: 0.02,
         ..Options::default()
     });
-    let (child, addr) = crate::start_observer(observer, tb.proxy_pid(), &[])?;
+    let log = testbed_harness::release_dir().join("soak-observer.log");
+    let log_file =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let (child, addr) =
+        crate::start_observer_logged(observer, tb.proxy_pid(), &[], log_file.into())?;
     let pid = child.0.id();
 
     // Until the joins are learnt: requests one at a time.
@@ -109,6 +119,9 @@ pub fn run(observer: &Path, minutes: f64) -> anyhow::Result<Report> {
     let total = Duration::from_secs_f64(minutes * 60.0);
     let (mut requests, mut changes, mut restarts) = (0u64, 0u32, 0u32);
     let mut rss_max = rss_start;
+    // Caches, pools and the ring buffer fill in the first minutes; flat means no growth after.
+    let settle = (total / 5).min(Duration::from_secs(120));
+    let mut rss_settled = None;
     let mut next_change = Duration::from_secs(60);
     let mut next_restart = Duration::from_secs(90);
     let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
@@ -139,11 +152,15 @@ pub fn run(observer: &Path, minutes: f64) -> anyhow::Result<Report> {
         }
         let rss = rss_mib(pid);
         rss_max = rss_max.max(rss);
+        if rss_settled.is_none() && start.elapsed() >= settle {
+            rss_settled = Some((rss, start.elapsed().as_secs_f64()));
+        }
         if batch.is_multiple_of(10) {
             let m = scrape(addr)?;
             eprintln!(
-                "soak: {:>4.0} s: {requests} requests ({statuses:?}), {changes} app changes, {restarts} runtime restarts; observer RSS {rss:.1} MiB, {} events, {} lost",
+                "soak: {:>4.0} s: {requests} requests ({statuses:?}), {changes} app changes, {restarts} runtime restarts; observer RSS {rss:.1} MiB ({:.1} MiB anonymous), {} events, {} lost",
                 start.elapsed().as_secs_f64(),
+                status_mib(pid, "RssAnon"),
                 m.get("rusty_workers_observer_events_total").copied().unwrap_or(0.0),
                 m.get("rusty_workers_observer_events_lost_total").copied().unwrap_or(0.0),
             );
@@ -257,6 +274,9 @@ pub fn run(observer: &Path, minutes: f64) -> anyhow::Result<Report> {
         rss_start_mib: rss_start,
         rss_end_mib: rss_end,
         rss_max_mib: rss_max,
+        rss_settled_mib: rss_settled.map_or(rss_end, |r| r.0),
+        settled_after_s: rss_settled.map_or(0.0, |r| r.1),
+        log,
         checked,
         mismatches,
     })

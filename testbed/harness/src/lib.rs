@@ -582,11 +582,16 @@ pub fn load_requests(
 
 /// A process's resident memory (`VmRSS` of `/proc/<pid>/status`), in MiB; NaN if unreadable.
 pub fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS")
+}
+
+/// A memory field of `/proc/<pid>/status` (`VmRSS`, `RssAnon`, ...), in MiB; NaN if unreadable.
+pub fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
                 .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         })
         .map(|kib| kib / 1024.0)
