@@ -110,7 +110,7 @@ fn apps(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
         w.sample(&[("app", app)], age);
     }
     type Field = fn(&AppStats) -> u64;
-    let per_app: [(&str, Kind, &str, Field); 6] = [
+    let per_app: [(&str, Kind, &str, Field); 7] = [
         (
             "app_instances",
             Kind::Gauge,
@@ -138,8 +138,14 @@ fn apps(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
         (
             "app_instances_dropped_total",
             Kind::Counter,
-            "Instances that left with their evicted app, never terminated.",
+            "Instances that left with their evicted app state (counted then; see app_instances_dropped_ended_total).",
             |a| a.dropped,
+        ),
+        (
+            "app_instances_dropped_ended_total",
+            Kind::Counter,
+            "Dropped instances that ended after all: terminated, or discarded after a failed fetch. Dropped less this is the instances lost in their runtime.",
+            |a| a.dropped_ended,
         ),
         (
             "app_instances_discarded_total",

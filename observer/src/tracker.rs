@@ -52,8 +52,13 @@ pub struct AppStats {
     pub capacity_evictions: u64,
     pub spawns: u64,
     pub terminations: u64,
-    /// Instances that left with their evicted app, never terminated.
+    /// Instances that left with their evicted app state, counted then. One may still end after
+    /// all (`dropped_ended`): counting it out here instead would step a counter back, which
+    /// Prometheus reads as a reset.
     pub dropped: u64,
+    /// Of `dropped`, the instances that ended after all: terminated (from the terminate queue,
+    /// or after a request in flight on them) or discarded after a failed fetch.
+    pub dropped_ended: u64,
     pub alive: u64,
     /// Fetches attributed here (the kernel counts the rest in `APP_REQUESTS[slot]`).
     pub requests_user: u64,
@@ -208,7 +213,6 @@ impl Tracker {
         for a in self.apps.values_mut() {
             a.loaded = false;
             a.alive = 0;
-            a.dropped = 0;
         }
         self.app_cache = None;
         self.other_caches.clear();
@@ -230,10 +234,10 @@ impl Tracker {
         }
     }
 
-    /// A known worker leaves (terminated or discarded): out of its app's instances, or of its
-    /// dropped ones if its app was evicted meanwhile (it was not lost after all: this keeps the
-    /// counts independent of how eviction and the worker's end interleave), and out of the
-    /// kernel's handle map. Returns its app.
+    /// A known worker leaves (terminated or discarded): out of its app's instances, or counted
+    /// as a dropped one that ended after all if its app was evicted meanwhile (it was not lost:
+    /// dropped less dropped-and-ended is independent of how eviction and the worker's end
+    /// interleave), and out of the kernel's handle map. Returns its app.
     fn leave(&mut self, handle: &Bytes) -> Option<&mut AppStats> {
         let w = self.handles.remove(handle)?;
         if let Some(k) = handle_key(handle) {
@@ -241,7 +245,7 @@ impl Tracker {
         }
         let a = self.app(&w.app);
         if w.dropped_at_ns.is_some() {
-            a.dropped = a.dropped.saturating_sub(1);
+            a.dropped_ended += 1;
         } else {
             a.alive = a.alive.saturating_sub(1);
         }
@@ -766,9 +770,16 @@ mod tests {
         ];
         let mut t = run(events.clone());
         let a = &t.apps["app1"];
+        // Both went with the evicted state; h1 ended after all. No counter steps back.
         assert_eq!(
-            (a.alive, a.dropped, a.terminations, a.loaded),
-            (0, 1, 1, false)
+            (
+                a.alive,
+                a.dropped,
+                a.dropped_ended,
+                a.terminations,
+                a.loaded
+            ),
+            (0, 2, 1, 1, false)
         );
         assert_eq!(t.counters.unattributed_terminations, 0);
         assert_eq!(
@@ -778,11 +789,16 @@ mod tests {
                 .count(),
             1
         );
-        // The same events with the termination before the eviction: the same counts.
+        // The same events with the termination before the eviction: the same instances lost
+        // (dropped less dropped-and-ended), the same terminations.
         let mut swapped = events;
         swapped.swap(5, 6);
         let u = run(swapped);
-        assert_eq!(u.apps["app1"], t.apps["app1"]);
+        let b = &u.apps["app1"];
+        assert_eq!(
+            (b.alive, b.dropped, b.dropped_ended, b.terminations),
+            (0, 1, 0, 1)
+        );
         // A dropped worker no request reaches is forgotten after a while.
         t.housekeeping(2 + 10 * Config::default().pending_ttl_ns);
         assert!(t.handles.is_empty());

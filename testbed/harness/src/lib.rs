@@ -616,6 +616,10 @@ pub const APP_COUNTERS: &[(&str, &str)] = &[
         "terminations",
     ),
     ("app_instances_dropped_total{app=\"{}\"}", "dropped"),
+    (
+        "app_instances_dropped_ended_total{app=\"{}\"}",
+        "dropped_ended",
+    ),
     ("app_requests_total{app=\"{}\"}", "requests"),
 ];
 

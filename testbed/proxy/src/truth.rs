@@ -14,8 +14,10 @@ pub struct AppTruth {
     /// spawn_worker RPCs sent.
     pub spawns: u64,
     pub terminations: u64,
-    /// Instances that left with their evicted app and were not terminated.
+    /// Instances that left with their evicted app state.
     pub dropped: u64,
+    /// Of those, the ones that ended after all (terminated or discarded later).
+    pub dropped_ended: u64,
     /// Fetch RPCs sent to an instance of this app.
     pub requests: u64,
     pub loaded: bool,
@@ -105,7 +107,7 @@ pub fn spawned(app: &str, handle: &str, generation: u64) {
 }
 
 /// A terminate RPC for `handle` is about to be sent. An instance dropped with its evicted app
-/// and terminated after all was not lost: it counts as terminated, no longer as dropped.
+/// and terminated after all was not lost: it counts as terminated, and as dropped and ended.
 pub fn terminated(handle: &str) {
     with(|t| {
         if let Some(a) = leave(t, handle) {
@@ -128,7 +130,7 @@ fn leave<'a>(t: &'a mut Truth, handle: &str) -> Option<&'a mut AppTruth> {
     let (app, dropped) = t.handles.remove(handle)?;
     let a = t.apps.entry(app).or_default();
     if dropped {
-        a.dropped = a.dropped.saturating_sub(1);
+        a.dropped_ended += 1;
     } else {
         a.instances_alive = a.instances_alive.saturating_sub(1);
     }
