@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use testbed_harness::{
-    free_port, http_get, load, load_requests, parse_metrics, rss_mib, truth_u64, App, Options,
-    Request, Testbed, APP_COUNTERS,
+    free_port, http_get, load, load_requests, lost_instances, parse_metrics, rss_mib, truth_u64,
+    App, Options, Request, Testbed, APP_COUNTERS,
 };
 
 /// Probes of the lean mode (`--no-request-metrics`), and those request metrics add.
@@ -320,6 +320,16 @@ fn assert_metrics_equal_truth(
             );
             checked += 1;
         }
+        let want = t["dropped"].as_u64().unwrap_or(0) as f64;
+        let got = lost_instances(m, &a.id);
+        assert_eq!(
+            got,
+            want,
+            "instances of {} lost (dropped less dropped and ended): observer {got}, ground truth {want}\n{t}\n{}",
+            a.id,
+            observer_self(m)
+        );
+        checked += 1;
         let age = m.get(&format!(
             "rusty_workers_app_loaded_seconds{{app=\"{}\"}}",
             a.id

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use testbed_harness::{
-    http_get, load, parse_metrics, rss_mib, status_mib, truth_u64, App, Options, Testbed,
-    APP_COUNTERS,
+    http_get, load, lost_instances, parse_metrics, rss_mib, status_mib, truth_u64, App, Options,
+    Testbed, APP_COUNTERS,
 };
 
 fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
@@ -189,6 +189,13 @@ pub fn run(observer: &Path, minutes: f64) -> anyhow::Result<Report> {
             let want = truth_u64(&t1, &["apps", id, field]) - truth_u64(&t0, &["apps", id, field]);
             check(series.clone(), grew(&series), want as f64);
         }
+        // The ground truth's count of instances lost steps back when one ends after all.
+        check(
+            format!("instances of {id} lost (dropped less dropped and ended)"),
+            lost_instances(&m1, id) - lost_instances(&m0, id),
+            truth_u64(&t1, &["apps", id, "dropped"]) as f64
+                - truth_u64(&t0, &["apps", id, "dropped"]) as f64,
+        );
         let series = format!("rusty_workers_app_instances{{app=\"{id}\"}}");
         let want = truth_u64(&t1, &["apps", id, "instances_alive"]);
         check(

@@ -14,10 +14,9 @@ pub struct AppTruth {
     /// spawn_worker RPCs sent.
     pub spawns: u64,
     pub terminations: u64,
-    /// Instances that left with their evicted app state.
+    /// Instances lost: left with their evicted app state and not ended after all (the
+    /// observer's dropped less dropped-and-ended).
     pub dropped: u64,
-    /// Of those, the ones that ended after all (terminated or discarded later).
-    pub dropped_ended: u64,
     /// Fetch RPCs sent to an instance of this app.
     pub requests: u64,
     pub loaded: bool,
@@ -107,7 +106,7 @@ pub fn spawned(app: &str, handle: &str, generation: u64) {
 }
 
 /// A terminate RPC for `handle` is about to be sent. An instance dropped with its evicted app
-/// and terminated after all was not lost: it counts as terminated, and as dropped and ended.
+/// and terminated after all was not lost: it counts as terminated, no longer as dropped.
 pub fn terminated(handle: &str) {
     with(|t| {
         if let Some(a) = leave(t, handle) {
@@ -130,7 +129,7 @@ fn leave<'a>(t: &'a mut Truth, handle: &str) -> Option<&'a mut AppTruth> {
     let (app, dropped) = t.handles.remove(handle)?;
     let a = t.apps.entry(app).or_default();
     if dropped {
-        a.dropped_ended += 1;
+        a.dropped = a.dropped.saturating_sub(1);
     } else {
         a.instances_alive = a.instances_alive.saturating_sub(1);
     }
