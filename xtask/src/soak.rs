@@ -78,7 +78,8 @@ pub fn run(observer: &Path, minutes: f64) -> anyhow::Result<Report> {
         dropout_rate: 0.02,
         ..Options::default()
     });
-    let log = testbed_harness::release_dir().join("soak-observer.log");
+    let dir = testbed_harness::release_dir();
+    let log = dir.canonicalize().unwrap_or(dir).join("soak-observer.log");
     let log_file =
         std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let (child, addr) =

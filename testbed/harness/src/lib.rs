@@ -618,24 +618,17 @@ pub const APP_COUNTERS: &[(&str, &str)] = &[
     ("app_requests_total{app=\"{}\"}", "requests"),
 ];
 
-/// The observer's dropped instances, and the dropped ones that ended after all (`{}`: the app
-/// id). Their difference, the instances lost, must equal the ground truth's `dropped`. Each on
-/// its own depends on how an eviction and a termination racing it interleave as the probes see
-/// them: a worker terminated as its app is evicted counts as dropped and ended, or as neither.
-pub const APP_LOST: [&str; 2] = [
-    "app_instances_dropped_total{app=\"{}\"}",
-    "app_instances_dropped_ended_total{app=\"{}\"}",
-];
-
-/// The instances of `app` the observer counts as lost (dropped less dropped-and-ended) in a
-/// parsed scrape.
+/// The instances of `app` the observer counts as lost in a parsed scrape: dropped less dropped
+/// and ended after all. That difference must equal the ground truth's `dropped`; each of the
+/// two on its own depends on how an eviction and a termination racing it interleave as the
+/// probes see them (a worker terminated as its app is evicted counts in both, or in neither).
 pub fn lost_instances(m: &BTreeMap<String, f64>, app: &str) -> f64 {
-    let get = |s: &str| {
-        m.get(&format!("rusty_workers_{}", s.replace("{}", app)))
+    let get = |family: &str| {
+        m.get(&format!("rusty_workers_{family}{{app=\"{app}\"}}"))
             .copied()
             .unwrap_or(0.0)
     };
-    get(APP_LOST[0]) - get(APP_LOST[1])
+    get("app_instances_dropped_total") - get("app_instances_dropped_ended_total")
 }
 
 /// The number at `path` in a ground truth document (0 if absent).
