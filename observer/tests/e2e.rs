@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use testbed_harness::{
-    free_port, http_get, load, load_requests, lost_instances, parse_metrics, rss_mib, truth_u64,
-    App, Options, Request, Testbed, APP_COUNTERS,
+    free_port, http_get, joins_learnt, load, load_requests, lost_instances, parse_metrics, rss_mib,
+    truth_u64, App, Options, Request, Testbed, APP_COUNTERS,
 };
 
 /// Probes of the lean mode (`--no-request-metrics`), and those request metrics add.
@@ -605,14 +605,7 @@ fn warm_up(tb: &Testbed, obs: &Observer, apps: &[App]) {
     let mut round = 0;
     loop {
         let m = obs.scrape();
-        let learnt = ["fetch_call", "spawn_call", "response_connection"]
-            .iter()
-            .all(|r| {
-                m.get(&format!(
-                    "rusty_workers_observer_layout_learnt{{relation=\"{r}\"}}"
-                )) == Some(&1.0)
-            });
-        if learnt {
+        if joins_learnt(&m) {
             return;
         }
         assert!(

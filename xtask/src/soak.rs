@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use testbed_harness::{
-    http_get, load, lost_instances, parse_metrics, rss_mib, status_mib, truth_u64, App, Options,
-    Testbed, APP_COUNTERS,
+    http_get, joins_learnt, load, lost_instances, parse_metrics, rss_mib, status_mib, truth_u64,
+    App, Options, Testbed, APP_COUNTERS,
 };
 
 fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
@@ -91,14 +91,7 @@ pub fn run(observer: &Path, minutes: f64) -> anyhow::Result<Report> {
     let mut round = 0;
     loop {
         let m = scrape(addr)?;
-        let learnt = ["fetch_call", "spawn_call", "response_connection"]
-            .iter()
-            .all(|r| {
-                m.get(&format!(
-                    "rusty_workers_observer_layout_learnt{{relation=\"{r}\"}}"
-                )) == Some(&1.0)
-            });
-        if learnt {
+        if joins_learnt(&m) {
             break;
         }
         if Instant::now() > deadline {
