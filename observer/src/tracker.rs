@@ -143,8 +143,8 @@ pub struct Tracker {
 }
 
 const MAX_UNCLASSIFIED: usize = 1024;
-/// Dropped workers remembered (to take them out of the dropped count if they are terminated
-/// after all); the oldest are forgotten past it.
+/// Dropped workers remembered (to count them as dropped and ended if they are terminated after
+/// all); the oldest are forgotten past it.
 const MAX_DROPPED: usize = 8192;
 
 pub fn handle_key(h: &Bytes) -> Option<HandleKey> {
