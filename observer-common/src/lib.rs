@@ -94,7 +94,9 @@ pub mod stat {
     pub const EVENTS_LOST: u32 = 0;
     /// A read of target memory failed (page not present, bad pointer).
     pub const READ_ERRORS: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// A hook run that ended on an error (a failed read, a full ring buffer or map).
+    pub const HOOK_ERRORS: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// One event from a probe to userspace.

@@ -8,20 +8,22 @@
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use observer_common::{kind, Event, Layout};
 
-use crate::{layout, read, send};
+use crate::{check, layout, read, send};
 
 /// `fn insert(&mut self, key: Key, value: Value) -> Option<Value>`: the key (24 bytes) is
 /// passed by reference, an `Arc` value in a register, a `BTreeMap` value by reference.
 #[uprobe]
 pub fn lru_insert(ctx: ProbeContext) -> u32 {
-    let _ = try_cache_event(&ctx, kind::CACHE_INSERT);
+    let r = try_cache_event(&ctx, kind::CACHE_INSERT);
+    check(&ctx, "lru_insert", r);
     0
 }
 
 /// `fn remove<Q>(&mut self, key: &Q) -> Option<Value>`.
 #[uprobe]
 pub fn lru_remove(ctx: ProbeContext) -> u32 {
-    let _ = try_cache_event(&ctx, kind::CACHE_REMOVE);
+    let r = try_cache_event(&ctx, kind::CACHE_REMOVE);
+    check(&ctx, "lru_remove", r);
     0
 }
 

@@ -3,8 +3,8 @@
 //! the tracepoint's call alone, which no program can go below.
 
 use aya_ebpf::{
-    macros::{tracepoint, uprobe},
-    programs::{ProbeContext, TracePointContext},
+    macros::{btf_tracepoint, uprobe},
+    programs::{BtfTracePointContext, ProbeContext},
 };
 
 #[uprobe]
@@ -12,7 +12,13 @@ pub fn floor_uprobe(_ctx: ProbeContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn floor_tracepoint(_ctx: TracePointContext) -> u32 {
+/// A BTF tracepoint program is verified for one event: one floor program per socket event.
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn floor_sock_send(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn floor_sock_recv(_ctx: BtfTracePointContext) -> i32 {
     0
 }

@@ -15,31 +15,31 @@
 //!   fieldless, a byte.
 
 use aya_ebpf::{
-    bindings::BPF_RB_NO_WAKEUP,
-    cty::c_void,
-    helpers::generated::bpf_probe_read_user,
-    macros::uprobe,
-    programs::ProbeContext,
+    bindings::BPF_RB_NO_WAKEUP, cty::c_void, helpers::generated::bpf_probe_read_user,
+    macros::uprobe, programs::ProbeContext,
 };
 use observer_common::{conn_key, kind, stat, ConnSnapshot, CONN_WINDOW};
 
-use crate::{bump, header, read, send, CONN_KEY, EVENTS, OBSERVER_STATS};
+use crate::{bump, check, header, read, send, CONN_KEY, EVENTS, OBSERVER_STATS};
 
 #[uprobe]
 pub fn http_request(ctx: ProbeContext) -> u32 {
-    let _ = try_http_request(&ctx);
+    let r = try_http_request(&ctx);
+    check(&ctx, "http_request", r);
     0
 }
 
 #[uprobe]
 pub fn http_response(ctx: ProbeContext) -> u32 {
-    let _ = try_http_response(&ctx);
+    let r = try_http_response(&ctx);
+    check(&ctx, "http_response", r);
     0
 }
 
 #[uprobe]
 pub fn sched_error(ctx: ProbeContext) -> u32 {
-    let _ = try_sched_error(&ctx);
+    let r = try_sched_error(&ctx);
+    check(&ctx, "sched_error", r);
     0
 }
 

@@ -15,7 +15,9 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    EbpfContext,
 };
+use aya_log_ebpf::error;
 use observer_common::{
     method, netstat, stat, ConnKey, Event, HandleKey, Layout, Peer, Watched, MAX_APP_SLOTS,
     MAX_PROCS,
@@ -91,6 +93,29 @@ fn add(map: &PerCpuArray<u64>, index: u32, n: u64) {
     if let Some(p) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *p += n }
+    }
+}
+
+/// Ends a hook: a run that ended on an error (a failed read of the target, a full ring buffer
+/// or map) is counted in `stat::HOOK_ERRORS`, and logged through aya-log for the first error
+/// on each CPU and then at every power of two. A wrong layout or a changed target shows in the
+/// observer's log without a line per request: the log's own ring buffer would fill at full
+/// request rate.
+#[inline(always)]
+fn check<C: EbpfContext>(ctx: &C, hook: &str, res: Result<(), i64>) {
+    let Err(e) = res else {
+        return;
+    };
+    let Some(p) = OBSERVER_STATS.get_ptr_mut(stat::HOOK_ERRORS) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+    let n = unsafe {
+        *p += 1;
+        *p
+    };
+    if n & (n - 1) == 0 {
+        error!(ctx, "hook {} failed: error {} ({} on this CPU)", hook, e, n);
     }
 }
 

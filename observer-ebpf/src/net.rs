@@ -6,6 +6,11 @@
 //! Counting here, per process, is what `/proc/<pid>/net/dev` cannot do: it counts a whole
 //! network namespace.
 //!
+//! They are attached as BTF tracepoints (`tp_btf`, BPF_RAW_TRACEPOINT_OPEN by the event's BTF
+//! id): no tracefs is needed, which a fresh host or a container often has unmounted, and the
+//! program reads the event's arguments directly instead of the perf record the kernel would
+//! fill for a classic tracepoint.
+//!
 //! In the proxy, with request metrics on, the receive side also remembers, per thread, the
 //! peer of the last socket that delivered bytes. tarpc's dispatch task decodes and hands out
 //! an answer in the same poll that read it, on the same thread, so `rpc_response` reads its
@@ -13,36 +18,38 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
 };
 use observer_common::{family, netstat, role, Peer, Watched};
 
-use crate::{add, detail, LAST_PEER, PROC_NET, WATCHED};
+use crate::{add, check, detail, LAST_PEER, PROC_NET, WATCHED};
 
-/// Offsets in the tracepoint record (/sys/kernel/tracing/events/sock/sock_recv_length/format;
-/// `sock_send_length` has the same).
-const TP_SK: usize = 8;
-const TP_FAMILY: usize = 16;
-const TP_RET: usize = 20;
-const TP_FLAGS: usize = 24;
+/// The events' arguments (include/trace/events/sock.h, `sock_msg_length`: `TP_PROTO(struct
+/// sock *sk, int ret, int flags)`; the BTF typedef `btf_trace_sock_send_length` has the same).
+const ARG_SK: usize = 0;
+const ARG_RET: usize = 1;
+const ARG_FLAGS: usize = 2;
 /// include/linux/socket.h. A peek leaves the bytes in the socket: they are read again.
 const MSG_PEEK: i32 = 2;
 /// `struct sock_common` (include/net/sock.h; offsets read from this kernel's BTF):
-/// `skc_daddr` at 0, `skc_dport` at 12, `skc_v6_daddr` at 56.
+/// `skc_daddr` at 0, `skc_dport` at 12, `skc_family` at 16, `skc_v6_daddr` at 56.
 const SKC_DADDR: u64 = 0;
 const SKC_DPORT: u64 = 12;
+const SKC_FAMILY: u64 = 16;
 const SKC_V6_DADDR: u64 = 56;
 
-#[tracepoint]
-pub fn sock_send(ctx: TracePointContext) -> u32 {
-    let _ = try_sock_send(&ctx);
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send(ctx: BtfTracePointContext) -> i32 {
+    let r = try_sock_send(&ctx);
+    check(&ctx, "sock_send", r);
     0
 }
 
-#[tracepoint]
-pub fn sock_recv(ctx: TracePointContext) -> u32 {
-    let _ = try_sock_recv(&ctx);
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv(ctx: BtfTracePointContext) -> i32 {
+    let r = try_sock_recv(&ctx);
+    check(&ctx, "sock_recv", r);
     0
 }
 
@@ -55,20 +62,19 @@ fn watched() -> Option<(u32, Watched)> {
 
 /// Counts one transfer of `ret` bytes into the counters at `first` (bytes) and `first + 1`
 /// (messages); returns the family when the socket is an Internet one and bytes moved.
-fn count(ctx: &TracePointContext, w: &Watched, first: u32) -> Result<Option<u16>, i64> {
-    // SAFETY: offsets of this tracepoint's stable record format.
-    let ret: i32 = unsafe { ctx.read_at(TP_RET) }.map_err(i64::from)?;
+fn count(ctx: &BtfTracePointContext, w: &Watched, first: u32) -> Result<Option<u16>, i64> {
+    let ret: i32 = ctx.arg(ARG_RET);
     if ret <= 0 {
         return Ok(None);
     }
-    // SAFETY: as above.
-    let fam: u16 = unsafe { ctx.read_at(TP_FAMILY) }.map_err(i64::from)?;
-    if fam != family::INET && fam != family::INET6 {
+    let flags: i32 = ctx.arg(ARG_FLAGS);
+    if flags & MSG_PEEK != 0 {
         return Ok(None);
     }
-    // SAFETY: as above.
-    let flags: i32 = unsafe { ctx.read_at(TP_FLAGS) }.map_err(i64::from)?;
-    if flags & MSG_PEEK != 0 {
+    let sk: u64 = ctx.arg(ARG_SK);
+    // SAFETY: bpf_probe_read_kernel checks the address.
+    let fam: u16 = unsafe { bpf_probe_read_kernel((sk + SKC_FAMILY) as *const u16) }?;
+    if fam != family::INET && fam != family::INET6 {
         return Ok(None);
     }
     let base = w.slot * netstat::COUNT + first;
@@ -77,7 +83,7 @@ fn count(ctx: &TracePointContext, w: &Watched, first: u32) -> Result<Option<u16>
     Ok(Some(fam))
 }
 
-fn try_sock_send(ctx: &TracePointContext) -> Result<(), i64> {
+fn try_sock_send(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let Some((_, w)) = watched() else {
         return Ok(());
     };
@@ -85,7 +91,7 @@ fn try_sock_send(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-fn try_sock_recv(ctx: &TracePointContext) -> Result<(), i64> {
+fn try_sock_recv(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let Some((tid, w)) = watched() else {
         return Ok(());
     };
@@ -95,8 +101,7 @@ fn try_sock_recv(ctx: &TracePointContext) -> Result<(), i64> {
     if w.role != role::PROXY || !detail() {
         return Ok(());
     }
-    // SAFETY: as above.
-    let sk: u64 = unsafe { ctx.read_at(TP_SK) }.map_err(i64::from)?;
+    let sk: u64 = ctx.arg(ARG_SK);
     let mut peer = Peer {
         addr: [0; 16],
         port: 0,

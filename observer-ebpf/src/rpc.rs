@@ -19,23 +19,28 @@
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
 use observer_common::{kind, method, Event, HandleKey, Layout, HANDLE_KEY_LEN, MAX_STR};
 
-use crate::{bump, detail, layout, read, send, APP_REQUESTS, HANDLE_APP, LAST_PEER, RPC_CALLS};
+use crate::{
+    bump, check, detail, layout, read, send, APP_REQUESTS, HANDLE_APP, LAST_PEER, RPC_CALLS,
+};
 
 #[uprobe]
 pub fn rpc_call(ctx: ProbeContext) -> u32 {
-    let _ = try_rpc_call(&ctx);
+    let r = try_rpc_call(&ctx);
+    check(&ctx, "rpc_call", r);
     0
 }
 
 #[uprobe]
 pub fn rpc_response(ctx: ProbeContext) -> u32 {
-    let _ = try_rpc_response(&ctx);
+    let r = try_rpc_response(&ctx);
+    check(&ctx, "rpc_response", r);
     0
 }
 
 #[uprobe]
 pub fn rpc_done(ctx: ProbeContext) -> u32 {
-    let _ = try_rpc_done(&ctx);
+    let r = try_rpc_done(&ctx);
+    check(&ctx, "rpc_done", r);
     0
 }
 

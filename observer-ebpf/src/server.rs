@@ -10,7 +10,7 @@
 //! are distinct, through the attach cookie (the method's number, `observer_common::method`).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_get_attach_cookie},
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, uprobe},
     maps::LruHashMap,
     programs::ProbeContext,
@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use observer_common::kind;
 
-use crate::send;
+use crate::{check, send};
 
 /// An open call: what its first poll saw.
 #[repr(C)]
@@ -37,7 +37,11 @@ static SERVER_OPEN: LruHashMap<[u64; 2], Open> = LruHashMap::with_max_entries(16
 /// A poll function whose future is its first argument (its `Poll<T>` fits in registers).
 #[uprobe]
 pub fn server_poll(ctx: ProbeContext) -> u32 {
-    let _ = ctx.arg(0).ok_or(1i64).and_then(|fut| try_server_poll(&ctx, fut));
+    let r = ctx
+        .arg(0)
+        .ok_or(1i64)
+        .and_then(|fut| try_server_poll(&ctx, fut));
+    check(&ctx, "server_poll", r);
     0
 }
 
@@ -45,13 +49,18 @@ pub fn server_poll(ctx: ProbeContext) -> u32 {
 /// future is the second.
 #[uprobe]
 pub fn server_poll_sret(ctx: ProbeContext) -> u32 {
-    let _ = ctx.arg(1).ok_or(1i64).and_then(|fut| try_server_poll(&ctx, fut));
+    let r = ctx
+        .arg(1)
+        .ok_or(1i64)
+        .and_then(|fut| try_server_poll(&ctx, fut));
+    check(&ctx, "server_poll_sret", r);
     0
 }
 
 #[uprobe]
 pub fn server_drop(ctx: ProbeContext) -> u32 {
-    let _ = try_server_drop(&ctx);
+    let r = try_server_drop(&ctx);
+    check(&ctx, "server_drop", r);
     0
 }
 

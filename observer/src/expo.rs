@@ -49,6 +49,10 @@ pub struct Writer {
     /// `BUCKETS` as `le` values, formatted once.
     le: Vec<String>,
     itoa: itoa::Buffer,
+    /// Families not to write (their probes are missing: `coverage`), and whether the current
+    /// family is one of them.
+    withheld: Vec<&'static str>,
+    skipping: bool,
 }
 
 /// The size of the last exposition: the next starts with room for it, not grown by doubling
@@ -63,11 +67,22 @@ impl Writer {
             name: String::new(),
             le: BUCKETS.iter().map(|b| b.to_string()).collect(),
             itoa: itoa::Buffer::new(),
+            withheld: Vec::new(),
+            skipping: false,
         }
+    }
+
+    /// Families (without the prefix) to leave out, samples and all.
+    pub fn withhold(&mut self, families: Vec<&'static str>) {
+        self.withheld = families;
     }
 
     /// Starts a family (`name` without the `rusty_workers_` prefix).
     pub fn family(&mut self, name: &str, kind: Kind, help: &str) {
+        self.skipping = self.withheld.contains(&name);
+        if self.skipping {
+            return;
+        }
         self.name.clear();
         self.name.push_str(PREFIX);
         self.name.push('_');
@@ -90,12 +105,18 @@ impl Writer {
 
     /// A sample of the current family.
     pub fn sample(&mut self, labels: &[(&str, &str)], value: f64) {
+        if self.skipping {
+            return;
+        }
         self.line("", labels, None, value);
     }
 
     /// An integer sample (a counter's, a count's): as the float it is exposed as prints it,
     /// without the float's formatting cost.
     pub fn int(&mut self, labels: &[(&str, &str)], value: u64) {
+        if self.skipping {
+            return;
+        }
         self.head("", labels, None);
         self.int_value(value);
     }
@@ -107,6 +128,9 @@ impl Writer {
     }
 
     pub fn histogram(&mut self, labels: &[(&str, &str)], h: &Hist) {
+        if self.skipping {
+            return;
+        }
         let mut cum = 0;
         for i in 0..BUCKETS.len() {
             cum += h.counts[i];
@@ -198,6 +222,31 @@ fn escape_into(out: &mut String, s: &str, quote: bool) {
 mod tests {
     use super::*;
     use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+    #[test]
+    fn a_withheld_family_is_left_out_whole() {
+        let mut w = Writer::new();
+        w.withhold(vec!["gone_total", "gone_seconds"]);
+        w.family("kept_total", Kind::Counter, "Kept.");
+        w.int(&[("app", "a")], 1);
+        w.family("gone_total", Kind::Counter, "Gone.");
+        w.int(&[("app", "a")], 2);
+        w.sample(&[("app", "a")], 2.5);
+        w.family("gone_seconds", Kind::Histogram, "Gone.");
+        w.histogram(&[("app", "a")], &Hist::default());
+        w.family("also_kept", Kind::Gauge, "Kept.");
+        w.sample(&[], 3.0);
+        let out = w.finish();
+        assert!(
+            !out.contains("gone"),
+            "a withheld family was written:\n{out}"
+        );
+        assert!(
+            out.contains("rusty_workers_kept_total{app=\"a\"} 1\n")
+                && out.contains("rusty_workers_also_kept 3\n"),
+            "the other families must stay whole:\n{out}"
+        );
+    }
 
     #[test]
     fn writes_what_the_prometheus_crate_writes() {

@@ -6,7 +6,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::uprobe::{
     UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope,
 };
-use aya::programs::{TracePoint, UProbe};
+use aya::programs::{BtfTracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use observer_common::{method, netstat, stat, ConnKey, HandleKey, Layout, Watched};
 use std::collections::BTreeMap;
@@ -70,6 +70,10 @@ impl Counters {
     pub fn read_errors(&self) -> Result<u64, aya::maps::MapError> {
         sum(&self.stats, stat::READ_ERRORS)
     }
+
+    pub fn hook_errors(&self) -> Result<u64, aya::maps::MapError> {
+        sum(&self.stats, stat::HOOK_ERRORS)
+    }
 }
 
 /// The maps userspace works with: events in, handle -> app slots out, counters to scrape.
@@ -80,6 +84,9 @@ pub struct Maps {
     /// The processes whose sockets the kernel counts, by thread group id.
     pub watched: BpfHashMap<MapData, u32, Watched>,
     pub counters: Counters,
+    /// The programs' aya-log records (rare paths: a hook's first errors), for the observer's
+    /// log; to be drained while the programs run.
+    pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
 }
 
 /// The loaded object. Dropping it detaches every link and unloads the programs: uprobes made
@@ -145,11 +152,24 @@ impl Kernel {
     }
 
     /// The socket tracepoints: per-process traffic, and (request metrics) the runtime of each
-    /// answer. Attached once, for the observer's life; the `WATCHED` map filters them.
+    /// answer. Attached once, for the observer's life; the `WATCHED` map filters them. They are
+    /// BTF tracepoints (`tp_btf`): attached by the event's id in the kernel's BTF
+    /// (`/sys/kernel/btf/vmlinux`, which preflight requires), so no tracefs is needed.
     pub fn attach_tracepoints(&mut self) -> anyhow::Result<()> {
-        for (status_name, program, event) in [
-            ("net_send", "sock_send", "sock_send_length"),
-            ("net_recv", "sock_recv", "sock_recv_length"),
+        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        for (status_name, program, floor, event) in [
+            (
+                "net_send",
+                "sock_send",
+                "floor_sock_send",
+                "sock_send_length",
+            ),
+            (
+                "net_recv",
+                "sock_recv",
+                "floor_sock_recv",
+                "sock_recv_length",
+            ),
         ] {
             let mut status = ProbeStatus {
                 name: status_name.into(),
@@ -158,28 +178,23 @@ impl Kernel {
                 reason: "",
                 detail: String::new(),
             };
-            let name = if self.floor {
-                "floor_tracepoint"
-            } else {
-                program
-            };
-            let prog: &mut TracePoint = self
+            let name = if self.floor { floor } else { program };
+            let prog: &mut BtfTracePoint = self
                 .ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?
                 .try_into()?;
-            let res = match prog.load() {
-                Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => prog
-                    .attach("sock", event)
-                    .map(|_| ())
-                    .map_err(|e| ("attach_failed", e)),
+            let res = match prog.load(event, &btf) {
+                Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => {
+                    prog.attach().map(|_| ()).map_err(|e| ("attach_failed", e))
+                }
                 Err(e) => Err(("load_failed", e)),
             };
             match res {
                 Ok(()) => status.attached = 1,
                 Err((reason, e)) => {
                     status.reason = reason;
-                    status.detail = format!("tracepoint sock:{event}: {e}");
+                    status.detail = format!("BTF tracepoint {event}: {e}");
                 }
             }
             self.tracepoints.push(status);
@@ -341,6 +356,8 @@ impl Kernel {
     }
 
     pub fn take_maps(&mut self) -> anyhow::Result<Maps> {
+        let logger = aya_log::EbpfLogger::init(&mut self.ebpf)
+            .context("the eBPF object's aya-log ring buffer")?;
         let mut take = |name: &str| {
             self.ebpf
                 .take_map(name)
@@ -362,6 +379,7 @@ impl Kernel {
             conn_key,
             watched,
             counters,
+            logger,
         })
     }
 

@@ -2,6 +2,7 @@
 //! and serves Prometheus metrics about its apps, instances and runtime RPCs.
 
 pub mod catalog;
+pub mod coverage;
 pub mod decode;
 pub mod expo;
 pub mod kernel;

@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use observer::catalog::Catalog;
 use observer::symbols::SymbolTable;
 use observer::target::Target;
-use observer::{decode, kernel, metrics, procs, requests, resolve, tracker};
+use observer::{coverage, decode, kernel, metrics, procs, requests, resolve, tracker};
 use observer_common::netstat;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -162,6 +162,22 @@ fn probes_cmd(a: ProbesArgs) -> anyhow::Result<()> {
     print!("{}", resolve::report(&res));
     let resolved = res.iter().filter(|r| !r.sites().is_empty()).count();
     println!("{resolved}/{} probes resolved", res.len());
+    let lost = coverage::unavailable(res.iter().map(|r| {
+        let reason = match r.outcome {
+            resolve::Outcome::Unresolved(_) => "unresolved",
+            _ => "",
+        };
+        (r.probe.name.as_str(), reason)
+    }));
+    if lost.is_empty() {
+        println!("every metric can be exported");
+    }
+    for u in &lost {
+        println!(
+            "metric rusty_workers_{} not exported: probe {} {}",
+            u.family, u.needs, u.reason
+        );
+    }
     if resolved == 0 {
         bail!("none of the catalog's probes resolved: {} is not a rusty-workers proxy (or the catalog is for another build)", path.display());
     }
@@ -453,19 +469,33 @@ impl Lifecycle {
                 target.exe_path.display()
             );
         }
-        let (attached, old) = {
+        let (attached, old, answers) = {
             let mut k = self.kernel.lock().unwrap();
             let Some(k) = k.as_mut() else { return };
             let old = k.detach(pid);
             if let Err(e) = k.attach(&resolutions, &target.exe_link, pid, true) {
                 log::error!("attaching to proxy PID {pid}: {e:#}");
             }
-            for p in k.probe_statuses() {
+            let statuses = k.probe_statuses();
+            for p in &statuses {
                 if p.attached == 0 && !p.reason.is_empty() && p.reason != "unresolved" {
                     log::warn!("probe {} not attached ({}): {}", p.name, p.reason, p.detail);
                 }
             }
-            (k.uprobes_attached(pid), old)
+            let lost = coverage::unavailable(statuses.iter().map(|p| (p.name.as_str(), p.reason)));
+            for u in &lost {
+                log::warn!(
+                    "metric rusty_workers_{} not exported: probe {} {}",
+                    u.family,
+                    u.needs,
+                    u.reason
+                );
+            }
+            let answers = !statuses.iter().any(|p| {
+                ["rpc_response", "rpc_done"].contains(&p.name.as_str())
+                    && coverage::is_missing(p.reason)
+            });
+            (k.uprobes_attached(pid), old, answers)
         };
         self.drop_links(old);
         let mut s = shared.lock().unwrap();
@@ -475,6 +505,9 @@ impl Lifecycle {
             if let Some(q) = s.requests.as_mut() {
                 q.target_restarted();
             }
+        }
+        if let Some(q) = s.requests.as_mut() {
+            q.set_answers_probed(answers);
         }
         log::info!(
             "[{:.3}s] proxy PID {pid} ({}): {attached} uprobe sites attached",
@@ -521,7 +554,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         mut conn_key,
         watched,
         counters,
+        logger,
     } = kernel.take_maps()?;
+    drain_ebpf_log(logger)?;
     let counters = Arc::new(counters);
     let kernel = Arc::new(Mutex::new(Some(kernel)));
     let shared = Arc::new(Mutex::new(Shared {
@@ -673,6 +708,30 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         .take()
         .map(|k| k.uprobes_attached_total());
     log::info!("detached {} uprobe sites; bye", detached.unwrap_or(0));
+    Ok(())
+}
+
+/// Writes the programs' aya-log records into the observer's log as they come (their ring buffer
+/// wakes the reader; the programs log only rare paths).
+fn drain_ebpf_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> anyhow::Result<()> {
+    // SAFETY: the AsyncFd owns the logger, which owns the ring buffer's fd: it stays open
+    // while registered.
+    let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .context("polling the eBPF log ring buffer")?;
+    tokio::spawn(async move {
+        loop {
+            match logger.readable_mut().await {
+                Ok(mut guard) => {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    log::warn!("the eBPF log ring buffer failed: {e}; its records are lost");
+                    return;
+                }
+            }
+        }
+    });
     Ok(())
 }
 

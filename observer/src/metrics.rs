@@ -272,6 +272,11 @@ fn observer(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
         i.counters.read_errors()?,
     );
     r.total(
+        "observer_hook_errors_total",
+        "eBPF program runs that ended on an error (a failed read, a full ring buffer or map); the first of each CPU and every power of two are logged.",
+        i.counters.hook_errors()?,
+    );
+    r.total(
         "observer_decode_errors_total",
         "Events that did not decode.",
         i.decode_errors,
@@ -539,9 +544,39 @@ fn netns(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Families withheld for want of a probe (`coverage`), each with the probe and its reason.
+fn unavailable(i: &Inputs) -> Vec<crate::coverage::Unavailable> {
+    let relations = i.requests.map(|q| q.learnt()).unwrap_or_default();
+    let relations = relations.iter().map(|(name, learnt)| {
+        let reason = if *learnt {
+            ""
+        } else {
+            crate::coverage::NOT_LEARNT
+        };
+        (*name, reason)
+    });
+    crate::coverage::unavailable(
+        i.probes
+            .iter()
+            .map(|p| (p.name.as_str(), p.reason))
+            .chain(relations),
+    )
+}
+
 pub fn render(i: &Inputs) -> String {
     let reg = Reg(Registry::new());
     let mut w = Writer::new();
+    let lost = unavailable(i);
+    w.withhold(lost.iter().map(|u| u.family).collect());
+    let gone = reg.int_gauge(
+        "observer_metric_unavailable",
+        "1 for each metric family not exported because a probe it is made from is missing on this build, or a relation of the target's memory it needs is not learnt yet (needs: the first such; see rusty_workers_observer_probe_attached and _layout_learnt).",
+        &["metric", "needs"],
+    );
+    for u in &lost {
+        gone.with_label_values(&[&format!("{PREFIX}_{}", u.family), &u.needs])
+            .set(1);
+    }
     let ok = reg.int_gauge(
         "observer_collector_success",
         "1 if the collector's last scrape succeeded.",
@@ -563,8 +598,14 @@ pub fn render(i: &Inputs) -> String {
             .set(start.elapsed().as_secs_f64());
     }
     let mut out = w.finish();
+    let withheld: Vec<String> = lost
+        .iter()
+        .map(|u| format!("{PREFIX}_{}", u.family))
+        .collect();
+    let mut families = reg.0.gather();
+    families.retain(|f| !withheld.iter().any(|n| n == f.name()));
     TextEncoder::new()
-        .encode_utf8(&reg.0.gather(), &mut out)
+        .encode_utf8(&families, &mut out)
         .expect("text encoding into a String cannot fail");
     out
 }

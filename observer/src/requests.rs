@@ -482,6 +482,10 @@ pub struct Requests {
     placed: HashMap<Bytes, (String, u64)>,
     pub counters: JoinCounters,
     pub metrics: Metrics,
+    /// Whether the proxy's build has the answer probes (`rpc_response`, `rpc_done`). Without
+    /// them no call has an answer, which must not read as a failed call: a fetch would count
+    /// as failed and its worker as discarded, and the worker's later fetches as unattributed.
+    answers_probed: bool,
 }
 
 /// Ended calls remembered to recognise a second sighting of their end.
@@ -520,7 +524,13 @@ impl Requests {
             placed: HashMap::new(),
             counters: JoinCounters::default(),
             metrics: Metrics::new(),
+            answers_probed: true,
         }
+    }
+
+    /// Whether answers can be seen on the proxy's build (set at each attach).
+    pub fn set_answers_probed(&mut self, yes: bool) {
+        self.answers_probed = yes;
     }
 
     /// The proxy was replaced by a new process: what was in flight ended with the old one
@@ -717,6 +727,10 @@ impl Requests {
         }
         self.ended.push_back(id);
         self.ended_set.insert(id);
+        if answer.is_none() && !self.answers_probed {
+            // How the call went is not known: neither a failure nor a discarded worker.
+            return;
+        }
         let rt = self.runtime(conn);
         let mname = method::NAMES[call.method.min(method::UNKNOWN) as usize];
         let end = match &answer {

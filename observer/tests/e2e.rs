@@ -6,6 +6,7 @@
 use observer_common::method;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use testbed_harness::{
@@ -46,6 +47,8 @@ extern "C" {
 
 struct Observer {
     child: Child,
+    /// The proxy it was started on.
+    target: u32,
     addr: std::net::SocketAddr,
     log: std::path::PathBuf,
     stopped: bool,
@@ -69,6 +72,18 @@ impl Observer {
 
     /// As `start`, with more command line options.
     fn start_with(pid: u32, dir: &std::path::Path, lean: bool, extra: &[&str]) -> Observer {
+        Observer::start_missing(pid, dir, lean, extra, &[])
+    }
+
+    /// As `start_with`, on a build that lacks the functions of the probes `missing`: those
+    /// must be reported `unresolved`, every other one attached.
+    fn start_missing(
+        pid: u32,
+        dir: &std::path::Path,
+        lean: bool,
+        extra: &[&str],
+        missing: &[String],
+    ) -> Observer {
         let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = dir.join("observer.log");
         let mut args = vec![
@@ -89,6 +104,7 @@ impl Observer {
             .expect("starting the observer");
         let o = Observer {
             child,
+            target: pid,
             addr,
             log,
             stopped: false,
@@ -98,9 +114,15 @@ impl Observer {
             if let Ok(m) = o.try_scrape() {
                 let extra = if lean { &[][..] } else { REQUEST_PROBES };
                 let attached = SPINE_PROBES.iter().chain(extra).all(|p| {
+                    let reason = if missing.iter().any(|x| x == p) {
+                        "unresolved"
+                    } else {
+                        ""
+                    };
+                    let want = (reason.is_empty() as u8) as f64;
                     m.get(&format!(
-                        "rusty_workers_observer_probe_attached{{probe=\"{p}\",reason=\"\"}}"
-                    )) == Some(&1.0)
+                        "rusty_workers_observer_probe_attached{{probe=\"{p}\",reason=\"{reason}\"}}"
+                    )) == Some(&want)
                 });
                 assert!(attached, "not every probe attached:\n{}", o.log_text());
                 return o;
@@ -167,6 +189,11 @@ impl Observer {
             !ours.programs.is_empty() && !ours.links.is_empty(),
             "bpftool shows none of the observer's programs and links: {ours:?}"
         );
+        let sites = breakpoints_in(self.target);
+        assert!(
+            sites > 0,
+            "no uprobe breakpoint in the proxy's code while attached"
+        );
         // SAFETY: kill(2) on our own child.
         unsafe { libc_kill(self.child.id() as i32, signal) };
         let status = self.child.wait().expect("observer exit");
@@ -174,6 +201,7 @@ impl Observer {
         assert!(status.success(), "observer exited with {status}:\n{log}");
         assert!(log.contains("detached"), "no detach message:\n{log}");
         assert_nothing_left(&ours);
+        assert_no_breakpoint_left(self.target, sites);
         log
     }
 
@@ -186,10 +214,16 @@ impl Observer {
             !ours.programs.is_empty() && !ours.links.is_empty(),
             "bpftool shows none of the observer's programs and links: {ours:?}"
         );
+        let sites = breakpoints_in(self.target);
+        assert!(
+            sites > 0,
+            "no uprobe breakpoint in the proxy's code while attached"
+        );
         // SAFETY: kill(2) on our own child.
         unsafe { libc_kill(self.child.id() as i32, 9) };
         let _ = self.child.wait();
         let gone = assert_nothing_left(&ours);
+        assert_no_breakpoint_left(self.target, sites);
         (ours, gone)
     }
 }
@@ -223,7 +257,18 @@ fn bpftool_json(what: &str) -> Vec<Value> {
         .args(["-j", what, "show"])
         .output()
         .expect("bpftool (scripts/bootstrap.sh installs it)");
-    serde_json::from_slice(&out.stdout).unwrap_or_default()
+    assert!(
+        out.status.success(),
+        "bpftool {what} show failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool {what} show printed no JSON list ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 fn ours_in_kernel() -> KernelObjects {
@@ -269,12 +314,70 @@ fn assert_nothing_left(before: &KernelObjects) -> Duration {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let events = std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
-    assert!(
-        !events.contains("rusty-workers"),
-        "uprobe left behind: {events}"
-    );
     t0.elapsed()
+}
+
+/// The proxy's uprobe sites (the catalog's, resolved in its executable) whose code in the
+/// process differs from the executable file: where the kernel has written its breakpoint into
+/// the process's copy of the page (kernel/events/uprobes.c, `uprobe_write_opcode`). Read from
+/// `/proc/<pid>/mem`: no tracefs is needed, and uprobes made through the perf PMU, which
+/// tracefs's `uprobe_events` never lists, are seen too. Panics if anything cannot be read.
+fn breakpoints_in(pid: u32) -> usize {
+    use std::os::unix::fs::FileExt as _;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .unwrap_or_else(|e| panic!("the proxy (PID {pid}) must run to check its code: {e}"));
+    let file = std::fs::read(format!("/proc/{pid}/exe")).expect("reading the proxy's executable");
+    // Through /proc: the executable of a contained proxy is not at its path on the host.
+    let table =
+        observer::symbols::SymbolTable::from_elf_file(Path::new(&format!("/proc/{pid}/exe")))
+            .expect("the proxy's symbols");
+    let sites: Vec<u64> =
+        observer::resolve::resolve(&observer::catalog::Catalog::builtin_proxy(), &table)
+            .iter()
+            .flat_map(|r| r.sites().iter().map(|s| s.file_offset).collect::<Vec<_>>())
+            .collect();
+    assert!(!sites.is_empty(), "no probe resolves in {}", exe.display());
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("the proxy's maps");
+    let exe_name = exe.to_string_lossy().into_owned();
+    // (start, end, file offset) of the executable's mappings.
+    let mapped: Vec<(u64, u64, u64)> = maps
+        .lines()
+        .filter(|l| l.ends_with(&exe_name))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (lo, hi) = f.next()?.split_once('-')?;
+            let _perms = f.next()?;
+            let off = u64::from_str_radix(f.next()?, 16).ok()?;
+            Some((
+                u64::from_str_radix(lo, 16).ok()?,
+                u64::from_str_radix(hi, 16).ok()?,
+                off,
+            ))
+        })
+        .collect();
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("opening the proxy's memory");
+    sites
+        .iter()
+        .filter(|&&fo| {
+            let (lo, _, off) = mapped
+                .iter()
+                .find(|(lo, hi, off)| fo >= *off && fo < off + (hi - lo))
+                .unwrap_or_else(|| panic!("site {fo:#x} is in no mapping of {exe_name}:\n{maps}"));
+            let mut b = [0u8; 1];
+            mem.read_exact_at(&mut b, lo + fo - off)
+                .unwrap_or_else(|e| panic!("reading the proxy's code at file offset {fo:#x}: {e}"));
+            b[0] != file[fo as usize]
+        })
+        .count()
+}
+
+/// No breakpoint is left in the proxy's code (it had `had` while the observer ran).
+fn assert_no_breakpoint_left(pid: u32, had: usize) {
+    let left = breakpoints_in(pid);
+    assert_eq!(
+        left, 0,
+        "{left} of the {had} uprobe breakpoints are still in the proxy's code after the observer's exit"
+    );
 }
 
 extern "C" {
@@ -601,19 +704,27 @@ fn client_quantile(mut lat: Vec<Duration>, q: f64) -> f64 {
 
 /// Until every relation the joins need is learnt (the first requests after attach teach it).
 fn warm_up(tb: &Testbed, obs: &Observer, apps: &[App]) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    if !try_warm_up(tb, obs, apps, Duration::from_secs(60)) {
+        panic!(
+            "the observer did not learn its joins:\n{}\n{}",
+            observer_self(&obs.scrape()),
+            obs.log_text()
+        );
+    }
+}
+
+/// As `warm_up`, for at most `wait`: whether the joins were learnt.
+fn try_warm_up(tb: &Testbed, obs: &Observer, apps: &[App], wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
     let mut round = 0;
     loop {
         let m = obs.scrape();
         if joins_learnt(&m) {
-            return;
+            return true;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the observer did not learn its joins:\n{}\n{}",
-            observer_self(&m),
-            obs.log_text()
-        );
+        if Instant::now() > deadline {
+            return false;
+        }
         // One at a time, each on an app whose pool was just emptied by a fresh bundle: every
         // request is alone in flight and cold.
         let reqs: Vec<Request> = apps
@@ -1829,4 +1940,251 @@ fn a_hundred_thousand_app_ids_keep_the_label_cap_and_memory_bounded() {
         "observer RSS {rss_end:.1} MiB after {n} app ids (at start {rss_start:.1} MiB)"
     );
     obs.lint();
+}
+
+/// The probes whose functions a build of the test target lacks (inlined away), as the
+/// observer's own resolver finds them in the binary.
+fn unresolved_probes(profile: &str) -> Vec<String> {
+    let bin = testbed_harness::binary_of(profile, "rusty-workers-proxy");
+    let table = observer::symbols::SymbolTable::from_elf_file(&bin)
+        .unwrap_or_else(|e| panic!("reading the symbols of {}: {e:#}", bin.display()));
+    let catalog = observer::catalog::Catalog::builtin_proxy();
+    observer::resolve::resolve(&catalog, &table)
+        .iter()
+        .filter(|r| matches!(r.outcome, observer::resolve::Outcome::Unresolved(_)))
+        .map(|r| r.probe.name.clone())
+        .collect()
+}
+
+/// Whether a scrape has any sample of `family` (its `_bucket`, `_sum` and `_count` too).
+fn has_family(m: &BTreeMap<String, f64>, family: &str) -> bool {
+    let name = format!("rusty_workers_{family}");
+    m.keys().any(|k| {
+        k.strip_prefix(&name).is_some_and(|rest| {
+            rest.is_empty()
+                || rest.starts_with('{')
+                || ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|s| rest.starts_with(s))
+        })
+    })
+}
+
+/// The test target built with `profile` (harness `PROFILES`): the observer attaches what
+/// resolves, withholds every family whose probe is missing (and says so), and every per-app
+/// series it does export EQUALS ground truth. Returns (series compared, families withheld).
+fn a_release_profile_exports_only_exact_series(profile: &'static str) {
+    require_root();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let missing = unresolved_probes(profile);
+    let lost_to_probes: Vec<&str> =
+        observer::coverage::unavailable(missing.iter().map(|p| (p.as_str(), "unresolved")))
+            .into_iter()
+            .map(|u| u.family)
+            .collect();
+    let mut apps: Vec<App> = (1..=3)
+        .map(|i| App::new(&format!("{profile}-{i}")))
+        .collect();
+    apps.push(App::slow(&format!("{profile}-slow"), 20));
+    apps.push(App::failing(&format!("{profile}-throws"), "script"));
+    let opts = Options {
+        apps: apps.clone(),
+        load_interval_ms: 0,
+        max_request_body_size_bytes: 1024,
+        profile,
+        ..Options::default()
+    };
+    let tb = Testbed::start(&opts);
+    let obs = Observer::start_missing(tb.proxy_pid(), &tb.dir, false, &[], &missing);
+    // A build whose request joins cannot be learnt has its request families withheld (below).
+    let learnt = try_warm_up(&tb, &obs, &apps, Duration::from_secs(20));
+    assert!(
+        learnt || profile != testbed_harness::RELEASE,
+        "rusty-workers' own profile must learn its joins:\n{}",
+        obs.log_text()
+    );
+    let t0 = tb.settled_truth();
+    let m0 = obs.scrape();
+
+    // Mixed load from 6 clients: cold and warm starts, a failing script, no route, a body too
+    // large; then an app change (an eviction) and expiry (terminations).
+    let mut reqs = Vec::new();
+    for i in 0..300 {
+        reqs.push(Request::get(&format!(
+            "{}/r{i}",
+            apps[i % apps.len()].prefix
+        )));
+        if i % 25 == 0 {
+            reqs.push(Request::get(&format!("/no-such-app/x{i}")));
+            reqs.push(Request {
+                body: vec![b'x'; 4096],
+                ..Request::get(&format!("{}/big{i}", apps[0].prefix))
+            });
+        }
+    }
+    load_requests(tb.http, &reqs, 6);
+    let mut changed = apps.clone();
+    changed[1].bundle_id = "v2".into();
+    tb.set_apps(&changed);
+    wait_until("the eviction of the changed app", 15, || {
+        truth_u64(&tb.truth(), &["apps", &apps[1].id, "evictions"]) > 0
+    });
+    std::thread::sleep(Duration::from_millis(
+        opts.ready_instance_expiration_ms + 500,
+    ));
+    let touch: Vec<Request> = apps
+        .iter()
+        .map(|a| Request::get(&format!("{}/t", a.prefix)))
+        .collect();
+    load_requests(tb.http, &touch, 1);
+    let t1 = tb.settled_truth();
+    std::thread::sleep(Duration::from_millis(300));
+    let m1 = obs.scrape();
+    obs.lint();
+
+    // What is withheld is absent, and said to be: every family a missing probe makes, and
+    // those whose relation was not learnt.
+    let marker = "rusty_workers_observer_metric_unavailable{metric=\"rusty_workers_";
+    let lost: Vec<&str> = observer::coverage::NEEDS
+        .iter()
+        .map(|(f, _)| *f)
+        .filter(|f| m1.keys().any(|k| k.starts_with(&format!("{marker}{f}\","))))
+        .collect();
+    for family in &lost_to_probes {
+        assert!(
+            lost.contains(family),
+            "{profile}: {family} is made from a missing probe ({missing:?}) but not withheld"
+        );
+    }
+    if !learnt {
+        assert!(
+            lost.contains(&"app_request_duration_seconds"),
+            "{profile}: the joins are not learnt but the request families are exported"
+        );
+    }
+    for family in &lost {
+        assert!(
+            !has_family(&m1, family),
+            "{profile}: {family} is exported although a probe it needs is missing ({missing:?})"
+        );
+    }
+    // What is exported equals ground truth.
+    let kept = |family: &str| !lost.contains(&family);
+    let mut checked = 0;
+    let mut compare = |series: String, got: u64, want: u64, app: &str| {
+        assert_eq!(
+            got,
+            want,
+            "{profile}: {series}: observer {got}, ground truth {want}\n{}\n{}",
+            t1["apps"][app],
+            observer_self(&m1)
+        );
+        checked += 1;
+    };
+    for a in &apps {
+        for (metric, field) in APP_COUNTERS {
+            let family = metric.split('{').next().unwrap();
+            if !kept(family) {
+                continue;
+            }
+            let series = format!("rusty_workers_{}", metric.replace("{}", &a.id));
+            compare(
+                series.clone(),
+                delta(&m1, &m0, &series),
+                truth_delta(&t1, &t0, &a.id, &[field]),
+                &a.id,
+            );
+        }
+        if kept("app_instances") {
+            let series = format!("rusty_workers_app_instances{{app=\"{}\"}}", a.id);
+            let got = m1.get(&series).copied().unwrap_or(0.0) as u64;
+            compare(
+                series,
+                got,
+                truth_u64(&t1, &["apps", &a.id, "instances_alive"]),
+                &a.id,
+            );
+        }
+        let mut answered = 0;
+        for o in observer::requests::OUTCOMES {
+            answered += truth_delta(&t1, &t0, &a.id, &["outcomes", o]);
+            if kept("app_responses_total") {
+                let series = format!(
+                    "rusty_workers_app_responses_total{{app=\"{}\",outcome=\"{o}\"}}",
+                    a.id
+                );
+                let got = delta(&m1, &m0, &series);
+                compare(
+                    series,
+                    got,
+                    truth_delta(&t1, &t0, &a.id, &["outcomes", o]),
+                    &a.id,
+                );
+            }
+        }
+        if kept("app_request_duration_seconds") {
+            let series = format!(
+                "rusty_workers_app_request_duration_seconds_count{{app=\"{}\"}}",
+                a.id
+            );
+            compare(series.clone(), delta(&m1, &m0, &series), answered, &a.id);
+        }
+        if kept("app_request_starts_total") {
+            for start in ["cold", "warm"] {
+                let series = format!(
+                    "rusty_workers_app_request_starts_total{{app=\"{}\",start=\"{start}\"}}",
+                    a.id
+                );
+                let got = delta(&m1, &m0, &series);
+                compare(series, got, truth_delta(&t1, &t0, &a.id, &[start]), &a.id);
+            }
+        }
+    }
+    if kept("apps_loaded") {
+        let got = m1["rusty_workers_apps_loaded"] as u64;
+        compare(
+            "apps_loaded".into(),
+            got,
+            truth_u64(&t1, &["apps_loaded"]),
+            "",
+        );
+    }
+    for method in &method::NAMES[..method::UNKNOWN as usize] {
+        let series = format!("rusty_workers_runtime_rpcs_total{{method=\"{method}\"}}");
+        let want = truth_u64(&t1, &["rpc_calls", method]) - truth_u64(&t0, &["rpc_calls", method]);
+        compare(series.clone(), delta(&m1, &m0, &series), want, "");
+    }
+    assert_eq!(
+        m1["rusty_workers_observer_unattributed_requests_total"], 0.0,
+        "{profile}: every fetch is tied to its app"
+    );
+    assert!(
+        truth_u64(&t1, &["apps", &apps[1].id, "evictions"]) > 0
+            && apps
+                .iter()
+                .map(|a| truth_delta(&t1, &t0, &a.id, &["terminations"]))
+                .sum::<u64>()
+                > 0,
+        "{profile}: the scenario must evict and terminate: {t1}"
+    );
+    eprintln!(
+        "e2e profile {profile}: probes unresolved {missing:?}; joins learnt: {learnt}; {} families withheld {lost:?}; {checked} series equal ground truth",
+        lost.len()
+    );
+    obs.stop(15);
+}
+
+#[test]
+fn the_release_profile_exports_only_exact_series() {
+    a_release_profile_exports_only_exact_series("release");
+}
+
+#[test]
+fn the_fat_lto_profile_exports_only_exact_series() {
+    a_release_profile_exports_only_exact_series("release-fat-lto");
+}
+
+#[test]
+fn the_size_profile_exports_only_exact_series() {
+    a_release_profile_exports_only_exact_series("release-size");
 }

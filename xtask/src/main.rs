@@ -136,6 +136,22 @@ fn test() -> anyhow::Result<()> {
         "xtask: building the workspace (release: the test target uses rusty-workers' profile)"
     );
     run(cargo().args(["build", "--release", "--workspace"]))?;
+    // The test target under the other release profiles operators build with: the end-to-end
+    // tests check what the observer exports on each (a probe lost to inlining).
+    for profile in testbed_harness::PROFILES {
+        if *profile != testbed_harness::RELEASE {
+            eprintln!("xtask: building the test target with profile {profile}");
+            run(cargo().args([
+                "build",
+                "--profile",
+                profile,
+                "-p",
+                "testbed-proxy",
+                "-p",
+                "testbed-runtime",
+            ]))?;
+        }
+    }
     // Stream the test output and close on one total, so the last line speaks for every test
     // binary (not for whichever ran last).
     let mut child = cargo()

@@ -26,10 +26,30 @@ pub fn release_dir() -> PathBuf {
 }
 
 pub fn binary(name: &str) -> PathBuf {
-    let p = release_dir().join(name);
+    binary_of(RELEASE, name)
+}
+
+/// The cargo profile of rusty-workers' own release build (thin LTO).
+pub const RELEASE: &str = "release";
+
+/// The release profiles the test target is built and tested under (the workspace Cargo.toml):
+/// rusty-workers' own, fat LTO in one codegen unit, and optimised for size.
+pub const PROFILES: &[&str] = &[RELEASE, "release-fat-lto", "release-size"];
+
+/// Where cargo put the binaries of `profile`.
+pub fn profile_dir(profile: &str) -> PathBuf {
+    if profile == RELEASE {
+        return release_dir();
+    }
+    release_dir().with_file_name(profile)
+}
+
+/// A test target binary built with `profile`.
+pub fn binary_of(profile: &str, name: &str) -> PathBuf {
+    let p = profile_dir(profile).join(name);
     assert!(
         p.is_file(),
-        "{} is missing: build the workspace in release first (`cargo xtask test` does)",
+        "{} is missing: build the test target with `cargo build --profile {profile} -p testbed-proxy -p testbed-runtime` first (`cargo xtask test` does)",
         p.display()
     );
     p
@@ -107,6 +127,8 @@ pub struct Options {
     pub load_interval_ms: u64,
     /// Larger request bodies are refused with RequestBodyTooLarge.
     pub max_request_body_size_bytes: u64,
+    /// The cargo profile whose build of the test target runs (`PROFILES`).
+    pub profile: &'static str,
 }
 
 impl Default for Options {
@@ -120,6 +142,7 @@ impl Default for Options {
             app_cache_size: 100,
             load_interval_ms: 1000,
             max_request_body_size_bytes: 1 << 20,
+            profile: RELEASE,
         }
     }
 }
@@ -137,6 +160,8 @@ pub struct Testbed {
     proxy: Child,
     /// Contained: the proxy's PID on the host (`proxy` is then the namespace's `unshare`).
     proxy_host_pid: Option<u32>,
+    /// The cargo profile of its binaries.
+    profile: &'static str,
 }
 
 /// Files and ports of a test target, before its processes start.
@@ -191,6 +216,7 @@ impl Prepared {
         runtimes: Vec<Child>,
         proxy: Child,
         proxy_host_pid: Option<u32>,
+        profile: &'static str,
     ) -> Testbed {
         Testbed {
             dir: self.dir,
@@ -202,6 +228,7 @@ impl Prepared {
             runtimes,
             proxy,
             proxy_host_pid,
+            profile,
         }
     }
 }
@@ -237,13 +264,13 @@ fn host_pid_named(root: u32, name: &str) -> Option<u32> {
         })
 }
 
-fn spawn_runtime(dir: &Path, i: usize, addr: SocketAddr) -> Child {
+fn spawn_runtime(profile: &str, dir: &Path, i: usize, addr: SocketAddr) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join(format!("runtime{i}.log")))
         .unwrap();
-    let child = Command::new(binary("rusty-workers-runtime"))
+    let child = Command::new(binary_of(profile, "rusty-workers-runtime"))
         .process_group(0)
         .args(["--listen", &addr.to_string()])
         .arg("--stats")
@@ -256,13 +283,19 @@ fn spawn_runtime(dir: &Path, i: usize, addr: SocketAddr) -> Child {
     child
 }
 
-fn spawn_proxy(dir: &Path, config_file: &Path, http: SocketAddr, admin: SocketAddr) -> Child {
+fn spawn_proxy(
+    profile: &str,
+    dir: &Path,
+    config_file: &Path,
+    http: SocketAddr,
+    admin: SocketAddr,
+) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("proxy.log"))
         .unwrap();
-    let proxy = Command::new(binary("rusty-workers-proxy"))
+    let proxy = Command::new(binary_of(profile, "rusty-workers-proxy"))
         .process_group(0)
         .arg("--config")
         .arg(config_file)
@@ -311,10 +344,10 @@ impl Testbed {
             .runtime_addrs
             .iter()
             .enumerate()
-            .map(|(i, a)| spawn_runtime(&p.dir, i, *a))
+            .map(|(i, a)| spawn_runtime(opts.profile, &p.dir, i, *a))
             .collect();
-        let proxy = spawn_proxy(&p.dir, &p.config_file, p.http, p.admin);
-        p.into_testbed(runtimes, proxy, None)
+        let proxy = spawn_proxy(opts.profile, &p.dir, &p.config_file, p.http, p.admin);
+        p.into_testbed(runtimes, proxy, None, opts.profile)
     }
 
     /// The same test target in a container of its own: one new mount and PID namespace
@@ -328,8 +361,8 @@ impl Testbed {
         let mut script = format!(
             "set -e\nmount -t tmpfs tmpfs {bin}\ncp {rt} {proxy} {bin}/\n",
             bin = bin.display(),
-            rt = binary("rusty-workers-runtime").display(),
-            proxy = binary("rusty-workers-proxy").display(),
+            rt = binary_of(opts.profile, "rusty-workers-runtime").display(),
+            proxy = binary_of(opts.profile, "rusty-workers-proxy").display(),
         );
         for (i, a) in p.runtime_addrs.iter().enumerate() {
             script.push_str(&format!(
@@ -373,7 +406,7 @@ impl Testbed {
         wait_for(p.admin, "contained proxy admin");
         let proxy_pid =
             host_pid_named(ns.id(), "rusty-workers-proxy").expect("the contained proxy's host PID");
-        p.into_testbed(Vec::new(), ns, Some(proxy_pid))
+        p.into_testbed(Vec::new(), ns, Some(proxy_pid), opts.profile)
     }
 
     pub fn proxy_pid(&self) -> u32 {
@@ -388,7 +421,7 @@ impl Testbed {
     /// again on its next discovery round (every `load_interval_ms`).
     pub fn restart_runtime(&mut self, i: usize) {
         self.kill_runtime(i);
-        self.runtimes[i] = spawn_runtime(&self.dir, i, self.runtime_addrs[i]);
+        self.runtimes[i] = spawn_runtime(self.profile, &self.dir, i, self.runtime_addrs[i]);
     }
 
     /// Kills the proxy (SIGKILL) and starts a new one with the same configuration.
@@ -398,7 +431,13 @@ impl Testbed {
             "a contained test target is started once"
         );
         self.kill_proxy();
-        self.proxy = spawn_proxy(&self.dir, &self.config_file, self.http, self.admin);
+        self.proxy = spawn_proxy(
+            self.profile,
+            &self.dir,
+            &self.config_file,
+            self.http,
+            self.admin,
+        );
     }
 
     /// Kills the proxy (SIGKILL).
