@@ -87,13 +87,21 @@ pub fn start(script: &str, dir: &Path) -> anyhow::Result<Running> {
     let file = dir.join("bench.bt");
     std::fs::write(&file, script)?;
     let log = dir.join("bpftrace.log");
-    let mut child = Command::new("bpftrace")
+    // bpftrace 0.17 attaches `tracepoint:` probes through tracefs, which a fresh host may not
+    // have mounted: it runs in a mount namespace of its own with tracefs mounted there, so
+    // nothing is left mounted on the host (unshare and sh exec, bpftrace keeps the PID).
+    let mut child = Command::new("unshare")
         .process_group(0)
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing \
+             || exit 1; exec bpftrace \"$0\"",
+        )
         .arg(&file)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log)?)
         .spawn()
-        .context("running bpftrace (scripts/bootstrap.sh installs it)")?;
+        .context("running bpftrace under unshare (scripts/bootstrap.sh installs both)")?;
     let stdout = child.stdout.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
