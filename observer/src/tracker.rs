@@ -343,7 +343,12 @@ impl Tracker {
                 if !self.apps.get(&label).is_some_and(|a| a.loaded) || label == OTHER {
                     if let Some(old) = evicted {
                         self.evict(&old, true, ktime_ns);
-                        self.counters.unnamed_capacity_evictions += evicts.saturating_sub(1);
+                        // `evicts` is read from the target's memory while it changes: a torn
+                        // read can make it any number (found by the fuzzer), never a panic.
+                        self.counters.unnamed_capacity_evictions = self
+                            .counters
+                            .unnamed_capacity_evictions
+                            .saturating_add(evicts.saturating_sub(1));
                     }
                 }
                 let a = self.app(&label);
@@ -658,6 +663,25 @@ mod tests {
         let a2 = &t.apps["app2"];
         assert_eq!((a2.loads, a2.evictions, a2.loaded), (1, 1, false));
         assert!(!t.apps.contains_key("example.com"));
+    }
+
+    #[test]
+    fn a_torn_eviction_count_does_not_overflow() {
+        let torn = |app: &str, old: &str| Decoded::CacheInsert {
+            cache: 1,
+            key: b(app),
+            fresh_arc: true,
+            evicts: u64::MAX,
+            evicted: Some(b(old)),
+            ktime_ns: 1,
+        };
+        let t = run(vec![
+            insert(1, "a", true),
+            torn("b", "a"),
+            insert(1, "a", true),
+            torn("c", "a"),
+        ]);
+        assert_eq!(t.counters.unnamed_capacity_evictions, u64::MAX);
     }
 
     #[test]
