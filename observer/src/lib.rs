@@ -6,6 +6,7 @@ pub mod coverage;
 pub mod decode;
 pub mod expo;
 pub mod kernel;
+pub mod memory;
 pub mod metrics;
 pub mod procs;
 pub mod requests;

@@ -1,4 +1,4 @@
-//! Function symbols of a target executable, demangled the way the catalog names them.
+//! Function and data symbols of a target executable, demangled the way the catalogs name them.
 //!
 //! Rust binaries carry two manglings side by side: legacy (`_ZN...17h<hash>E`) and v0 (`_R...`).
 //! Legacy mangling erases generic arguments, so two instantiations of one generic function share
@@ -45,9 +45,24 @@ pub struct Symbol {
     pub file_offset: u64,
 }
 
+/// One data symbol (`.data`, `.bss`: a static the target's state hangs from).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataSymbol {
+    pub mangled: String,
+    /// Demangled path without the legacy hash and without `.llvm.<n>`.
+    pub path: String,
+    /// The link-time address: in a PIE, where the executable's file offset 0 is mapped plus
+    /// this.
+    pub address: u64,
+    pub size: u64,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct SymbolTable {
+    /// Functions.
     pub symbols: Vec<Symbol>,
+    /// Statics.
+    pub data: Vec<DataSymbol>,
 }
 
 /// Splits a mangled name into its demangled path (no hash, no `.llvm.` suffix) and hash.
@@ -98,11 +113,24 @@ impl SymbolTable {
             .filter(|(addr, size, _)| *addr != 0 && *size != 0)
             .collect();
         let mut symbols = Vec::new();
+        let mut data = Vec::new();
         for sym in file.symbols() {
-            if sym.kind() != SymbolKind::Text || sym.is_undefined() || sym.address() == 0 {
+            if sym.is_undefined() || sym.address() == 0 {
                 continue;
             }
             let Ok(name) = sym.name() else { continue };
+            if sym.kind() == SymbolKind::Data {
+                data.push(DataSymbol {
+                    mangled: name.to_string(),
+                    path: demangle(name).0,
+                    address: sym.address(),
+                    size: sym.size(),
+                });
+                continue;
+            }
+            if sym.kind() != SymbolKind::Text {
+                continue;
+            }
             let addr = sym.address();
             // The kernel wants a file offset: translate through the section holding the code.
             let Some(&(saddr, _, soff)) = sections
@@ -121,14 +149,16 @@ impl SymbolTable {
                 file_offset: addr - saddr + soff,
             });
         }
-        Ok(Self { symbols })
+        Ok(Self { symbols, data })
     }
 
     /// Reads a symbol table dump (`address size type mangled demangled`, tab-separated, hex
     /// numbers, `#` comments), as kept for the real rusty-workers proxy. Such a dump has no
-    /// sections, so file offsets come from `file_offset = address - text_bias`.
+    /// sections, so file offsets come from `file_offset = address - text_bias`. Functions are
+    /// nm types `T t W w`, data `B b D d`.
     pub fn from_tsv(text: &str, text_bias: u64) -> Result<Self, SymbolError> {
         let mut symbols = Vec::new();
+        let mut data = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if line.starts_with('#') || line.trim().is_empty() {
                 continue;
@@ -151,6 +181,15 @@ impl SymbolTable {
             };
             let address = hex(cols[0], "address")?;
             let size = hex(cols[1], "size")?;
+            if matches!(cols[2], "B" | "b" | "D" | "d") {
+                data.push(DataSymbol {
+                    mangled: cols[3].to_string(),
+                    path: demangle(cols[3]).0,
+                    address,
+                    size,
+                });
+                continue;
+            }
             if !matches!(cols[2], "T" | "t" | "W" | "w") {
                 continue;
             }
@@ -167,7 +206,15 @@ impl SymbolTable {
                 })?,
             });
         }
-        Ok(Self { symbols })
+        Ok(Self { symbols, data })
+    }
+
+    /// The static whose demangled path is `path`, if there is exactly one (a static has one
+    /// address; two of one name would be two crates' and neither can be trusted).
+    pub fn data_by_path(&self, path: &str) -> Option<&DataSymbol> {
+        let mut it = self.data.iter().filter(|d| d.path == path);
+        let first = it.next()?;
+        it.all(|d| d.address == first.address).then_some(first)
     }
 
     /// Every function whose demangled path is `path`, one entry per distinct address.
@@ -215,6 +262,34 @@ mod tests {
         let err = SymbolTable::from_tsv("# header\nzz\t10\tt\t_ZN3fooE\tfoo\n", 0x1000)
             .expect_err("a non-hex address must be refused");
         assert!(err.to_string().contains("line 2"), "{err}");
+    }
+
+    /// The static the proxy's whole scheduler state hangs from, in the data symbols of a
+    /// release build of upstream rusty-workers (../shared/rusty-workers/NOTES.md).
+    #[test]
+    fn the_real_proxys_scheduler_static_is_found() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/rusty-workers/proxy-release.data.tsv");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let t = SymbolTable::from_tsv(&text, 0x1000).expect("the real data dump parses");
+        assert!(t.symbols.is_empty(), "a data dump holds no functions");
+        let s = t
+            .data_by_path("rusty_workers_proxy::SCHEDULER")
+            .expect("rusty_workers_proxy::SCHEDULER among the data symbols");
+        // once_cell::sync::OnceCell<Arc<Scheduler>>: a state word and the Arc's pointer.
+        assert_eq!((s.address, s.size), (0x4aaa50, 16));
+        assert!(t.data.len() > 100, "{} data symbols", t.data.len());
+    }
+
+    #[test]
+    fn a_static_named_twice_at_two_addresses_is_not_trusted() {
+        let tsv = "0000000000002000\t10\tb\t_ZN1a1S17h0000000000000001E\ta::S\n\
+                   0000000000003000\t10\tb\t_ZN1a1S17h0000000000000002E\ta::S\n\
+                   0000000000004000\t8\tB\t_ZN1b1T17h0000000000000003E\tb::T\n";
+        let t = SymbolTable::from_tsv(tsv, 0x1000).expect("valid dump");
+        assert_eq!(t.data_by_path("a::S"), None);
+        assert_eq!(t.data_by_path("b::T").map(|d| d.address), Some(0x4000));
     }
 
     #[test]
