@@ -87,6 +87,10 @@ pub const NEEDS: &[(&str, &[&str])] = &[
     ("process_network_messages_total", &[SEND, RECV]),
 ];
 
+/// The probes a call's answer is seen by: without them a call's end says nothing of how it went
+/// (`requests::Requests::set_answers_probed`).
+pub const ANSWER_PROBES: &[&str] = &[ANSWER, DONE];
+
 /// A learnt relation not learnt (yet): the families that need it wait for it.
 pub const NOT_LEARNT: &str = "not_learnt";
 

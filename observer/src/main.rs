@@ -492,8 +492,7 @@ impl Lifecycle {
                 );
             }
             let answers = !statuses.iter().any(|p| {
-                ["rpc_response", "rpc_done"].contains(&p.name.as_str())
-                    && coverage::is_missing(p.reason)
+                coverage::ANSWER_PROBES.contains(&p.name.as_str()) && coverage::is_missing(p.reason)
             });
             (k.uprobes_attached(pid), old, answers)
         };
