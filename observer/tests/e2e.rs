@@ -6,7 +6,6 @@
 use observer_common::method;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use testbed_harness::{
@@ -181,6 +180,17 @@ impl Observer {
         self.try_scrape().expect("scraping the observer")
     }
 
+    /// The uprobe breakpoints in the proxy's code now: there must be some (else the check after
+    /// the observer's exit could not fail).
+    fn breakpoints_while_attached(&self) -> usize {
+        let sites = breakpoints_in(self.target);
+        assert!(
+            sites > 0,
+            "no uprobe breakpoint in the proxy's code while attached"
+        );
+        sites
+    }
+
     /// SIGINT (an operator's Ctrl-C, 2) or SIGTERM (systemd, 15): must detach and exit 0.
     fn stop(mut self, signal: i32) -> String {
         self.stopped = true;
@@ -189,11 +199,7 @@ impl Observer {
             !ours.programs.is_empty() && !ours.links.is_empty(),
             "bpftool shows none of the observer's programs and links: {ours:?}"
         );
-        let sites = breakpoints_in(self.target);
-        assert!(
-            sites > 0,
-            "no uprobe breakpoint in the proxy's code while attached"
-        );
+        let sites = self.breakpoints_while_attached();
         // SAFETY: kill(2) on our own child.
         unsafe { libc_kill(self.child.id() as i32, signal) };
         let status = self.child.wait().expect("observer exit");
@@ -214,11 +220,7 @@ impl Observer {
             !ours.programs.is_empty() && !ours.links.is_empty(),
             "bpftool shows none of the observer's programs and links: {ours:?}"
         );
-        let sites = breakpoints_in(self.target);
-        assert!(
-            sites > 0,
-            "no uprobe breakpoint in the proxy's code while attached"
-        );
+        let sites = self.breakpoints_while_attached();
         // SAFETY: kill(2) on our own child.
         unsafe { libc_kill(self.child.id() as i32, 9) };
         let _ = self.child.wait();
@@ -326,11 +328,10 @@ fn breakpoints_in(pid: u32) -> usize {
     use std::os::unix::fs::FileExt as _;
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
         .unwrap_or_else(|e| panic!("the proxy (PID {pid}) must run to check its code: {e}"));
-    let file = std::fs::read(format!("/proc/{pid}/exe")).expect("reading the proxy's executable");
     // Through /proc: the executable of a contained proxy is not at its path on the host.
-    let table =
-        observer::symbols::SymbolTable::from_elf_file(Path::new(&format!("/proc/{pid}/exe")))
-            .expect("the proxy's symbols");
+    let file = std::fs::read(format!("/proc/{pid}/exe")).expect("reading the proxy's executable");
+    let table = observer::symbols::SymbolTable::from_elf_bytes(&file, &exe.to_string_lossy())
+        .expect("the proxy's symbols");
     let sites: Vec<u64> =
         observer::resolve::resolve(&observer::catalog::Catalog::builtin_proxy(), &table)
             .iter()
@@ -1972,7 +1973,7 @@ fn has_family(m: &BTreeMap<String, f64>, family: &str) -> bool {
 
 /// The test target built with `profile` (harness `PROFILES`): the observer attaches what
 /// resolves, withholds every family whose probe is missing (and says so), and every per-app
-/// series it does export EQUALS ground truth. Returns (series compared, families withheld).
+/// series it does export EQUALS ground truth.
 fn a_release_profile_exports_only_exact_series(profile: &'static str) {
     require_root();
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
