@@ -1,5 +1,6 @@
 //! The probe catalog: which functions of the target to probe, with which eBPF program.
 
+use crate::snapshots::StateSpec;
 use observer_common::Layout;
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -46,6 +47,89 @@ struct RawCatalog {
     probe: Vec<RawProbe>,
     #[serde(default)]
     layout: RawLayout,
+    #[serde(default)]
+    state: RawState,
+}
+
+/// `[state]`: where the proxy's state is in its memory (`crate::snapshot`). Every field is
+/// optional: the static's path, the read budget, the std and crate layouts (byte offsets,
+/// fields of `StateLayout`) and the offsets of the proxy's own fields (fields of `Learnt`,
+/// else found by the walk). `enabled = false` reads no state (its gauges come from events).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    enabled: Option<bool>,
+    symbol: Option<String>,
+    budget_bytes: Option<u64>,
+    once_cell_value: Option<u64>,
+    arc_data: Option<u64>,
+    btree_root: Option<u64>,
+    btree_height: Option<u64>,
+    btree_len: Option<u64>,
+    node_parent_idx: Option<u64>,
+    node_len: Option<u64>,
+    deque_cap: Option<u64>,
+    deque_ptr: Option<u64>,
+    deque_head: Option<u64>,
+    deque_len: Option<u64>,
+    lru_map: Option<u64>,
+    lru_list: Option<u64>,
+    lru_capacity: Option<u64>,
+    app_value_arc: Option<u64>,
+    app_value_size: Option<u64>,
+    sched_apps: Option<u64>,
+    sched_clients: Option<u64>,
+    app_id: Option<u64>,
+    app_ready: Option<u64>,
+    instance_handle: Option<u64>,
+    instance_rtid: Option<u64>,
+    instance_size: Option<u64>,
+}
+
+impl RawState {
+    fn apply(&self) -> Option<StateSpec> {
+        if self.enabled == Some(false) {
+            return None;
+        }
+        let mut spec = StateSpec::default();
+        if let Some(s) = &self.symbol {
+            spec.symbol = s.clone();
+        }
+        if let Some(b) = self.budget_bytes {
+            spec.budget = b;
+        }
+        let l = &mut spec.layout;
+        macro_rules! take {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { l.$f = v; } )* };
+        }
+        take!(
+            once_cell_value,
+            arc_data,
+            btree_root,
+            btree_height,
+            btree_len,
+            node_parent_idx,
+            node_len,
+            deque_cap,
+            deque_ptr,
+            deque_head,
+            deque_len,
+            lru_map,
+            lru_list,
+            lru_capacity,
+            app_value_arc,
+            app_value_size
+        );
+        let g = &mut spec.given;
+        g.sched_apps = self.sched_apps;
+        g.sched_clients = self.sched_clients;
+        g.app_id = self.app_id;
+        g.app_ready = self.app_ready;
+        g.instance_handle = self.instance_handle;
+        g.instance_rtid = self.instance_rtid;
+        g.instance_size = self.instance_size;
+        Some(spec)
+    }
 }
 
 /// Overrides of `observer_common::Layout::DEFAULT`, for a target built by a compiler that lays
@@ -162,6 +246,8 @@ pub struct Catalog {
     pub probes: Vec<Probe>,
     /// How the probes read the target's types.
     pub layout: Layout,
+    /// Where the proxy's state is read from (`None`: not read).
+    pub state: Option<StateSpec>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -281,7 +367,21 @@ impl Catalog {
                     .to_string(),
             });
         }
-        Ok(Catalog { probes, layout })
+        let state = raw.state.apply();
+        if let Some(st) = &state {
+            if st.symbol.trim().is_empty() || st.budget < 4096 {
+                return Err(CatalogError::Syntax {
+                    source_name: source_name.to_string(),
+                    msg: "[state]: symbol must not be empty, budget_bytes must be at least 4096"
+                        .to_string(),
+                });
+            }
+        }
+        Ok(Catalog {
+            probes,
+            layout,
+            state,
+        })
     }
 
     pub fn builtin_proxy() -> Self {

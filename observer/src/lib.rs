@@ -12,6 +12,19 @@ pub mod procs;
 pub mod requests;
 pub mod resolve;
 pub mod server;
+pub mod snapshot;
+pub mod snapshots;
 pub mod symbols;
 pub mod target;
 pub mod tracker;
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps the events.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

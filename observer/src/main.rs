@@ -3,9 +3,12 @@
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use observer::catalog::Catalog;
+use observer::snapshots::{self, Snapshots};
 use observer::symbols::SymbolTable;
 use observer::target::Target;
-use observer::{coverage, decode, kernel, metrics, procs, requests, resolve, tracker};
+use observer::{
+    coverage, decode, kernel, metrics, monotonic_ns, procs, requests, resolve, tracker,
+};
 use observer_common::netstat;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -94,6 +97,11 @@ struct RunArgs {
     /// the observer's cost); serves no meaningful metrics.
     #[arg(long, hide = true)]
     floor: bool,
+    /// How often the proxy's state is read from its memory (apps loaded, ready instances),
+    /// in milliseconds. Its gauges are exported while the last good read is at most a second
+    /// old (or two intervals, if longer).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    state_interval_ms: u64,
     /// For `cargo xtask bench`: how often userspace drains the ring buffer (a slow drain
     /// overruns it, to show that the losses are counted).
     #[arg(long, hide = true, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
@@ -189,17 +197,6 @@ fn parse_hex(s: &str) -> Result<u64, String> {
     u64::from_str_radix(digits, 16).map_err(|e| format!("{s:?} is not a hex number: {e}"))
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own. CLOCK_MONOTONIC is the clock of
-    // bpf_ktime_get_ns, which stamps the events.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn preflight() -> anyhow::Result<()> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
@@ -240,6 +237,8 @@ struct Shared {
     /// How long the last attach to a proxy and to a runtime took (symbols read and resolved,
     /// uprobes attached).
     attach_seconds: std::collections::BTreeMap<&'static str, f64>,
+    /// Snapshots of the proxy's state: their cost, failures and the latest.
+    state: snapshots::Stats,
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -290,6 +289,7 @@ struct Lifecycle {
     watched: aya::maps::HashMap<aya::maps::MapData, u32, observer_common::Watched>,
     counters: Arc<kernel::Counters>,
     started: std::time::Instant,
+    snapshots: Snapshots,
 }
 
 impl Lifecycle {
@@ -351,6 +351,10 @@ impl Lifecycle {
                 why,
             } => {
                 let _ = self.watched.remove(&pid);
+                if role == procs::Role::Proxy {
+                    self.snapshots.set_reader(None);
+                    shared.lock().unwrap().state.latest = None;
+                }
                 log::warn!(
                     "[{:.3}s] {} {instance} (PID {pid}) {}",
                     self.since_start(),
@@ -497,7 +501,28 @@ impl Lifecycle {
             (k.uprobes_attached(pid), old, answers)
         };
         self.drop_links(old);
+        // The proxy's state, read from its memory: a first snapshot now, merged after the
+        // next drain of the events.
+        let (reader, unavailable) = match &self.catalog.state {
+            None => (
+                None,
+                Some("not read: the catalog's [state] has enabled = false".to_string()),
+            ),
+            Some(spec) => match snapshots::Reader::new(&target, &table, spec) {
+                Ok(r) => (Some(r), None),
+                Err(why) => {
+                    log::warn!("proxy PID {pid}: its state cannot be read from memory: {why}; apps_loaded and instances come from events (exact only for what happens after the attach)");
+                    (None, Some(why))
+                }
+            },
+        };
+        let reading = reader.is_some();
+        self.snapshots.set_reader(reader);
+        self.snapshots.take_now();
         let mut s = shared.lock().unwrap();
+        s.state.reading = reading;
+        s.state.unavailable = unavailable;
+        s.state.latest = None;
         s.attach_seconds.insert("proxy", t0.elapsed().as_secs_f64());
         if again {
             s.tracker.target_restarted();
@@ -577,7 +602,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         procs_seconds: 0.0,
         server: observer::server::ServerMetrics::new(),
         attach_seconds: Default::default(),
+        state: Default::default(),
     }));
+    let snaps = Snapshots::default();
     let mut life = Lifecycle {
         catalog,
         runtime_catalog,
@@ -587,6 +614,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         watched,
         counters: counters.clone(),
         started: std::time::Instant::now(),
+        snapshots: snaps.clone(),
     };
     life.tick(&shared);
     if let Some(pid) = a.pid {
@@ -603,11 +631,20 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
 
     // Events: decode, update the model, push handle -> app slots back into the kernel.
     let loop_shared = shared.clone();
+    // The first snapshot (taken at the attach) is merged before the first scrape can come.
+    let mut events = events;
+    drain(&mut events, &shared, &mut conn_key, &mut handle_map, &snaps);
     // SAFETY: the AsyncFd owns the RingBuf, which owns the fd: it stays open while registered.
     let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
     let drain_ms = a.drain_interval_ms;
+    snaps
+        .spawn(Duration::from_millis(a.state_interval_ms))
+        .context("starting the snapshot thread")?;
+    let state_max_age_ns = (2 * a.state_interval_ms).max(1000) * 1_000_000;
+    let loop_snaps = snaps.clone();
     let event_loop = tokio::spawn(async move {
+        let snaps = loop_snaps;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         // The probes submit without waking us (one wakeup per event would cost the proxy more
         // than the event): drain in batches.
@@ -616,7 +653,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = drain_tick.tick() => {
-                    drain(events.get_mut(), &loop_shared, &mut conn_key, &mut handle_map);
+                    drain(events.get_mut(), &loop_shared, &mut conn_key, &mut handle_map, &snaps);
                 }
                 guard = events.readable_mut() => {
                     let mut guard = match guard {
@@ -628,12 +665,12 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                             std::process::exit(1);
                         }
                     };
-                    drain(guard.get_inner_mut(), &loop_shared, &mut conn_key, &mut handle_map);
+                    drain(guard.get_inner_mut(), &loop_shared, &mut conn_key, &mut handle_map, &snaps);
                     guard.clear_ready();
                 }
                 _ = tick.tick() => {
                     // Events of a proxy that just ended belong to its state, not its successor's.
-                    drain(events.get_mut(), &loop_shared, &mut conn_key, &mut handle_map);
+                    drain(events.get_mut(), &loop_shared, &mut conn_key, &mut handle_map, &snaps);
                     life.tick(&loop_shared);
                     let now = monotonic_ns();
                     let mut s = loop_shared.lock().unwrap();
@@ -678,6 +715,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                         procs_seconds: s.procs_seconds,
                         server: &s.server,
                         attach_seconds: &s.attach_seconds,
+                        state: &s.state,
+                        state_max_age_ns,
                         now_ns: monotonic_ns(),
                     });
                     (
@@ -741,7 +780,11 @@ fn drain(
     shared: &Mutex<Shared>,
     conn_key: &mut aya::maps::Array<aya::maps::MapData, observer_common::ConnKey>,
     handle_map: &mut aya::maps::HashMap<aya::maps::MapData, observer_common::HandleKey, u32>,
+    snaps: &Snapshots,
 ) {
+    // Snapshots whose walk ended before this drain began: merged after its events, so that
+    // every event of what they saw is applied first.
+    let outcomes = snaps.take_outcomes();
     let (ops, key) = {
         let mut guard_s = shared.lock().unwrap();
         let s = &mut *guard_s;
@@ -787,9 +830,17 @@ fn drain(
                     None => &requests::NoMemory,
                 };
                 q.apply(&ev, &s.tracker, mem);
+                // When it was let go is not in the event: now is later, which only keeps a
+                // snapshot from bringing it back (see Tracker::merge_snapshot).
+                let now = monotonic_ns();
                 for h in q.take_discarded() {
-                    s.tracker.discard(&h);
+                    s.tracker.discard(&h, now);
                 }
+            }
+        }
+        for (o, learnt) in outcomes {
+            if let Some((snap, taken_ns)) = s.state.record(o, learnt) {
+                s.tracker.merge_snapshot(&snap, taken_ns);
             }
         }
         let key = s.requests.as_mut().and_then(|q| q.take_conn_key());

@@ -40,6 +40,9 @@ pub struct ProcessMemory {
     pid: libc::pid_t,
     budget: u64,
     spent: Cell<u64>,
+    /// A read was refused for the budget: every later one is too, so that a walk that
+    /// swallows one failed read (trying layouts) still ends as out of budget.
+    exhausted: Cell<bool>,
 }
 
 impl ProcessMemory {
@@ -48,6 +51,7 @@ impl ProcessMemory {
             pid: pid as libc::pid_t,
             budget,
             spent: Cell::new(0),
+            exhausted: Cell::new(false),
         }
     }
 
@@ -60,7 +64,8 @@ impl ProcessMemory {
 impl Read for ProcessMemory {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ReadError> {
         let spent = self.spent.get() + buf.len() as u64;
-        if spent > self.budget {
+        if spent > self.budget || self.exhausted.get() {
+            self.exhausted.set(true);
             return Err(ReadError::Budget {
                 budget: self.budget,
             });

@@ -38,6 +38,10 @@ pub struct Inputs<'a> {
     pub server: &'a ServerMetrics,
     /// How long the last attach took, by role.
     pub attach_seconds: &'a BTreeMap<&'static str, f64>,
+    /// Snapshots of the proxy's state read from its memory.
+    pub state: &'a crate::snapshots::Stats,
+    /// A snapshot older than this is not exported.
+    pub state_max_age_ns: u64,
     pub now_ns: u64,
 }
 
@@ -94,18 +98,44 @@ fn apps(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
         .values()
         .map(|a| Ok(a.requests_user + i.counters.app_requests(a.slot)?))
         .collect::<anyhow::Result<Vec<u64>>>()?;
-    let loaded = apps.values().filter(|a| a.loaded).count();
-    r.level(
-        "apps_loaded",
-        "Apps in the proxy's app cache now (2021: APP_NUM).",
-        loaded as i64,
-    );
+    // From the proxy's memory when it is read (exact whatever ran before the attach), else
+    // from the events (exact for what happened since). A stale snapshot withholds it
+    // (`unavailable`).
+    let snap = i.state.fresh(i.now_ns, i.state_max_age_ns);
+    let loaded = match snap {
+        Some(s) => Some(s.apps.len()),
+        None if !i.state.reading => Some(apps.values().filter(|a| a.loaded).count()),
+        None => None,
+    };
+    if let Some(n) = loaded {
+        r.level(
+            "apps_loaded",
+            "Apps in the proxy's app cache now (2021: APP_NUM).",
+            n as i64,
+        );
+    }
+    if let Some(s) = snap.filter(|s| s.ready_total().is_some()) {
+        let mut ready: BTreeMap<String, u64> = BTreeMap::new();
+        for a in &s.apps {
+            let label = i.tracker.label_of(&crate::decode::Bytes::new(&a.id));
+            *ready.entry(label).or_default() += a.ready.unwrap_or(0);
+        }
+        w.family(
+            "app_ready_instances",
+            Kind::Gauge,
+            "Instances waiting in the app's ready pool now, read from the proxy's memory (2021: READY_INSTANCE, per app).",
+        );
+        for (app, n) in &ready {
+            w.sample(&[("app", app)], *n as f64);
+        }
+    }
     w.family(
         "app_loaded_seconds",
         Kind::Gauge,
         "Seconds since the app was loaded into the app cache (2021: APP_LAST_TIME, per app).",
     );
-    for (app, a) in apps.iter().filter(|(_, a)| a.loaded) {
+    // An app loaded before the attach has no load time (the proxy keeps none): no series.
+    for (app, a) in apps.iter().filter(|(_, a)| a.loaded && a.loaded_at_ns != 0) {
         let age = i.now_ns.saturating_sub(a.loaded_at_ns) as f64 / 1e9;
         w.sample(&[("app", app)], age);
     }
@@ -410,7 +440,82 @@ const COLLECTORS: &[(&str, Collector)] = &[
     ("server", server),
     ("netns", netns),
     ("observer", observer),
+    ("state", state),
 ];
+
+/// Snapshots of the proxy's state read from its memory: their cost, failures, what they
+/// corrected in the event-built model and which of the proxy's own fields were found.
+fn state(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
+    let st = i.state;
+    r.level(
+        "observer_state_readable",
+        "1 if the proxy's state is read from its memory (its static symbol found); 0: apps_loaded and instances come from events only.",
+        st.reading as i64,
+    );
+    r.total(
+        "observer_state_snapshots_total",
+        "Good snapshots of the proxy's state (every walk validated end to end).",
+        st.snapshots,
+    );
+    let f = r.counter(
+        "observer_state_snapshot_failures_total",
+        "Snapshot walks that failed, by reason (torn/invalid/fault: the proxy changed what was read, retried; budget: the byte budget was spent; not_found: a field was not found; not_set: the scheduler is not set yet).",
+        &["reason"],
+    );
+    for reason in crate::snapshot::REASONS {
+        f.with_label_values(&[reason])
+            .inc_by(st.failures.get(reason).copied().unwrap_or(0));
+    }
+    r.gauge(
+        "observer_state_snapshot_duration_seconds",
+        "Time the last snapshot took (all its walks).",
+        &[],
+    )
+    .with_label_values::<&str>(&[])
+    .set(st.last_duration.as_secs_f64());
+    r.level(
+        "observer_state_snapshot_bytes",
+        "Bytes of the proxy's memory the last snapshot read.",
+        st.last_bytes as i64,
+    );
+    if let Some((_, t)) = &st.latest {
+        r.gauge(
+            "observer_state_snapshot_age_seconds",
+            "Age of the latest good snapshot.",
+            &[],
+        )
+        .with_label_values::<&str>(&[])
+        .set(i.now_ns.saturating_sub(*t) as f64 / 1e9);
+    }
+    let c = r.counter(
+        "observer_state_corrections_total",
+        "Differences between the event-built model and a snapshot, by kind (the snapshot wins): app_loaded/app_not_loaded (an app's presence in the app cache), instance_adopted (a pooled instance the events had not shown, e.g. spawned before the attach), instance_app_changed.",
+        &["kind"],
+    );
+    let corr = &i.tracker.counters.snapshot_corrections;
+    for kind in crate::tracker::CORRECTIONS {
+        c.with_label_values(&[kind])
+            .inc_by(corr.get(kind).copied().unwrap_or(0));
+    }
+    let l = &st.learnt;
+    let learnt = r.int_gauge(
+        "observer_state_layout_learnt",
+        "1 for each of the proxy's own fields the snapshot walk has found (or the catalog gave).",
+        &["field"],
+    );
+    for (field, v) in [
+        ("scheduler_apps", l.sched_apps),
+        ("scheduler_clients", l.sched_clients),
+        ("app_id", l.app_id),
+        ("app_ready_instances", l.app_ready),
+        ("instance_handle", l.instance_handle),
+        ("instance_runtime_id", l.instance_rtid),
+        ("instance_size", l.instance_size),
+    ] {
+        learnt.with_label_values(&[field]).set(v.is_some() as i64);
+    }
+    Ok(())
+}
 
 /// The runtimes' served calls (runtime probes).
 fn server(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
@@ -546,6 +651,53 @@ fn netns(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
 
 /// Families withheld for want of a probe (`coverage`), each with the probe and its reason.
 fn unavailable(i: &Inputs) -> Vec<crate::coverage::Unavailable> {
+    use crate::coverage::Unavailable;
+    let mut lost = probes_unavailable(i);
+    let st = i.state;
+    let fresh = st.fresh(i.now_ns, i.state_max_age_ns);
+    let lose = |lost: &mut Vec<Unavailable>, family: &'static str, needs: &str, reason: String| {
+        lost.retain(|u| u.family != family);
+        lost.push(Unavailable {
+            family,
+            needs: needs.to_string(),
+            reason,
+        });
+    };
+    match (st.reading, fresh) {
+        // The snapshot makes apps_loaded, whatever probes are missing.
+        (true, Some(s)) => {
+            lost.retain(|u| u.family != "apps_loaded");
+            if s.ready_total().is_none() {
+                lose(
+                    &mut lost,
+                    "app_ready_instances",
+                    "state_layout",
+                    crate::coverage::NOT_LEARNT.to_string(),
+                );
+            }
+        }
+        (true, None) => {
+            let why = format!(
+                "no good snapshot of the proxy's state in the last {} s",
+                i.state_max_age_ns / 1_000_000_000
+            );
+            lose(&mut lost, "apps_loaded", "state_snapshot", why.clone());
+            lose(&mut lost, "app_ready_instances", "state_snapshot", why);
+        }
+        (false, _) => lose(
+            &mut lost,
+            "app_ready_instances",
+            "state_snapshot",
+            st.unavailable
+                .clone()
+                .unwrap_or_else(|| "no proxy".to_string()),
+        ),
+    }
+    lost
+}
+
+/// Families withheld for want of a probe or a learnt relation.
+fn probes_unavailable(i: &Inputs) -> Vec<crate::coverage::Unavailable> {
     let relations = i.requests.map(|q| q.learnt()).unwrap_or_default();
     let relations = relations.iter().map(|(name, learnt)| {
         let reason = if *learnt {

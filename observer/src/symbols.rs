@@ -5,7 +5,7 @@
 //! a demangled path and differ only in the hash; ThinLTO appends `.llvm.<n>` to some local
 //! symbols. The same mangled name can also name two different functions (one per codegen unit).
 
-use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 use std::path::Path;
 use thiserror::Error;
 
@@ -63,6 +63,10 @@ pub struct SymbolTable {
     pub symbols: Vec<Symbol>,
     /// Statics.
     pub data: Vec<DataSymbol>,
+    /// The virtual address of file offset 0 (its first loadable segment): 0 for a PIE, the
+    /// link address for a fixed executable. A static's address in the process is the load
+    /// base (where offset 0 is mapped) plus its address less this.
+    pub offset0_vaddr: u64,
 }
 
 /// Splits a mangled name into its demangled path (no hash, no `.llvm.` suffix) and hash.
@@ -112,6 +116,11 @@ impl SymbolTable {
             })
             .filter(|(addr, size, _)| *addr != 0 && *size != 0)
             .collect();
+        let offset0_vaddr = file
+            .segments()
+            .find(|s| s.file_range().0 == 0)
+            .map(|s| s.address())
+            .unwrap_or(0);
         let mut symbols = Vec::new();
         let mut data = Vec::new();
         for sym in file.symbols() {
@@ -149,7 +158,11 @@ impl SymbolTable {
                 file_offset: addr - saddr + soff,
             });
         }
-        Ok(Self { symbols, data })
+        Ok(Self {
+            symbols,
+            data,
+            offset0_vaddr,
+        })
     }
 
     /// Reads a symbol table dump (`address size type mangled demangled`, tab-separated, hex
@@ -206,7 +219,11 @@ impl SymbolTable {
                 })?,
             });
         }
-        Ok(Self { symbols, data })
+        Ok(Self {
+            symbols,
+            data,
+            offset0_vaddr: 0,
+        })
     }
 
     /// The static whose demangled path is `path`, if there is exactly one (a static has one

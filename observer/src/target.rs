@@ -54,6 +54,36 @@ impl Target {
         })
     }
 
+    /// Where the executable's file offset 0 is mapped (`/proc/<pid>/maps`): the load base a
+    /// PIE's symbol addresses are relative to (0 for a non-PIE executable mapped at its link
+    /// address, whose symbols are absolute).
+    pub fn load_base(&self) -> Result<u64, TargetError> {
+        use std::os::unix::fs::MetadataExt;
+        let id = self.pid as i32;
+        let unreadable = |what, source| TargetError::Unreadable {
+            pid: id,
+            what,
+            source,
+        };
+        let ino = std::fs::metadata(&self.exe_link)
+            .map_err(|e| unreadable("exe", procfs::ProcError::Io(e, None)))?
+            .ino();
+        let maps = Process::new(id)
+            .and_then(|p| p.maps())
+            .map_err(|e| unreadable("maps", e))?;
+        let first = maps
+            .iter()
+            .filter(|m| m.inode == ino && m.offset == 0)
+            .map(|m| m.address.0)
+            .min()
+            .ok_or(TargetError::Unreadable {
+                pid: id,
+                what: "maps",
+                source: procfs::ProcError::Other("the executable is not mapped".into()),
+            })?;
+        Ok(first)
+    }
+
     /// Whether this very process still runs (not just some process with its PID).
     pub fn is_alive(&self) -> bool {
         Process::new(self.pid as i32)

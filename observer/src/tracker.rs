@@ -64,6 +64,9 @@ pub struct AppStats {
     pub requests_user: u64,
     /// Instances let go after a failed fetch (seen with request metrics only).
     pub discarded: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the last load or eviction event (a snapshot older than
+    /// it says nothing new of whether the app is loaded).
+    pub changed_ns: u64,
 }
 
 impl AppStats {
@@ -85,7 +88,18 @@ pub struct SelfCounters {
     /// Removes from the app cache of an app that was not in it (evicted for capacity between
     /// the proxy's check for a changed app and its remove): not evictions.
     pub removes_not_cached: u64,
+    /// Differences between the event-built model and a snapshot of the proxy's memory, by
+    /// kind (the snapshot wins): see [`Tracker::merge_snapshot`].
+    pub snapshot_corrections: BTreeMap<&'static str, u64>,
 }
+
+/// Kinds of [`SelfCounters::snapshot_corrections`].
+pub const CORRECTIONS: &[&str] = &[
+    "app_loaded",
+    "app_not_loaded",
+    "instance_adopted",
+    "instance_app_changed",
+];
 
 /// A change to the kernel's `HANDLE_APP` map.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +149,10 @@ pub struct Tracker {
     deltas: BTreeSet<i64>,
     deferred: Vec<Deferred>,
     unclassified_removes: VecDeque<(u64, Bytes)>,
+    /// Workers seen leaving (terminated or discarded, known or not), when: a snapshot read
+    /// before that must not bring them back. Bounded by `MAX_LEFT`, oldest forgotten first.
+    left: HashMap<Bytes, u64>,
+    left_order: VecDeque<Bytes>,
     next_slot: u32,
     /// Slot -> label (slot 0: `other`).
     slot_names: Vec<String>,
@@ -143,6 +161,9 @@ pub struct Tracker {
 }
 
 const MAX_UNCLASSIFIED: usize = 1024;
+/// Workers remembered as gone (a snapshot is merged within a second of its walk: thousands of
+/// terminations a second are remembered long enough).
+const MAX_LEFT: usize = 16384;
 /// Dropped workers remembered (to count them as dropped and ended if they are terminated after
 /// all); the oldest are forgotten past it.
 const MAX_DROPPED: usize = 8192;
@@ -222,13 +243,104 @@ impl Tracker {
         self.unclassified_removes.clear();
     }
 
+    fn note_left(&mut self, handle: &Bytes, ktime_ns: u64) {
+        if self.left.insert(handle.clone(), ktime_ns).is_none() {
+            self.left_order.push_back(handle.clone());
+            if self.left_order.len() > MAX_LEFT {
+                if let Some(old) = self.left_order.pop_front() {
+                    self.left.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Merges what a snapshot of the proxy's memory says (its walk began at `taken_ns`,
+    /// CLOCK_MONOTONIC, and every event up to its end has been applied): the snapshot wins
+    /// where it is newer than the events. Apps in the app cache are loaded (an app loaded
+    /// before the attach has no load time: `loaded_at_ns` 0); apps out of it are not; every
+    /// pooled instance the model does not know is adopted (its app, into the kernel's handle
+    /// map, counted alive), unless it was seen leaving after the walk began. Each difference
+    /// is counted in `snapshot_corrections`. Instances the model holds and the pools do not
+    /// are not differences: they are in use by a request, or on their way to termination.
+    pub fn merge_snapshot(&mut self, snap: &crate::snapshot::Snapshot, taken_ns: u64) {
+        if self.app_cache.is_none() {
+            self.app_cache = Some(snap.app_cache);
+            self.other_caches.remove(&snap.app_cache);
+        }
+        let correct = |c: &mut SelfCounters, kind: &'static str| {
+            *c.snapshot_corrections.entry(kind).or_default() += 1;
+        };
+        let mut cached = BTreeSet::new();
+        for entry in &snap.apps {
+            let id = Bytes::new(&entry.id);
+            let label = self.label(&id);
+            cached.insert(label.clone());
+            if label == OTHER {
+                continue;
+            }
+            let a = self.app(&label);
+            let slot = a.slot;
+            if !a.loaded && a.changed_ns < taken_ns {
+                a.loaded = true;
+                a.loaded_at_ns = 0;
+                correct(&mut self.counters, "app_loaded");
+            }
+            for inst in &entry.instances {
+                let h = Bytes::new(&inst.handle);
+                if self.left.get(&h).is_some_and(|t| *t >= taken_ns) {
+                    continue;
+                }
+                match self.handles.get_mut(&h) {
+                    Some(w) if w.app == label => {}
+                    Some(w) => {
+                        // The model paired it with another app: the proxy's pool says whose
+                        // it is.
+                        let old = std::mem::replace(&mut w.app, label.clone());
+                        let dropped = w.dropped_at_ns.take().is_some();
+                        if let Some(o) = self.apps.get_mut(&old) {
+                            if !dropped {
+                                o.alive = o.alive.saturating_sub(1);
+                            }
+                        }
+                        self.app(&label).alive += 1;
+                        if let Some(k) = handle_key(&h) {
+                            self.ops.push(MapOp::Insert(k, slot));
+                        }
+                        correct(&mut self.counters, "instance_app_changed");
+                    }
+                    None => {
+                        if let Some(k) = handle_key(&h) {
+                            self.ops.push(MapOp::Insert(k, slot));
+                        }
+                        self.handles.insert(
+                            h,
+                            Worker {
+                                app: label.clone(),
+                                dropped_at_ns: None,
+                            },
+                        );
+                        self.app(&label).alive += 1;
+                        correct(&mut self.counters, "instance_adopted");
+                    }
+                }
+            }
+        }
+        for (label, a) in self.apps.iter_mut() {
+            if label != OTHER && a.loaded && !cached.contains(label) && a.changed_ns < taken_ns {
+                a.loaded = false;
+                correct(&mut self.counters, "app_not_loaded");
+            }
+        }
+    }
+
     /// The app of a kernel app slot (`APP_REQUESTS` index).
     pub fn app_of_slot(&self, slot: u32) -> Option<&str> {
         self.slot_names.get(slot as usize).map(String::as_str)
     }
 
     /// The proxy let the worker go after a failed fetch: neither pooled nor terminated.
-    pub fn discard(&mut self, handle: &Bytes) {
+    pub fn discard(&mut self, handle: &Bytes, ktime_ns: u64) {
+        self.note_left(handle, ktime_ns);
         if let Some(a) = self.leave(handle) {
             a.discarded += 1;
         }
@@ -355,6 +467,7 @@ impl Tracker {
                 a.loads += 1;
                 a.loaded = true;
                 a.loaded_at_ns = ktime_ns;
+                a.changed_ns = ktime_ns;
             }
             Decoded::CacheRemove {
                 cache,
@@ -400,10 +513,13 @@ impl Tracker {
             }
             // An instance of an evicted app can still be terminated (it was in the terminate
             // queue, or in flight).
-            Decoded::Terminate { handle, .. } => match self.leave(&handle) {
-                Some(a) => a.terminations += 1,
-                None => self.counters.unattributed_terminations += 1,
-            },
+            Decoded::Terminate { handle, ktime_ns } => {
+                self.note_left(&handle, ktime_ns);
+                match self.leave(&handle) {
+                    Some(a) => a.terminations += 1,
+                    None => self.counters.unattributed_terminations += 1,
+                }
+            }
             Decoded::PerRequest | Decoded::ServerCall { .. } => {}
         }
     }
@@ -426,6 +542,7 @@ impl Tracker {
             a.evictions += 1;
         }
         a.loaded = false;
+        a.changed_ns = now_ns;
         a.dropped += a.alive;
         a.alive = 0;
         // The app's state goes, its pool of instances with it: they will not be terminated,

@@ -330,3 +330,213 @@ fn tarpc_client_layouts_match_the_probes() {
         lay.dr_complete
     );
 }
+
+/// The proxy's state, shaped as rusty-workers' (`rusty-workers-proxy/src/sched.rs`: the same
+/// field types; the field order is this compiler's, as it is the proxy's), built here and read
+/// back by the snapshot walker through `process_vm_readv` on this very process: the std and
+/// crate layouts of `StateLayout::DEFAULT` (OnceCell, Arc, BTreeMap nodes, VecDeque, LruCache)
+/// and the search for the proxy's own fields are checked against values of this compiler.
+mod state {
+    use lru_time_cache::LruCache;
+    use observer::memory::ProcessMemory;
+    use observer::snapshot::{AppEntry, Learnt, PooledInstance, StateLayout, Target};
+    use observer_common::Layout;
+    use rusty_workers::types::*;
+    use std::collections::{BTreeMap, VecDeque};
+    use std::sync::atomic::AtomicU16;
+    use std::sync::Arc;
+    use std::time::Instant;
+    use tokio::sync::{Mutex as AsyncMutex, RwLock as AsyncRwLock};
+
+    #[allow(dead_code)]
+    pub struct RtState {
+        client: Arc<u64>,
+        load: Arc<AtomicU16>,
+    }
+
+    #[allow(dead_code)]
+    pub struct ReadyInstance {
+        rtid: RuntimeId,
+        last_active: Instant,
+        handle: WorkerHandle,
+        client: Arc<u64>,
+    }
+
+    #[allow(dead_code)]
+    pub struct AppState {
+        id: AppId,
+        config: WorkerConfiguration,
+        bundle_id: String,
+        bundle: Vec<u8>,
+        ready_instances: AsyncMutex<VecDeque<ReadyInstance>>,
+    }
+
+    #[allow(dead_code)]
+    pub struct Scheduler {
+        local_config: [u64; 7],
+        worker_config: WorkerConfiguration,
+        clients: AsyncRwLock<BTreeMap<RuntimeId, RtState>>,
+        apps: AsyncMutex<LruCache<AppId, Arc<AppState>>>,
+        route_cache: AsyncMutex<LruCache<String, BTreeMap<String, AppId>>>,
+        terminate_queue: tokio::sync::mpsc::Sender<ReadyInstance>,
+    }
+
+    static SCHEDULER: once_cell::sync::OnceCell<Arc<Scheduler>> = once_cell::sync::OnceCell::new();
+
+    fn hex(n: u64, salt: u64) -> String {
+        format!(
+            "{:016x}{:016x}",
+            n.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            salt
+        )
+    }
+
+    fn app_id(i: u64) -> String {
+        format!("{:08x}-0000-4000-8000-{:012x}", i, i * 7)
+    }
+
+    /// 30 apps (a B-tree of height 1), 14 runtimes (one whose value size the walk must find),
+    /// pools of 0 to 5 instances, some wrapped around their ring buffer.
+    fn build() -> (Arc<Scheduler>, Vec<AppEntry>, Vec<String>) {
+        let runtimes: Vec<String> = (0..14).map(|i| hex(i, 0xaaaa)).collect();
+        let mut clients = BTreeMap::new();
+        for r in &runtimes {
+            clients.insert(
+                RuntimeId(r.clone()),
+                RtState {
+                    client: Arc::new(1),
+                    load: Arc::new(AtomicU16::new(3)),
+                },
+            );
+        }
+        let mut apps = LruCache::with_capacity(100);
+        let mut want = Vec::new();
+        for a in 0..30u64 {
+            let mut pool = VecDeque::with_capacity(4);
+            // Wrap some buffers: push then pop, so the head moves off the start.
+            for _ in 0..(a % 3) {
+                pool.push_back(instance(&runtimes, 999, a));
+                pool.pop_front();
+            }
+            let n = a % 6;
+            let mut instances = Vec::new();
+            for k in 0..n {
+                let inst = instance(&runtimes, k, a);
+                instances.push(PooledInstance {
+                    handle: inst.handle.id.clone(),
+                    runtime_id: inst.rtid.0.clone(),
+                });
+                pool.push_back(inst);
+            }
+            let id = app_id(a);
+            apps.insert(
+                AppId(id.clone()),
+                Arc::new(AppState {
+                    id: AppId(id.clone()),
+                    config: WorkerConfiguration::for_tests(),
+                    bundle_id: format!("bundle-{a}"),
+                    bundle: vec![7; 100],
+                    ready_instances: AsyncMutex::new(pool),
+                }),
+            );
+            want.push(AppEntry {
+                id,
+                ready: Some(n),
+                instances,
+            });
+        }
+        want.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut routes = LruCache::with_capacity(100);
+        routes.insert(
+            "example.com".to_string(),
+            BTreeMap::from([("/".to_string(), AppId(app_id(1)))]),
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(10);
+        std::mem::forget(rx);
+        let s = Arc::new(Scheduler {
+            local_config: [1, 2, 3, 4, 5, 6, 7],
+            worker_config: WorkerConfiguration::for_tests(),
+            clients: AsyncRwLock::new(clients),
+            apps: AsyncMutex::new(apps),
+            route_cache: AsyncMutex::new(routes),
+            terminate_queue: tx,
+        });
+        (s, want, runtimes)
+    }
+
+    fn instance(runtimes: &[String], k: u64, app: u64) -> ReadyInstance {
+        ReadyInstance {
+            rtid: RuntimeId(runtimes[((k + app) % runtimes.len() as u64) as usize].clone()),
+            last_active: Instant::now(),
+            handle: WorkerHandle {
+                id: hex(app * 100 + k, 0xbbbb),
+            },
+            client: Arc::new(k),
+        }
+    }
+
+    #[test]
+    fn the_snapshot_walker_reads_a_state_built_by_this_compiler() {
+        let static_addr = &SCHEDULER as *const _ as u64;
+        let mut t = Target::new(
+            static_addr,
+            StateLayout::DEFAULT,
+            Layout::DEFAULT,
+            Learnt::default(),
+        );
+        let mem = ProcessMemory::new(std::process::id(), 1 << 24);
+        let e = t.walk(&mem).expect_err("an unset OnceCell is no scheduler");
+        assert_eq!(e.reason(), "not_set", "{e}");
+
+        let (s, want, runtimes) = build();
+        assert!(SCHEDULER.set(s.clone()).is_ok(), "set once");
+        {
+            let base = Arc::as_ptr(&s) as u64;
+            let g = s.apps.try_lock().unwrap();
+            let lru = &*g as *const _ as u64;
+            let off = lru - base;
+            let words: Vec<u64> = (0..11)
+                .map(|i| unsafe { ((lru + i * 8) as *const u64).read() })
+                .collect();
+            eprintln!("apps lru at +{off}: {words:x?}");
+        }
+        let snap = t.walk(&mem).expect("the state walks");
+        let mut got = snap.apps.clone();
+        got.sort_by(|a, b| a.id.cmp(&b.id));
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g, w, "app, its pool and its pooled instances");
+        }
+        assert_eq!(got.len(), want.len(), "apps");
+        let mut rts = snap.runtimes.clone().expect("runtimes found");
+        rts.sort();
+        let mut want_rts = runtimes.clone();
+        want_rts.sort();
+        assert_eq!(rts, want_rts, "runtime ids");
+        assert!(snap.instances_complete, "every pooled instance read");
+        let apps_addr = {
+            let g = s.apps.try_lock().expect("unlocked");
+            &*g as *const _ as u64
+        };
+        assert_eq!(snap.app_cache, apps_addr, "the app cache's address");
+        let l = t.learnt;
+        assert!(
+            l.sched_apps.is_some()
+                && l.sched_clients.is_some()
+                && l.app_id.is_some()
+                && l.app_ready.is_some()
+                && l.instance_handle.is_some()
+                && l.instance_rtid.is_some(),
+            "everything learnt: {l:?}"
+        );
+        assert_eq!(
+            l.instance_size,
+            Some(std::mem::size_of::<ReadyInstance>() as u64),
+            "ReadyInstance's size found"
+        );
+        // What was learnt reads the same state again, and a budget stops a walk.
+        assert_eq!(t.walk(&mem).expect("again").apps.len(), 30);
+        let poor = ProcessMemory::new(std::process::id(), 4096);
+        let e = t.walk(&poor).expect_err("budget");
+        assert_eq!(e.reason(), "budget", "{e}");
+    }
+}

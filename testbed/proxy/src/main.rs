@@ -12,15 +12,18 @@ mod truth;
 use anyhow::Context as _;
 use hyper::service::{make_service_fn, service_fn};
 use hyper::{Body, Request, Response, Server};
+use once_cell::sync::OnceCell;
 use rusty_workers::types::*;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-async fn serve_request(
-    scheduler: Arc<sched::Scheduler>,
-    req: Request<Body>,
-) -> Result<Response<Body>, Infallible> {
+/// The scheduler, in a static as rusty-workers keeps it (its `main.rs`): the observer finds the
+/// proxy's whole state from this symbol.
+static SCHEDULER: OnceCell<Arc<sched::Scheduler>> = OnceCell::new();
+
+async fn serve_request(req: Request<Body>) -> Result<Response<Body>, Infallible> {
+    let scheduler = SCHEDULER.get().expect("set before serving");
     let scope = std::cell::RefCell::new(sched::RequestTruth::default());
     sched::REQUEST
         .scope(scope, async move {
@@ -69,10 +72,13 @@ async fn serve_admin(listener: tokio::net::TcpListener) {
             let head = String::from_utf8_lossy(&buf);
             let path = head.split(' ').nth(1).unwrap_or("");
             let (status, body) = match path {
-                "/truth" => (
-                    "200 OK",
-                    serde_json::to_string_pretty(&truth::snapshot()).unwrap(),
-                ),
+                "/truth" => {
+                    let mut t = truth::snapshot();
+                    if let Some(s) = SCHEDULER.get() {
+                        s.state_truth(&mut t).await;
+                    }
+                    ("200 OK", serde_json::to_string_pretty(&t).unwrap())
+                }
                 _ => ("404 Not Found", "not found\n".to_string()),
             };
             let out = format!(
@@ -101,6 +107,9 @@ async fn main() -> anyhow::Result<()> {
         config.local.clone(),
         db::DataClient::new(&config.apps_file),
     );
+    if SCHEDULER.set(scheduler.clone()).is_err() {
+        anyhow::bail!("the scheduler is set once");
+    }
     scheduler.discover_runtimes(&config.runtimes).await;
 
     if config.load_interval_ms > 0 {
@@ -123,11 +132,8 @@ async fn main() -> anyhow::Result<()> {
 
     let server = Server::try_bind(&config.http_listen)
         .with_context(|| format!("binding {}", config.http_listen))?
-        .serve(make_service_fn(move |_| {
-            let scheduler = scheduler.clone();
-            async move {
-                Ok::<_, Infallible>(service_fn(move |req| serve_request(scheduler.clone(), req)))
-            }
+        .serve(make_service_fn(|_| async {
+            Ok::<_, Infallible>(service_fn(serve_request))
         }));
     eprintln!("proxy listening on {}", config.http_listen);
     server.await?;

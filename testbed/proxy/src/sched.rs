@@ -12,6 +12,7 @@ use rand::Rng;
 use rusty_workers::rpc::RuntimeServiceClient;
 use rusty_workers::types::*;
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -87,9 +88,7 @@ pub fn outcome(
 pub struct Scheduler {
     local_config: LocalConfig,
     worker_config: WorkerConfiguration,
-    clients: AsyncRwLock<BTreeMap<RuntimeId, RuntimeServiceClient>>,
-    /// Where each runtime was found, to find it again after its connection is dropped.
-    runtime_addrs: AsyncMutex<BTreeMap<RuntimeId, std::net::SocketAddr>>,
+    clients: AsyncRwLock<BTreeMap<RuntimeId, RtState>>,
     apps: AsyncMutex<LruCache<AppId, Arc<AppState>>>,
     route_cache: AsyncMutex<LruCache<String, BTreeMap<String, AppId>>>,
     terminate_queue: mpsc::Sender<ReadyInstance>,
@@ -97,6 +96,19 @@ pub struct Scheduler {
     lookup_route_tx: mpsc::Sender<(String, oneshot::Sender<()>)>,
     lookup_app_tx: mpsc::Sender<(AppId, oneshot::Sender<()>)>,
 }
+
+/// A connected runtime, as rusty-workers keeps it: its client and its last reported load.
+#[derive(Clone)]
+struct RtState {
+    client: RuntimeServiceClient,
+    load: Arc<AtomicU16>,
+}
+
+/// Where each runtime was found, to find it again after its connection is dropped. Kept out of
+/// `Scheduler` so that the scheduler has exactly rusty-workers' fields (the observer reads it
+/// from memory, and must meet the same shape here as there).
+static RUNTIME_ADDRS: std::sync::Mutex<BTreeMap<RuntimeId, std::net::SocketAddr>> =
+    std::sync::Mutex::new(BTreeMap::new());
 
 struct AppState {
     id: AppId,
@@ -164,9 +176,9 @@ impl AppState {
             return Err(SchedError::NoAvailableInstance.into());
         }
         let index = rand::thread_rng().gen_range(0..clients.len());
-        let (rtid, client) = clients.iter().nth(index).unwrap();
+        let (rtid, rt) = clients.iter().nth(index).unwrap();
         let rtid = rtid.clone();
-        let mut client = client.clone();
+        let mut client = rt.client.clone();
         drop(clients);
         truth::rpc("spawn_worker");
         note(|r| r.cold = true);
@@ -213,7 +225,6 @@ impl Scheduler {
             local_config,
             worker_config,
             clients: AsyncRwLock::new(BTreeMap::new()),
-            runtime_addrs: AsyncMutex::new(BTreeMap::new()),
             terminate_queue,
             kv_client,
             lookup_route_tx,
@@ -225,6 +236,26 @@ impl Scheduler {
         tokio::spawn(async move { c.apps_gc_task().await });
         tokio::spawn(async move { d.route_cache_gc_task().await });
         me
+    }
+
+    /// What the scheduler holds now, read under its locks as the 2021 in-proxy exporter read
+    /// it (`apps.len()`, `ready_instances.len()`): the ground truth of a snapshot.
+    pub async fn state_truth(&self, t: &mut truth::Truth) {
+        let apps: Vec<Arc<AppState>> = self
+            .apps
+            .lock()
+            .await
+            .peek_iter()
+            .map(|(_, v)| v.clone())
+            .collect();
+        t.apps_cached = apps.len() as u64;
+        for a in apps {
+            let ready = a.ready_instances.lock().await;
+            t.apps.entry(a.id.0.clone()).or_default().pooled = Some(ready.len() as u64);
+            for i in ready.iter() {
+                *t.pooled_by_runtime.entry(i.rtid.0.clone()).or_default() += 1;
+            }
+        }
     }
 
     pub async fn handle_request(
@@ -348,7 +379,7 @@ impl Scheduler {
     pub async fn discover_runtimes(&self, addrs: &[std::net::SocketAddr]) {
         let connected: Vec<std::net::SocketAddr> = {
             let clients = self.clients.read().await;
-            let known = self.runtime_addrs.lock().await;
+            let known = RUNTIME_ADDRS.lock().unwrap();
             known
                 .iter()
                 .filter(|(id, _)| clients.contains_key(*id))
@@ -362,8 +393,11 @@ impl Scheduler {
             };
             truth::rpc("id");
             if let Ok(id) = client.id(tarpc::context::current()).await {
-                self.runtime_addrs.lock().await.insert(id.clone(), *addr);
-                self.clients.write().await.entry(id).or_insert(client);
+                RUNTIME_ADDRS.lock().unwrap().insert(id.clone(), *addr);
+                self.clients.write().await.entry(id).or_insert(RtState {
+                    client,
+                    load: Arc::new(AtomicU16::new(0)),
+                });
             }
         }
     }
@@ -371,10 +405,11 @@ impl Scheduler {
     /// Asks every runtime its load; drops the ones that do not answer.
     pub async fn query_runtimes(&self) {
         let clients: Vec<_> = self.clients.read().await.clone().into_iter().collect();
-        for (rtid, mut client) in clients {
+        for (rtid, mut rt) in clients {
             truth::rpc("load");
-            if !matches!(client.load(tarpc::context::current()).await, Ok(Ok(_))) {
-                self.clients.write().await.remove(&rtid);
+            match rt.client.load(tarpc::context::current()).await {
+                Ok(Ok(load)) => rt.load.store(load, Ordering::Relaxed),
+                _ => drop(self.clients.write().await.remove(&rtid)),
             }
         }
     }

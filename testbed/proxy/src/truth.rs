@@ -28,6 +28,11 @@ pub struct AppTruth {
     /// Requests that sent a spawn_worker (cold), or a fetch and no spawn_worker (warm).
     pub cold: u64,
     pub warm: u64,
+    /// Instances in the app's ready pool (`ready_instances.len()`, the 2021 exporter's
+    /// READY_INSTANCE), read under the pool's lock when the truth is served; absent when the
+    /// app is not in the app cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pooled: Option<u64>,
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -35,6 +40,11 @@ pub struct Truth {
     pub apps: BTreeMap<String, AppTruth>,
     pub rpc_calls: BTreeMap<String, u64>,
     pub apps_loaded: u64,
+    /// The app cache's own length (`apps.len()`, the 2021 exporter's APP_NUM), read under its
+    /// lock when the truth is served.
+    pub apps_cached: u64,
+    /// Instances in each runtime's ready pools (by RuntimeId), read as `pooled`.
+    pub pooled_by_runtime: BTreeMap<String, u64>,
     /// handle -> (app, dropped with its evicted app)
     #[serde(skip)]
     handles: BTreeMap<String, (String, bool)>,
