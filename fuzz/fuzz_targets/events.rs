@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
         };
         joins.apply(&ev, &tracker, mem);
         for h in joins.take_discarded() {
-            tracker.discard(&h);
+            tracker.discard(&h, 0);
         }
         let _ = joins.take_conn_key();
         let _ = tracker.take_map_ops();

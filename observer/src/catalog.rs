@@ -438,6 +438,32 @@ mod tests {
     }
 
     #[test]
+    fn the_state_section_names_the_static_and_overrides_offsets() {
+        let base = "[[probe]]\nname = \"a\"\nprogram = \"rpc_call\"\nsymbol = \"x\"\n";
+        let spec = |extra: &str| Catalog::parse(&format!("{base}{extra}"), "t").map(|c| c.state);
+        assert_eq!(spec(""), Ok(Some(StateSpec::default())), "read by default");
+        assert_eq!(spec("[state]\nenabled = false\n"), Ok(None), "disabled");
+        let s = spec("[state]\nsymbol = \"p::STATE\"\nlru_map = 8\napp_ready = 208\n")
+            .expect("parses")
+            .expect("enabled");
+        assert_eq!(s.symbol, "p::STATE");
+        assert_eq!(s.layout.lru_map, 8);
+        assert_eq!(s.given.app_ready, Some(208));
+        assert!(
+            spec("[state]\nbudget_bytes = 10\n").is_err(),
+            "a budget too small"
+        );
+        assert!(
+            spec("[state]\nsched_app = 1\n").is_err(),
+            "an unknown field"
+        );
+        assert_eq!(
+            Catalog::builtin_proxy().state.map(|s| s.symbol),
+            Some("rusty_workers_proxy::SCHEDULER".to_string())
+        );
+    }
+
+    #[test]
     fn layout_overrides_apply_over_the_default() {
         let c = Catalog::parse(
             "[layout]\nstring_ptr = 0\nstring_len = 16\n[[probe]]\nname = \"a\"\nprogram = \"rpc_call\"\nsymbol = \"x\"\n",

@@ -33,6 +33,64 @@ pub trait Read {
         self.read(addr, &mut b)?;
         Ok(u64::from_ne_bytes(b))
     }
+
+    /// Reads memory as it is now, past any cache (to see whether something changed).
+    fn read_now(&self, addr: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        self.read(addr, buf)
+    }
+}
+
+const PAGE: u64 = 4096;
+
+/// A walk's view of target memory one page at a time: each page is read once (one syscall
+/// instead of one per field: a snapshot of a thousand apps makes thousands of small reads, most
+/// in a few heap pages) and then served from here, so the walk also sees each page at one
+/// moment. `read_now` goes past it. A page that cannot be read whole (the end of a mapping) is
+/// read directly, as asked.
+pub struct Pages<'a, M: Read> {
+    inner: &'a M,
+    pages: std::cell::RefCell<std::collections::HashMap<u64, Option<Box<[u8]>>>>,
+}
+
+impl<'a, M: Read> Pages<'a, M> {
+    pub fn new(inner: &'a M) -> Self {
+        Pages {
+            inner,
+            pages: Default::default(),
+        }
+    }
+}
+
+impl<M: Read> Read for Pages<'_, M> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        let end = addr.checked_add(buf.len() as u64).ok_or(ReadError::Fault {
+            addr,
+            len: buf.len(),
+        })?;
+        let mut pages = self.pages.borrow_mut();
+        let mut at = addr;
+        while at < end {
+            let page = at & !(PAGE - 1);
+            let cached = pages.entry(page).or_insert_with(|| {
+                let mut p = vec![0u8; PAGE as usize].into_boxed_slice();
+                self.inner.read(page, &mut p).ok().map(|_| p)
+            });
+            let Some(p) = cached else {
+                drop(pages);
+                return self.inner.read(addr, buf);
+            };
+            let upto = end.min(page + PAGE);
+            let (from, to) = ((at - page) as usize, (upto - page) as usize);
+            let into = (at - addr) as usize;
+            buf[into..into + (to - from)].copy_from_slice(&p[from..to]);
+            at = upto;
+        }
+        Ok(())
+    }
+
+    fn read_now(&self, addr: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        self.inner.read(addr, buf)
+    }
 }
 
 /// A live process's memory, read through `process_vm_readv`, up to `budget` bytes in all.
@@ -130,31 +188,32 @@ pub fn string(
     Ok(out)
 }
 
+/// Fake target memory for tests and the fuzz target: one region of bytes at `base`.
+pub struct Region {
+    pub base: u64,
+    pub bytes: Vec<u8>,
+}
+
+impl Read for Region {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        let fault = || ReadError::Fault {
+            addr,
+            len: buf.len(),
+        };
+        let start =
+            usize::try_from(addr.checked_sub(self.base).ok_or_else(fault)?).map_err(|_| fault())?;
+        let src = self
+            .bytes
+            .get(start..start.checked_add(buf.len()).ok_or_else(fault)?)
+            .ok_or_else(fault)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Fake memory: one region at `base`.
-    struct Region {
-        base: u64,
-        bytes: Vec<u8>,
-    }
-
-    impl Read for Region {
-        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ReadError> {
-            let fault = ReadError::Fault {
-                addr,
-                len: buf.len(),
-            };
-            let start = addr.checked_sub(self.base).ok_or(fault.clone())? as usize;
-            let src = self
-                .bytes
-                .get(start..start + buf.len())
-                .ok_or(fault.clone())?;
-            buf.copy_from_slice(src);
-            Ok(())
-        }
-    }
 
     /// A String header at 0x1000 (`{cap, ptr, len}` in the default layout) and its bytes at
     /// 0x1100.
@@ -216,6 +275,25 @@ mod tests {
             .expect("our own String reads");
         assert_eq!(got, s.as_bytes());
         assert_eq!(me.bytes_read(), 24 + 36);
+    }
+
+    #[test]
+    fn pages_serve_reads_once_and_read_now_goes_past_them() {
+        let mut bytes = vec![0u8; 3 * 4096];
+        bytes[4090..4100].copy_from_slice(b"0123456789");
+        let mem = Region {
+            base: 0x10_0000,
+            bytes,
+        };
+        let pages = Pages::new(&mem);
+        let mut b = [0u8; 10];
+        pages
+            .read(0x10_0000 + 4090, &mut b)
+            .expect("across two pages");
+        assert_eq!(&b, b"0123456789");
+        // Past the region: a page that cannot be read whole is read as asked (and fails).
+        assert!(pages.read(0x10_0000 + 3 * 4096 - 4, &mut b).is_err());
+        assert!(pages.read_now(0x10_0000 + 4090, &mut b).is_ok());
     }
 
     #[test]

@@ -459,7 +459,7 @@ fn state(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     );
     let f = r.counter(
         "observer_state_snapshot_failures_total",
-        "Snapshot walks that failed, by reason (torn/invalid/fault: the proxy changed what was read, retried; budget: the byte budget was spent; not_found: a field was not found; not_set: the scheduler is not set yet).",
+        "Snapshot walks that failed, by reason (torn/invalid/fault: the proxy changed what was read, retried; budget: the byte budget was spent; not_found: a field was not found).",
         &["reason"],
     );
     for reason in crate::snapshot::REASONS {
@@ -666,7 +666,7 @@ fn unavailable(i: &Inputs) -> Vec<crate::coverage::Unavailable> {
     match (st.reading, fresh) {
         // The snapshot makes apps_loaded, whatever probes are missing.
         (true, Some(s)) => {
-            lost.retain(|u| u.family != "apps_loaded");
+            lost.retain(|u| !crate::coverage::FROM_SNAPSHOT.contains(&u.family));
             if s.ready_total().is_none() {
                 lose(
                     &mut lost,

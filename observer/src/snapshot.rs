@@ -118,8 +118,6 @@ pub struct Learnt {
 pub enum SnapshotError {
     #[error(transparent)]
     Read(#[from] ReadError),
-    #[error("the scheduler is not set yet (the proxy is starting)")]
-    NotSet,
     #[error("{0} not found in the proxy's memory (another proxy version? the catalog's [state] can give its offsets)")]
     NotFound(&'static str),
     #[error("torn read: {0} changed while it was read")]
@@ -133,7 +131,6 @@ impl SnapshotError {
             SnapshotError::Read(ReadError::Fault { .. }) => "fault",
             SnapshotError::Read(ReadError::Budget { .. }) => "budget",
             SnapshotError::Read(ReadError::Invalid { .. }) => "invalid",
-            SnapshotError::NotSet => "not_set",
             SnapshotError::NotFound(_) => "not_found",
             SnapshotError::Torn(_) => "torn",
         }
@@ -150,7 +147,7 @@ impl SnapshotError {
 }
 
 /// Self-metric reasons, for zero-valued series.
-pub const REASONS: &[&str] = &["fault", "budget", "invalid", "not_set", "not_found", "torn"];
+pub const REASONS: &[&str] = &["fault", "budget", "invalid", "not_found", "torn"];
 
 /// An instance waiting in an app's ready pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,7 +168,8 @@ pub struct AppEntry {
 /// The scheduler's state at one moment.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Snapshot {
-    /// The app cache's address (the `self` of its `insert`/`remove`).
+    /// The app cache's address (the `self` of its `insert`/`remove`); 0 before the scheduler
+    /// is set.
     pub app_cache: u64,
     pub apps: Vec<AppEntry>,
     /// Runtime ids of the connected runtimes (`Scheduler.clients`'s keys), if found.
@@ -204,7 +202,7 @@ fn u16_at(bytes: &[u8], off: u64) -> Option<u16> {
 
 /// A pointer the allocator could have returned for a `T` of alignment 8 (user space, aligned).
 fn is_heap_ptr(p: u64) -> bool {
-    p >= 0x1000 && p < (1 << 47) && p % 8 == 0
+    (0x1000..1 << 47).contains(&p) && p.is_multiple_of(8)
 }
 
 /// An app id as the proxy can hold one: upstream's are 36-character UUIDs, but the app cache
@@ -266,7 +264,7 @@ impl Deque {
         let ok = d.len <= d.cap
             && d.cap <= MAX_LEN
             && (d.head < d.cap || (d.cap == 0 && d.head == 0))
-            && d.ptr % 8 == 0
+            && d.ptr.is_multiple_of(8)
             && d.ptr != 0
             && (d.cap == 0 || is_heap_ptr(d.ptr));
         ok.then_some(d)
@@ -502,14 +500,15 @@ impl Target {
         Ok(memory::string(mem, addr, &self.strings, max)?)
     }
 
-    /// The scheduler's data address (in its `Arc`).
-    fn scheduler(&self, mem: &impl Read) -> Result<u64, SnapshotError> {
+    /// The scheduler's data address (in its `Arc`); `None` while the static is not set (the
+    /// proxy is starting: it has no scheduler, so no apps and no instances, exactly).
+    fn scheduler(&self, mem: &impl Read) -> Result<Option<u64>, SnapshotError> {
         let l = &self.layout;
         let arc = mem.word(self.scheduler_static + l.once_cell_value)?;
         if arc == 0 {
-            return Err(SnapshotError::NotSet);
+            return Ok(None);
         }
-        self.arc_data(mem, arc, "the scheduler's Arc")
+        self.arc_data(mem, arc, "the scheduler's Arc").map(Some)
     }
 
     /// The data of the `ArcInner` at `arc`, if its counts are those of a live `Arc`.
@@ -533,7 +532,12 @@ impl Target {
     /// One walk of the state; not retried (see [`Target::take`]).
     pub fn walk(&mut self, mem: &impl Read) -> Result<Snapshot, SnapshotError> {
         let l = self.layout;
-        let sched = self.scheduler(mem)?;
+        let Some(sched) = self.scheduler(mem)? else {
+            return Ok(Snapshot {
+                instances_complete: true,
+                ..Snapshot::default()
+            });
+        };
         let bytes = read_upto(mem, sched, SCHED_SCAN, 256)?;
         let apps_off = match self.learnt.sched_apps {
             Some(o) => o,
@@ -571,7 +575,9 @@ impl Target {
             apps.push(entry);
         }
         // Re-read the length: a map that changed under the walk is retried, never returned.
-        let again = MapHeader::decode(&read_upto(mem, lru + l.lru_map, 24, 24)?, 0, &l);
+        let mut now = [0u8; 24];
+        mem.read_now(lru + l.lru_map, &mut now)?;
+        let again = MapHeader::decode(&now, 0, &l);
         if again != Some(map) {
             return Err(SnapshotError::Torn("the app cache"));
         }
@@ -832,7 +838,7 @@ impl Target {
                 .filter(|o| {
                     let w = |f: u64| word_at(&buf, at as u64 + o + f);
                     w(lay.string_len) == Some(HEX_ID_LEN as u64)
-                        && w(lay.string_ptr).is_some_and(|p| p >= 0x1000 && p < 1 << 47)
+                        && w(lay.string_ptr).is_some_and(|p| (0x1000..1 << 47).contains(&p))
                 })
                 .collect()
         };
@@ -920,4 +926,164 @@ pub fn pooled_by_runtime(s: &Snapshot) -> BTreeMap<&str, u64> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::Region;
+
+    fn words(ws: &[u64]) -> Vec<u8> {
+        ws.iter().flat_map(|w| w.to_ne_bytes()).collect()
+    }
+
+    const P: u64 = 0x5555_0000_1000;
+
+    /// (name, words at offset 0 in the default layout, decodes)
+    #[test]
+    fn deque_headers_validate() {
+        let l = StateLayout::DEFAULT;
+        type Case = (&'static str, [u64; 4], Option<(u64, u64)>);
+        let cases: &[Case] = &[
+            // [cap, ptr, head, len]
+            ("empty, never allocated", [0, 8, 0, 0], Some((0, 0))),
+            ("three of eight, wrapped head", [8, P, 6, 3], Some((6, 3))),
+            ("full", [4, P, 0, 4], Some((0, 4))),
+            ("len over cap: torn", [4, P, 0, 5], None),
+            ("head past cap", [4, P, 4, 1], None),
+            ("null buffer", [4, 0, 0, 1], None),
+            ("unaligned buffer", [4, P + 3, 0, 1], None),
+            ("kernel pointer", [4, 0xffff_8000_0000_0000, 0, 1], None),
+            ("absurd capacity", [1 << 40, P, 0, 1], None),
+        ];
+        for (name, ws, want) in cases {
+            let got = Deque::decode(&words(ws), 0, &l).map(|d| (d.head, d.len));
+            assert_eq!(got, *want, "{name}");
+        }
+        let d = Deque::decode(&words(&[8, P, 6, 3]), 0, &l).expect("valid");
+        assert_eq!(
+            (0..3).map(|i| d.element(i, 72)).collect::<Vec<_>>(),
+            vec![P + 6 * 72, P + 7 * 72, P],
+            "elements wrap around the ring buffer"
+        );
+    }
+
+    #[test]
+    fn btree_map_headers_validate() {
+        let l = StateLayout::DEFAULT;
+        let cases: &[(&str, [u64; 3], bool)] = &[
+            // [root, height, len]
+            ("empty", [0, 0, 0], true),
+            ("one leaf", [P, 0, 3], true),
+            ("two levels", [P, 1, 30], true),
+            ("no root but entries: torn", [0, 0, 3], false),
+            ("height above length", [P, 5, 3], false),
+            ("absurd height", [P, 40, 1 << 20], false),
+            ("unaligned root", [P + 4, 0, 1], false),
+        ];
+        for (name, ws, ok) in cases {
+            assert_eq!(
+                MapHeader::decode(&words(ws), 0, &l).is_some(),
+                *ok,
+                "{name}"
+            );
+        }
+    }
+
+    /// A one-leaf map of `n` String keys (keys first: 24-byte keys and values) in a region,
+    /// and what a walk of it says.
+    fn leaf_map(n: u64, parent: u64, len_field: u16) -> (Region, MapHeader) {
+        let base = 0x10_0000u64;
+        let l = StateLayout::DEFAULT;
+        let sh = NodeShape::new(24, 24, [0, 1, 2], &l);
+        let mut bytes = vec![0u8; 0x2000];
+        let node = base;
+        bytes[sh.parent as usize..sh.parent as usize + 8].copy_from_slice(&parent.to_ne_bytes());
+        bytes[sh.len as usize..sh.len as usize + 2].copy_from_slice(&len_field.to_ne_bytes());
+        for i in 0..n {
+            let text = base + 0x1000 + i * 64;
+            let key = (sh.keys + i * 24) as usize;
+            bytes[key..key + 24].copy_from_slice(&words(&[5, text, 5]));
+            let t = (text - base) as usize;
+            bytes[t..t + 5].copy_from_slice(format!("app-{i}").as_bytes());
+        }
+        let map = MapHeader {
+            root: node,
+            height: 0,
+            len: n,
+        };
+        (Region { base, bytes }, map)
+    }
+
+    #[test]
+    fn maps_walk_or_fail_as_torn_or_invalid() {
+        let l = StateLayout::DEFAULT;
+        let lay = Layout::DEFAULT;
+        type Case = (&'static str, u64, u64, u16, Result<u64, &'static str>);
+        let cases: &[Case] = &[
+            // (name, entries, root's parent, its len field, walked entries or the error)
+            ("three entries", 3, 0, 3, Ok(3)),
+            (
+                "a root with a parent: torn or freed",
+                3,
+                0x7000,
+                3,
+                Err("invalid"),
+            ),
+            ("count disagrees with the length", 3, 0, 2, Err("invalid")),
+        ];
+        for (name, n, parent, len, want) in cases {
+            let (mem, map) = leaf_map(*n, *parent, *len);
+            let ok = shaped(&mem, &lay, 64, is_app_id);
+            let got = walk_map(&mem, map, 24, Some(24), ok, &l);
+            match (want, got) {
+                (Ok(w), Ok(g)) => assert_eq!(g.len() as u64, *w, "{name}"),
+                (Err(w), Err(e)) => assert_eq!(e.reason(), *w, "{name}: {e}"),
+                (w, g) => panic!("{name}: want {w:?}, got {g:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn ids_have_their_shapes() {
+        assert!(is_hex_id(b"0123456789abcdef0123456789abcdef"));
+        assert!(!is_hex_id(b"0123456789ABCDEF0123456789abcdef"));
+        assert!(!is_hex_id(b"0123"));
+        assert!(is_app_id("afb38b70-d0bb-4102-8248-765e6c1d7dde".as_bytes()));
+        assert!(is_app_id("app-1".as_bytes()));
+        assert!(!is_app_id(b""));
+        assert!(!is_app_id(&[0xff, 0xfe]));
+    }
+
+    #[test]
+    fn random_memory_never_panics_and_is_never_a_state() {
+        // A static pointing into noise: every walk fails or finds nothing (the fuzz target
+        // does this at length).
+        let mut x = 0x1234_5678_9abc_def0u64;
+        for round in 0..200 {
+            let mut bytes = vec![0u8; 8192];
+            for b in bytes.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            // The OnceCell's value points into the region.
+            let base = 0x40_0000u64;
+            bytes[8..16].copy_from_slice(&(base + 64).to_ne_bytes());
+            let mem = Region { base, bytes };
+            let mut t = Target::new(
+                base,
+                StateLayout::DEFAULT,
+                Layout::DEFAULT,
+                Learnt::default(),
+            );
+            if let Ok(s) = t.walk(&mem) {
+                assert!(
+                    s.apps.is_empty(),
+                    "round {round}: noise read as apps: {s:?}"
+                );
+            }
+        }
+    }
 }

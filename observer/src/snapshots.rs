@@ -6,7 +6,7 @@
 //! only after a drain of the ring buffer that began after its walk ended, so every event of
 //! what the walk saw has been applied first.
 
-use crate::memory::ProcessMemory;
+use crate::memory::{Pages, ProcessMemory};
 use crate::snapshot::{Learnt, Snapshot, SnapshotError, StateLayout, Target as Walker};
 use crate::symbols::SymbolTable;
 use crate::target::Target;
@@ -78,7 +78,15 @@ impl Reader {
         let taken_ns = crate::monotonic_ns();
         let t0 = Instant::now();
         let mut failures = Vec::new();
-        let result = self.walker.take(&mem, TRIES, |e| failures.push(e.reason()));
+        let mut result = Err(SnapshotError::Torn("not walked"));
+        // Each try reads its pages afresh.
+        for _ in 0..TRIES {
+            let pages = Pages::new(&mem);
+            result = self.walker.take(&pages, 1, |e| failures.push(e.reason()));
+            if !result.as_ref().is_err_and(SnapshotError::is_transient) {
+                break;
+            }
+        }
         Outcome {
             pid: self.pid,
             result,

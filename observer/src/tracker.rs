@@ -263,7 +263,7 @@ impl Tracker {
     /// is counted in `snapshot_corrections`. Instances the model holds and the pools do not
     /// are not differences: they are in use by a request, or on their way to termination.
     pub fn merge_snapshot(&mut self, snap: &crate::snapshot::Snapshot, taken_ns: u64) {
-        if self.app_cache.is_none() {
+        if self.app_cache.is_none() && snap.app_cache != 0 {
             self.app_cache = Some(snap.app_cache);
             self.other_caches.remove(&snap.app_cache);
         }
@@ -273,7 +273,7 @@ impl Tracker {
         let mut cached = BTreeSet::new();
         for entry in &snap.apps {
             let id = Bytes::new(&entry.id);
-            let label = self.label(&id);
+            let label = self.label_quietly(&id);
             cached.insert(label.clone());
             if label == OTHER {
                 continue;
@@ -379,6 +379,17 @@ impl Tracker {
     /// The app of a worker handle, once paired.
     pub fn app_of_handle(&self, h: &Bytes) -> Option<&str> {
         self.handles.get(h).map(|w| w.app.as_str())
+    }
+
+    /// The label of an app a snapshot names: as `label`, but not counted as refused or past
+    /// the cap (a snapshot names every cached app again each time; the events count them).
+    fn label_quietly(&mut self, b: &Bytes) -> String {
+        match app_label(b) {
+            Ok(s) if self.apps.contains_key(&s) || self.apps.len() - 1 < self.cfg.max_apps => {
+                self.label(b)
+            }
+            _ => OTHER.to_string(),
+        }
     }
 
     fn label(&mut self, b: &Bytes) -> String {
@@ -1050,5 +1061,128 @@ mod tests {
         assert_eq!(t.counters.label_refused["bad_char"], 1);
         let slots: BTreeSet<u32> = t.apps.values().map(|a| a.slot).collect();
         assert_eq!(slots, BTreeSet::from([0, 1, 2]));
+    }
+
+    fn snap(apps: &[(&str, &[&str])]) -> crate::snapshot::Snapshot {
+        use crate::snapshot::{AppEntry, PooledInstance, Snapshot};
+        Snapshot {
+            app_cache: 0xc0,
+            apps: apps
+                .iter()
+                .map(|(id, pool)| AppEntry {
+                    id: id.to_string(),
+                    ready: Some(pool.len() as u64),
+                    instances: pool
+                        .iter()
+                        .map(|h| PooledInstance {
+                            handle: h.to_string(),
+                            runtime_id: "r".repeat(32),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            runtimes: None,
+            instances_complete: true,
+        }
+    }
+
+    /// (name, events before, snapshot (walk began at 10), events after, expected:
+    /// app -> (loaded, alive, loaded_at known), corrections, handles in the kernel map)
+    type MergeCase = (
+        &'static str,
+        Vec<Decoded>,
+        Vec<(&'static str, &'static [&'static str])>,
+        Vec<Decoded>,
+        Vec<(&'static str, bool, u64, bool)>,
+        Vec<(&'static str, u64)>,
+    );
+
+    #[test]
+    fn snapshots_seed_and_correct_the_model() {
+        let late = |h: &str| Decoded::Terminate {
+            handle: b(h),
+            ktime_ns: 20,
+        };
+        let cases: Vec<MergeCase> = vec![
+            (
+                "attached late: apps loaded and pooled instances adopted",
+                vec![],
+                vec![("a", &["h1", "h2"]), ("b", &[])],
+                vec![],
+                vec![("a", true, 2, false), ("b", true, 0, false)],
+                vec![("app_loaded", 2), ("instance_adopted", 2)],
+            ),
+            (
+                "an adopted instance terminated later leaves as any other",
+                vec![],
+                vec![("a", &["h1", "h2"])],
+                vec![term("h1")],
+                vec![("a", true, 1, false)],
+                vec![("app_loaded", 1), ("instance_adopted", 2)],
+            ),
+            (
+                "an instance seen leaving after the walk began is not brought back",
+                vec![late("h1")],
+                vec![("a", &["h1", "h2"])],
+                vec![],
+                vec![("a", true, 1, false)],
+                vec![("app_loaded", 1), ("instance_adopted", 1)],
+            ),
+            (
+                "events first: a known app and worker are no differences",
+                vec![insert(0xc0, "a", true), spawn(7, "a"), fetch(7, "h1")],
+                vec![("a", &["h1"])],
+                vec![],
+                vec![("a", true, 1, true)],
+                vec![],
+            ),
+        ];
+        for (name, before, apps, after, want, corrections) in cases {
+            let mut t = run(before);
+            t.merge_snapshot(&snap(&apps), 10);
+            for ev in after {
+                t.apply(ev);
+            }
+            for (app, loaded, alive, load_time) in want {
+                let a = &t.apps[app];
+                assert_eq!(
+                    (a.loaded, a.alive, a.loaded_at_ns != 0),
+                    (loaded, alive, load_time),
+                    "{name}: {app}"
+                );
+            }
+            let got: Vec<(&str, u64)> = t
+                .counters
+                .snapshot_corrections
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            assert_eq!(got, corrections, "{name}: corrections");
+            assert_eq!(t.app_cache(), Some(0xc0), "{name}: the app cache is known");
+        }
+    }
+
+    #[test]
+    fn the_snapshot_wins_over_a_model_that_missed_an_eviction() {
+        let mut t = run(vec![insert(0xc0, "a", true), insert(0xc0, "b", true)]);
+        // The walk began after the loads (ktime 1): b is gone from the cache.
+        t.merge_snapshot(&snap(&[("a", &[])]), 10);
+        assert!(t.apps["a"].loaded && !t.apps["b"].loaded);
+        assert_eq!(
+            t.counters.snapshot_corrections.get("app_not_loaded"),
+            Some(&1)
+        );
+        // A walk that began before an event says nothing against it.
+        let mut t = run(vec![insert(0xc0, "a", true)]);
+        t.merge_snapshot(&snap(&[]), 0);
+        assert!(t.apps["a"].loaded, "a snapshot older than the load");
+        // Adopted workers reach the kernel's handle map with their app's slot.
+        let mut t = Tracker::new(Config::default());
+        t.merge_snapshot(&snap(&[("a", &["h1"])]), 10);
+        let slot = t.apps["a"].slot;
+        assert_eq!(
+            t.take_map_ops(),
+            vec![MapOp::Insert(handle_key(&b("h1")).unwrap(), slot)]
+        );
     }
 }

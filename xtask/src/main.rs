@@ -45,7 +45,7 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
-    /// Run each fuzz target (fuzz/: ring buffer records, runtime answers, catalogs, ELF files)
+    /// Run each fuzz target (fuzz/: ring buffer records, runtime answers, catalogs, ELF files, memory images)
     /// for a bounded time with cargo-fuzz; fails on the first crash, its input kept.
     Fuzz {
         /// Seconds per target.
@@ -194,6 +194,8 @@ const FUZZ_TARGETS: &[(&str, Option<&str>, usize)] = &[
     ("answer", None, 256),
     ("catalog", Some("catalog"), 8 * 1024),
     ("elf", None, 4096),
+    // A memory image the snapshot walker reads as the proxy's (issue 14).
+    ("snapshot", None, 64 * 1024),
 ];
 
 fn fuzz(seconds: u64) -> anyhow::Result<()> {
@@ -820,9 +822,9 @@ fn bench(seconds: u64, connections: u32, rounds: usize) -> anyhow::Result<()> {
     out!("");
 
     out!("## Scrape time and memory against the number of apps\n");
-    out!("The test target with N apps, each loaded and requested once with the observer attached (default probe set, `--max-apps` 1000: apps past it count under `other`); 20 scrapes of `/metrics`; the observer's resident memory after them.\n");
-    out!("| apps | app series | scrape p50 (ms) | scrape max (ms) | exposition (KiB) | observer RSS (MiB) | slowest collectors (ms, observer's own timing) |");
-    out!("|---|---|---|---|---|---|---|");
+    out!("The test target with N apps, each loaded and requested once with the observer attached (default probe set, `--max-apps` 1000: apps past it count under `other`); 20 scrapes of `/metrics`; the observer's resident memory after them. Snapshot: the last read of the proxy's state from its memory (every app and its ready pool, one instance each; taken every 500 ms on the observer's own thread, off the proxy's path: `process_vm_readv` neither stops nor writes it), its time and the bytes it read.\n");
+    out!("| apps | app series | scrape p50 (ms) | scrape max (ms) | exposition (KiB) | observer RSS (MiB) | snapshot (ms) | snapshot read (KiB) | slowest collectors (ms, observer's own timing) |");
+    out!("|---|---|---|---|---|---|---|---|---|");
     let mut at_1000 = None;
     for n in [10, 1000, 10000] {
         let sc = scale::measure(&observer, n)?;
@@ -833,13 +835,15 @@ fn bench(seconds: u64, connections: u32, rounds: usize) -> anyhow::Result<()> {
             .map(|(n, ms)| format!("{n} {ms:.1}"))
             .collect();
         out!(
-            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {} |",
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2} | {:.0} | {} |",
             sc.apps,
             sc.series_apps,
             sc.scrape_ms_p50,
             sc.scrape_ms_max,
             sc.scrape_bytes as f64 / 1024.0,
             sc.rss_mib,
+            sc.snapshot_ms,
+            sc.snapshot_bytes / 1024.0,
             slow.join(", ")
         );
         if n == 1000 {
@@ -1149,13 +1153,15 @@ fn main() -> anyhow::Result<()> {
             run(cargo().args(["build", "--release", "--workspace"]))?;
             let sc = scale::measure(&testbed_harness::release_dir().join("observer"), apps)?;
             println!(
-                "{} apps: {} app series, scrape p50 {:.2} ms, max {:.2} ms, {:.0} KiB, RSS {:.1} MiB; collectors (ms): {:?}",
+                "{} apps: {} app series, scrape p50 {:.2} ms, max {:.2} ms, {:.0} KiB, RSS {:.1} MiB; snapshot {:.2} ms, {:.0} KiB read; collectors (ms): {:?}",
                 sc.apps,
                 sc.series_apps,
                 sc.scrape_ms_p50,
                 sc.scrape_ms_max,
                 sc.scrape_bytes as f64 / 1024.0,
                 sc.rss_mib,
+                sc.snapshot_ms,
+                sc.snapshot_bytes / 1024.0,
                 sc.collectors
             );
             Ok(())

@@ -14,6 +14,9 @@ pub struct Scale {
     pub rss_mib: f64,
     /// The observer's own time per collector in the last scrape (ms), slowest first.
     pub collectors: Vec<(String, f64)>,
+    /// The last snapshot of the proxy's state: its time (ms) and the bytes it read.
+    pub snapshot_ms: f64,
+    pub snapshot_bytes: f64,
 }
 
 /// The test target with `n` apps, every one loaded and requested once, the observer attached
@@ -54,7 +57,20 @@ pub fn measure(observer: &Path, n: usize) -> anyhow::Result<Scale> {
         })
         .collect();
     collectors.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let value = |name: &str| {
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(f64::NAN)
+    };
     let s = Scale {
+        snapshot_ms: value("rusty_workers_observer_state_snapshot_duration_seconds") * 1e3,
+        snapshot_bytes: value("rusty_workers_observer_state_snapshot_bytes"),
         collectors,
         apps: n,
         series_apps,
