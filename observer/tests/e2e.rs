@@ -2350,7 +2350,15 @@ fn attached_late_the_state_is_exact(profile: &'static str) {
     let m0 = obs.scrape();
 
     // N more requests over every app (the slow one's three concurrently, the rest from 8
-    // clients): every per-app counter grows as ground truth's.
+    // clients, then 16 at once on one app: cold starts past its pool), after one app changed
+    // (the proxy evicts it, the next request loads it again): every per-app counter grows as
+    // ground truth's.
+    let mut changed = apps.clone();
+    changed[0].bundle_id = "v2".into();
+    tb.set_apps(&changed);
+    wait_until("the changed app's eviction", 15, || {
+        truth_u64(&tb.truth(), &["apps", &apps[0].id, "evictions"]) == 1
+    });
     let http = tb.http;
     let slow_paths: Vec<String> = (0..3)
         .map(|i| format!("{}/after{i}", apps[slow].prefix))
@@ -2360,6 +2368,10 @@ fn attached_late_the_state_is_exact(profile: &'static str) {
         .map(|i| format!("{}/after{i}", fast[(i * 3 + i / 5) % fast.len()].prefix))
         .collect();
     all_ok(&load(tb.http, &paths, 8), paths.len());
+    let burst: Vec<String> = (0..64)
+        .map(|i| format!("{}/burst{i}", fast[1].prefix))
+        .collect();
+    all_ok(&load(tb.http, &burst, 16), burst.len());
     all_ok(&slow_load.join().expect("slow requests"), 3);
     let t1 = tb.settled_truth();
     std::thread::sleep(Duration::from_millis(1200));
@@ -2385,6 +2397,9 @@ fn attached_late_the_state_is_exact(profile: &'static str) {
                 "{series} grew by {got}, ground truth by {want}\n{}",
                 observer_self(&m1)
             );
+            if want > 0 {
+                table.push(format!("  {series}: +{got} (ground truth +{want})"));
+            }
             compared += 1;
         }
         let (cached, pooled, alive) = state_of(&t1, std::slice::from_ref(a));
@@ -2432,6 +2447,7 @@ fn attached_late_the_state_is_exact(profile: &'static str) {
         "every request attributed\n{}",
         observer_self(&m1)
     );
+    eprintln!("{}", table[apps.len() + 1..].join("\n"));
     let adopted = opt(
         &m1,
         "rusty_workers_observer_state_corrections_total{kind=\"instance_adopted\"}",
