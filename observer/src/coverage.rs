@@ -113,8 +113,13 @@ pub struct Unavailable {
 }
 
 /// Families a snapshot of the proxy's memory makes (`crate::snapshot`), whatever probes are
-/// missing: exported while the state is read, withheld when its snapshot is stale.
-pub const FROM_SNAPSHOT: &[&str] = &["apps_loaded", "app_ready_instances"];
+/// missing: exported while the state is read, withheld when its snapshot is stale. The first,
+/// `apps_loaded`, comes from the events when the state cannot be read at all.
+pub const FROM_SNAPSHOT: &[&str] = &[
+    "apps_loaded",
+    "app_ready_instances",
+    "runtime_ready_instances",
+];
 
 /// The families lost to the missing probes, given every probe's (and learnt relation's)
 /// (name, failure reason); the first missing one a family needs names it. Probes not listed at all (left out on purpose:

@@ -687,6 +687,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
 
     let scrape_shared = shared.clone();
     let scrape_kernel = kernel.clone();
+    let scrape_snaps = snaps.clone();
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -694,6 +695,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 let shared = scrape_shared.clone();
                 let kernel = scrape_kernel.clone();
                 let counters = counters.clone();
+                let snaps = scrape_snaps.clone();
                 async move {
                     let (programs, probes) = kernel
                         .lock()
@@ -701,7 +703,11 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                         .as_ref()
                         .map(|k| (k.program_stats(), k.probe_statuses()))
                         .unwrap_or_default();
-                    let s = shared.lock().unwrap();
+                    let latest = snaps.latest();
+                    let mut s = shared.lock().unwrap();
+                    if latest.is_some() {
+                        s.state.latest = latest;
+                    }
                     let body = metrics::render(&metrics::Inputs {
                         tracker: &s.tracker,
                         requests: s.requests.as_ref(),

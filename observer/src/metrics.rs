@@ -117,8 +117,9 @@ fn apps(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     if let Some(s) = snap.filter(|s| s.ready_total().is_some()) {
         let mut ready: BTreeMap<String, u64> = BTreeMap::new();
         for a in &s.apps {
-            let label = i.tracker.label_of(&crate::decode::Bytes::new(&a.id));
-            *ready.entry(label).or_default() += a.ready.unwrap_or(0);
+            if let Some(label) = i.tracker.label_now(&crate::decode::Bytes::new(&a.id)) {
+                *ready.entry(label).or_default() += a.ready.unwrap_or(0);
+            }
         }
         w.family(
             "app_ready_instances",
@@ -127,6 +128,26 @@ fn apps(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
         );
         for (app, n) in &ready {
             w.sample(&[("app", app)], *n as f64);
+        }
+        // By the runtime's own id (the address, the `runtime` label elsewhere, is only known
+        // from an `id` answer, which a late attach has not seen; `runtime_info` joins the two).
+        if s.instances_complete {
+            w.family(
+                "runtime_ready_instances",
+                Kind::Gauge,
+                "Instances waiting in ready pools on each runtime now, by RuntimeId, read from the proxy's memory (join runtime_info on runtime_id for its address).",
+            );
+            let by_rt = crate::snapshot::pooled_by_runtime(s);
+            for rt in s.runtimes.iter().flatten() {
+                let n = by_rt.get(rt.as_str()).copied().unwrap_or(0);
+                w.sample(&[("runtime_id", rt)], n as f64);
+            }
+            for (rt, n) in by_rt
+                .iter()
+                .filter(|(rt, _)| !s.runtimes.iter().flatten().any(|x| x.as_str() == **rt))
+            {
+                w.sample(&[("runtime_id", rt)], *n as f64);
+            }
         }
     }
     w.family(
@@ -664,7 +685,7 @@ fn unavailable(i: &Inputs) -> Vec<crate::coverage::Unavailable> {
         });
     };
     match (st.reading, fresh) {
-        // The snapshot makes apps_loaded, whatever probes are missing.
+        // The snapshot makes these, whatever probes are missing.
         (true, Some(s)) => {
             lost.retain(|u| !crate::coverage::FROM_SNAPSHOT.contains(&u.family));
             if s.ready_total().is_none() {
@@ -675,23 +696,34 @@ fn unavailable(i: &Inputs) -> Vec<crate::coverage::Unavailable> {
                     crate::coverage::NOT_LEARNT.to_string(),
                 );
             }
+            if s.ready_total().is_none() || !s.instances_complete {
+                lose(
+                    &mut lost,
+                    "runtime_ready_instances",
+                    "state_layout",
+                    crate::coverage::NOT_LEARNT.to_string(),
+                );
+            }
         }
         (true, None) => {
             let why = format!(
                 "no good snapshot of the proxy's state in the last {} s",
                 i.state_max_age_ns / 1_000_000_000
             );
-            lose(&mut lost, "apps_loaded", "state_snapshot", why.clone());
-            lose(&mut lost, "app_ready_instances", "state_snapshot", why);
+            for family in crate::coverage::FROM_SNAPSHOT {
+                lose(&mut lost, family, "state_snapshot", why.clone());
+            }
         }
-        (false, _) => lose(
-            &mut lost,
-            "app_ready_instances",
-            "state_snapshot",
-            st.unavailable
+        // apps_loaded then comes from the events; the pools cannot be seen.
+        (false, _) => {
+            let why = st
+                .unavailable
                 .clone()
-                .unwrap_or_else(|| "no proxy".to_string()),
-        ),
+                .unwrap_or_else(|| "no proxy".to_string());
+            for family in &crate::coverage::FROM_SNAPSHOT[1..] {
+                lose(&mut lost, family, "state_snapshot", why.clone());
+            }
+        }
     }
     lost
 }

@@ -168,6 +168,9 @@ impl Stats {
 pub struct Snapshots {
     reader: Arc<Mutex<Option<Reader>>>,
     outcomes: Arc<Mutex<VecDeque<(Outcome, Learnt)>>>,
+    /// The latest good snapshot as soon as it is taken, for the gauges: they do not wait for
+    /// the event loop's merge (which a long look at the processes can delay).
+    latest: Arc<Mutex<Option<(Snapshot, u64)>>>,
 }
 
 impl Snapshots {
@@ -176,6 +179,12 @@ impl Snapshots {
         *self.reader.lock().unwrap() = r;
         // An old proxy's outcomes belong to it.
         self.outcomes.lock().unwrap().clear();
+        *self.latest.lock().unwrap() = None;
+    }
+
+    /// The latest good snapshot (of the current reader) and when its walk began.
+    pub fn latest(&self) -> Option<(Snapshot, u64)> {
+        self.latest.lock().unwrap().clone()
     }
 
     /// Takes a snapshot now, on this thread.
@@ -184,6 +193,9 @@ impl Snapshots {
         if let Some(r) = g.as_mut() {
             let o = r.take();
             let l = r.learnt();
+            if let Ok(s) = &o.result {
+                *self.latest.lock().unwrap() = Some((s.clone(), o.taken_ns));
+            }
             self.outcomes.lock().unwrap().push_back((o, l));
         }
     }

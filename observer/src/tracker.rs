@@ -213,6 +213,17 @@ impl Tracker {
         self.app_cache
     }
 
+    /// The label of an app id now: its own once seen, `other` if it is refused or past the
+    /// cap, `None` if it will get its own label but has none yet (a snapshot newer than the
+    /// events: not to be counted under `other` meanwhile).
+    pub fn label_now(&self, b: &Bytes) -> Option<String> {
+        match app_label(b) {
+            Ok(s) if self.apps.contains_key(&s) => Some(s),
+            Ok(_) if self.apps.len() - 1 < self.cfg.max_apps => None,
+            _ => Some(OTHER.to_string()),
+        }
+    }
+
     /// The label an app id already has (after `apply` saw it), else `other`.
     pub fn label_of(&self, b: &Bytes) -> String {
         match app_label(b) {

@@ -2333,6 +2333,22 @@ fn attached_late_the_state_is_exact(profile: &'static str) {
         pooled[..slow].iter().all(|p| p.unwrap_or(0) > 0),
         "pools filled: {pooled:?}"
     );
+    // The pools by runtime, by its RuntimeId.
+    let by_runtime = after["pooled_by_runtime"]
+        .as_object()
+        .expect("pooled by runtime");
+    for (rt, n) in by_runtime {
+        let series = format!("rusty_workers_runtime_ready_instances{{runtime_id=\"{rt}\"}}");
+        assert_eq!(opt(&first, &series), n.as_f64(), "{series}");
+    }
+    let first_lines = table.len() + by_runtime.len();
+    for (rt, n) in by_runtime {
+        let series = format!("rusty_workers_runtime_ready_instances{{runtime_id=\"{rt}\"}}");
+        table.push(format!(
+            "  {series}: {:?} (truth {n})",
+            opt(&first, &series)
+        ));
+    }
     eprintln!("{}", table.join("\n"));
 
     // The requests in flight end; their instances go back to the pool and are adopted.
@@ -2447,7 +2463,7 @@ fn attached_late_the_state_is_exact(profile: &'static str) {
         "every request attributed\n{}",
         observer_self(&m1)
     );
-    eprintln!("{}", table[apps.len() + 1..].join("\n"));
+    eprintln!("{}", table[first_lines..].join("\n"));
     let adopted = opt(
         &m1,
         "rusty_workers_observer_state_corrections_total{kind=\"instance_adopted\"}",
