@@ -36,7 +36,8 @@ const MAX_LEN: u64 = 1 << 24;
 /// Bytes of the scheduler and of an app state searched for their fields.
 const SCHED_SCAN: usize = 2048;
 const APP_SCAN: usize = 1024;
-/// Largest `ReadyInstance` searched for its strings and its size.
+/// Largest struct of the proxy's own searched: a `ReadyInstance` (for its strings and size) or a
+/// map value of unknown size (`RtState`).
 const MAX_INSTANCE: u64 = 512;
 /// Id shapes: handles and runtime ids are `util::rand_hex(16)` (upstream
 /// `rusty-workers/src/types.rs`); app ids are bounded only by this.

@@ -490,16 +490,6 @@ mod state {
 
         let (s, want, runtimes) = build();
         assert!(SCHEDULER.set(s.clone()).is_ok(), "set once");
-        {
-            let base = Arc::as_ptr(&s) as u64;
-            let g = s.apps.try_lock().unwrap();
-            let lru = &*g as *const _ as u64;
-            let off = lru - base;
-            let words: Vec<u64> = (0..11)
-                .map(|i| unsafe { ((lru + i * 8) as *const u64).read() })
-                .collect();
-            eprintln!("apps lru at +{off}: {words:x?}");
-        }
         let snap = t.walk(&mem).expect("the state walks");
         let mut got = snap.apps.clone();
         got.sort_by(|a, b| a.id.cmp(&b.id));
