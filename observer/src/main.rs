@@ -353,7 +353,6 @@ impl Lifecycle {
                 let _ = self.watched.remove(&pid);
                 if role == procs::Role::Proxy {
                     self.snapshots.set_reader(None);
-                    shared.lock().unwrap().state.latest = None;
                 }
                 log::warn!(
                     "[{:.3}s] {} {instance} (PID {pid}) {}",
@@ -522,7 +521,6 @@ impl Lifecycle {
         let mut s = shared.lock().unwrap();
         s.state.reading = reading;
         s.state.unavailable = unavailable;
-        s.state.latest = None;
         s.attach_seconds.insert("proxy", t0.elapsed().as_secs_f64());
         if again {
             s.tracker.target_restarted();
@@ -704,10 +702,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                         .map(|k| (k.program_stats(), k.probe_statuses()))
                         .unwrap_or_default();
                     let latest = snaps.latest();
-                    let mut s = shared.lock().unwrap();
-                    if latest.is_some() {
-                        s.state.latest = latest;
-                    }
+                    let s = shared.lock().unwrap();
                     let body = metrics::render(&metrics::Inputs {
                         tracker: &s.tracker,
                         requests: s.requests.as_ref(),
@@ -722,6 +717,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                         server: &s.server,
                         attach_seconds: &s.attach_seconds,
                         state: &s.state,
+                        latest: latest.as_ref(),
                         state_max_age_ns,
                         now_ns: monotonic_ns(),
                     });
@@ -791,6 +787,9 @@ fn drain(
     // Snapshots whose walk ended before this drain began: merged after its events, so that
     // every event of what they saw is applied first.
     let outcomes = snaps.take_outcomes();
+    // When a worker was let go is not in the event: the drain's start is later, which only
+    // keeps a snapshot from bringing it back (see Tracker::merge_snapshot).
+    let now = monotonic_ns();
     let (ops, key) = {
         let mut guard_s = shared.lock().unwrap();
         let s = &mut *guard_s;
@@ -836,9 +835,6 @@ fn drain(
                     None => &requests::NoMemory,
                 };
                 q.apply(&ev, &s.tracker, mem);
-                // When it was let go is not in the event: now is later, which only keeps a
-                // snapshot from bringing it back (see Tracker::merge_snapshot).
-                let now = monotonic_ns();
                 for h in q.take_discarded() {
                     s.tracker.discard(&h, now);
                 }

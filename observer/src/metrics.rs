@@ -38,8 +38,10 @@ pub struct Inputs<'a> {
     pub server: &'a ServerMetrics,
     /// How long the last attach took, by role.
     pub attach_seconds: &'a BTreeMap<&'static str, f64>,
-    /// Snapshots of the proxy's state read from its memory.
+    /// Snapshots of the proxy's state read from its memory: their self-metrics, and the latest
+    /// good one with when its walk began.
     pub state: &'a crate::snapshots::Stats,
+    pub latest: Option<&'a (crate::snapshot::Snapshot, u64)>,
     /// A snapshot older than this is not exported.
     pub state_max_age_ns: u64,
     pub now_ns: u64,
@@ -101,7 +103,7 @@ fn apps(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     // From the proxy's memory when it is read (exact whatever ran before the attach), else
     // from the events (exact for what happened since). A stale snapshot withholds it
     // (`unavailable`).
-    let snap = i.state.fresh(i.now_ns, i.state_max_age_ns);
+    let snap = crate::snapshots::fresh(i.latest, i.now_ns, i.state_max_age_ns);
     let loaded = match snap {
         Some(s) => Some(s.apps.len()),
         None if !i.state.reading => Some(apps.values().filter(|a| a.loaded).count()),
@@ -499,7 +501,7 @@ fn state(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
         "Bytes of the proxy's memory the last snapshot read.",
         st.last_bytes as i64,
     );
-    if let Some((_, t)) = &st.latest {
+    if let Some((_, t)) = i.latest {
         r.gauge(
             "observer_state_snapshot_age_seconds",
             "Age of the latest good snapshot.",
@@ -675,7 +677,7 @@ fn unavailable(i: &Inputs) -> Vec<crate::coverage::Unavailable> {
     use crate::coverage::Unavailable;
     let mut lost = probes_unavailable(i);
     let st = i.state;
-    let fresh = st.fresh(i.now_ns, i.state_max_age_ns);
+    let fresh = crate::snapshots::fresh(i.latest, i.now_ns, i.state_max_age_ns);
     let lose = |lost: &mut Vec<Unavailable>, family: &'static str, needs: &str, reason: String| {
         lost.retain(|u| u.family != family);
         lost.push(Unavailable {

@@ -530,7 +530,7 @@ impl Target {
         Ok(arc + self.layout.arc_data)
     }
 
-    /// One walk of the state; not retried (see [`Target::take`]).
+    /// One walk of the state; not retried (`snapshots::Reader::take` retries a torn one).
     pub fn walk(&mut self, mem: &impl Read) -> Result<Snapshot, SnapshotError> {
         let l = self.layout;
         let Some(sched) = self.scheduler(mem)? else {
@@ -890,31 +890,6 @@ impl Target {
             }
         }
         None
-    }
-
-    /// A consistent snapshot: walks until one validates (at most `tries`), and reports every
-    /// failed walk's reason to `failed`.
-    pub fn take(
-        &mut self,
-        mem: &impl Read,
-        tries: usize,
-        mut failed: impl FnMut(&SnapshotError),
-    ) -> Result<Snapshot, SnapshotError> {
-        let mut last = None;
-        for _ in 0..tries.max(1) {
-            match self.walk(mem) {
-                Ok(s) => return Ok(s),
-                Err(e) => {
-                    failed(&e);
-                    let again = e.is_transient();
-                    last = Some(e);
-                    if !again {
-                        break;
-                    }
-                }
-            }
-        }
-        Err(last.expect("at least one try"))
     }
 }
 

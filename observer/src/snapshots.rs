@@ -81,10 +81,15 @@ impl Reader {
         let mut result = Err(SnapshotError::Torn("not walked"));
         // Each try reads its pages afresh.
         for _ in 0..TRIES {
-            let pages = Pages::new(&mem);
-            result = self.walker.take(&pages, 1, |e| failures.push(e.reason()));
-            if !result.as_ref().is_err_and(SnapshotError::is_transient) {
-                break;
+            result = self.walker.walk(&Pages::new(&mem));
+            match &result {
+                Ok(_) => break,
+                Err(e) => {
+                    failures.push(e.reason());
+                    if !e.is_transient() {
+                        break;
+                    }
+                }
             }
         }
         Outcome {
@@ -115,7 +120,7 @@ pub struct Outcome {
     pub bytes: u64,
 }
 
-/// Snapshots' self-metrics and the latest good one.
+/// Snapshots' self-metrics (the latest good one is `Snapshots::latest`).
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
     /// Why the proxy's state cannot be read (no reader): its gauges come from events.
@@ -126,20 +131,18 @@ pub struct Stats {
     pub failures: BTreeMap<&'static str, u64>,
     pub last_duration: Duration,
     pub last_bytes: u64,
-    /// The latest good snapshot and when its walk began.
-    pub latest: Option<(Snapshot, u64)>,
     pub learnt: Learnt,
 }
 
-impl Stats {
-    /// The latest snapshot if it is at most `max_age_ns` old at `now_ns`.
-    pub fn fresh(&self, now_ns: u64, max_age_ns: u64) -> Option<&Snapshot> {
-        self.latest
-            .as_ref()
-            .filter(|(_, t)| now_ns.saturating_sub(*t) <= max_age_ns)
-            .map(|(s, _)| s)
-    }
+/// The snapshot of `latest` (as `Snapshots::latest` gives it) if it is at most `max_age_ns`
+/// old at `now_ns`.
+pub fn fresh(latest: Option<&(Snapshot, u64)>, now_ns: u64, max_age_ns: u64) -> Option<&Snapshot> {
+    latest
+        .filter(|(_, t)| now_ns.saturating_sub(*t) <= max_age_ns)
+        .map(|(s, _)| s)
+}
 
+impl Stats {
     /// Counts an outcome in; returns the snapshot to merge, if good.
     pub fn record(&mut self, o: Outcome, learnt: Learnt) -> Option<(Snapshot, u64)> {
         for r in &o.failures {
@@ -151,7 +154,6 @@ impl Stats {
         match o.result {
             Ok(s) => {
                 self.snapshots += 1;
-                self.latest = Some((s.clone(), o.taken_ns));
                 Some((s, o.taken_ns))
             }
             Err(e) => {
