@@ -318,9 +318,13 @@ impl Scheduler {
         let mut app = self.apps.lock().await.get(&appid).cloned();
         if app.is_none() {
             let (tx, rx) = oneshot::channel();
+            let loads_before = truth::loads(&appid.0);
             if self.lookup_app_tx.try_send((appid.clone(), tx)).is_ok() {
                 let _ = rx.await;
                 app = self.apps.lock().await.get(&appid).cloned();
+                if app.is_none() && truth::loads(&appid.0) > loads_before {
+                    truth::evicted_before_use();
+                }
             }
         }
         let app = app.ok_or(SchedError::NoRouteMapping)?;

@@ -45,6 +45,13 @@ pub struct Truth {
     pub apps_cached: u64,
     /// Instances in each runtime's ready pools (by RuntimeId), read as `pooled`.
     pub pooled_by_runtime: BTreeMap<String, u64>,
+    /// Requests answered "no route" although their app was loaded for them: the app left the
+    /// cache before the request read it. Upstream's apps gc walks the app cache with
+    /// `LruCache::iter`, which moves every entry it visits to the most recent end and so
+    /// reverses the order: the app loaded last becomes the least recently used and the next
+    /// load evicts it (lru_time_cache 0.11 `Iter::next`; rusty-workers `apps_gc_task`). Only a
+    /// full cache shows it.
+    pub apps_evicted_before_use: u64,
     /// handle -> (app, dropped with its evicted app)
     #[serde(skip)]
     handles: BTreeMap<String, (String, bool)>,
@@ -158,6 +165,16 @@ pub fn answered(app: &str, outcome: &str, start: Option<&str>) {
             None => {}
         }
     });
+}
+
+/// How many times `app` has been loaded.
+pub fn loads(app: &str) -> u64 {
+    with(|t| t.apps.get(app).map_or(0, |a| a.loads))
+}
+
+/// A request finds its app gone although it was loaded for it (see `apps_evicted_before_use`).
+pub fn evicted_before_use() {
+    with(|t| t.apps_evicted_before_use += 1);
 }
 
 pub fn request(app: &str) {
