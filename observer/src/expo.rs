@@ -6,9 +6,16 @@
 //! The output is what the crate's `TextEncoder` writes for the same series (values in Rust's
 //! shortest round-trip form, `le` as the crate prints bounds), which a unit test holds.
 
-use crate::metrics::PREFIX;
-use crate::requests::BUCKETS;
 use std::fmt::Write;
+
+/// The prefix of every family the observer exports.
+pub const PREFIX: &str = "rusty_workers";
+
+/// Latency buckets (seconds) of every duration histogram: fine below 10 ms where a warm request
+/// lives, coarse up to the proxy's request timeouts.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -17,18 +24,18 @@ pub enum Kind {
     Histogram,
 }
 
-/// A histogram over `BUCKETS` (the request metrics' bounds), as plain counts: a few hundred
+/// A histogram over `LATENCY_BUCKETS` (the request metrics' bounds), as plain counts: a few hundred
 /// bytes per app where the crate's `Histogram` holds atomics, an `Arc` and its label values.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Hist {
     /// Observations per bucket, not cumulative; the last is above every bound.
-    counts: [u64; BUCKETS.len() + 1],
+    counts: [u64; LATENCY_BUCKETS.len() + 1],
     sum: f64,
 }
 
 impl Hist {
     pub fn observe(&mut self, v: f64) {
-        let i = BUCKETS.partition_point(|b| *b < v);
+        let i = LATENCY_BUCKETS.partition_point(|b| *b < v);
         self.counts[i] += 1;
         self.sum += v;
     }
@@ -46,7 +53,7 @@ pub struct Writer {
     out: String,
     /// The current family's full name.
     name: String,
-    /// `BUCKETS` as `le` values, formatted once.
+    /// `LATENCY_BUCKETS` as `le` values, formatted once.
     le: Vec<String>,
     itoa: itoa::Buffer,
     /// Families not to write (their probes are missing: `coverage`), and whether the current
@@ -65,7 +72,7 @@ impl Writer {
         Writer {
             out: String::with_capacity(room + room / 8),
             name: String::new(),
-            le: BUCKETS.iter().map(|b| b.to_string()).collect(),
+            le: LATENCY_BUCKETS.iter().map(|b| b.to_string()).collect(),
             itoa: itoa::Buffer::new(),
             withheld: Vec::new(),
             skipping: false,
@@ -132,7 +139,7 @@ impl Writer {
             return;
         }
         let mut cum = 0;
-        for i in 0..BUCKETS.len() {
+        for i in 0..LATENCY_BUCKETS.len() {
             cum += h.counts[i];
             self.head("_bucket", labels, Some(Le::Bound(i)));
             self.int_value(cum);
@@ -194,7 +201,7 @@ impl Default for Writer {
 }
 
 enum Le {
-    /// `BUCKETS[i]`.
+    /// `LATENCY_BUCKETS[i]`.
     Bound(usize),
     Inf,
 }
@@ -255,7 +262,7 @@ mod tests {
         let samples = [0.0, 0.0005, 0.0007, 0.01, 3.5, 10.0, 11.0, 1e-9];
         let reg = Registry::new();
         let hv = HistogramVec::new(
-            HistogramOpts::new(format!("{PREFIX}_h"), help).buckets(BUCKETS.to_vec()),
+            HistogramOpts::new(format!("{PREFIX}_h"), help).buckets(LATENCY_BUCKETS.to_vec()),
             &["app"],
         )
         .unwrap();
@@ -297,11 +304,17 @@ mod tests {
     fn a_histogram_puts_each_value_in_the_first_bucket_that_holds_it() {
         let cases = [
             (0.0, 0),
-            (BUCKETS[0], 0),
-            (BUCKETS[0] * 1.01, 1),
-            (BUCKETS[BUCKETS.len() - 1], BUCKETS.len() - 1),
-            (BUCKETS[BUCKETS.len() - 1] + 1.0, BUCKETS.len()),
-            (f64::INFINITY, BUCKETS.len()),
+            (LATENCY_BUCKETS[0], 0),
+            (LATENCY_BUCKETS[0] * 1.01, 1),
+            (
+                LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1],
+                LATENCY_BUCKETS.len() - 1,
+            ),
+            (
+                LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1] + 1.0,
+                LATENCY_BUCKETS.len(),
+            ),
+            (f64::INFINITY, LATENCY_BUCKETS.len()),
         ];
         for (v, want) in cases {
             let mut h = Hist::default();

@@ -11,7 +11,7 @@ pub mod metrics;
 pub mod procs;
 pub mod requests;
 pub mod resolve;
-pub mod server;
+pub mod runtime_server;
 pub mod snapshot;
 pub mod snapshots;
 pub mod symbols;

@@ -3,11 +3,11 @@
 //! Built fresh on every scrape from the current state (as ebpf_exporter does), so a series
 //! never outlives what it describes and counters come straight from their source.
 
-use crate::expo::{Kind, Writer};
+use crate::expo::{Kind, Writer, PREFIX};
 use crate::kernel::{Counters, ProbeStatus, ProgramStats};
 use crate::procs::{Role, Watcher};
 use crate::requests::Requests;
-use crate::server::ServerMetrics;
+use crate::runtime_server::ServerMetrics;
 use crate::tracker::AppStats;
 use crate::tracker::Tracker;
 use observer_common::{method, netstat};
@@ -15,7 +15,6 @@ use prometheus::{CounterVec, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registr
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-pub const PREFIX: &str = "rusty_workers";
 const NO_LABELS: &[&str] = &[];
 
 /// Everything a scrape reads.

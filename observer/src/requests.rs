@@ -19,18 +19,12 @@
 //!   proxy's own error is the next head's on that thread.
 
 use crate::decode::{str1, str2, Bytes};
-use crate::expo::{Hist, Kind, Writer};
+use crate::expo::{Hist, Kind, Writer, LATENCY_BUCKETS, PREFIX};
 use crate::tracker::Tracker;
 use observer_common::{conn_key, family, kind, method, ConnKey, Event, Layout, MAX_STR};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-
-/// Latency buckets (seconds): fine below 10 ms where a warm request lives, coarse up to the
-/// proxy's request timeouts.
-pub const BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
 
 /// Outcomes of a request, by the proxy's own error kinds (rusty-workers-proxy/src/sched.rs).
 pub const OUTCOMES: &[&str] = &[
@@ -356,19 +350,14 @@ pub struct Metrics {
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     HistogramVec::new(
-        HistogramOpts::new(format!("{}_{name}", crate::metrics::PREFIX), help)
-            .buckets(BUCKETS.to_vec()),
+        HistogramOpts::new(format!("{PREFIX}_{name}"), help).buckets(LATENCY_BUCKETS.to_vec()),
         labels,
     )
     .expect("valid histogram")
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    IntCounterVec::new(
-        Opts::new(format!("{}_{name}", crate::metrics::PREFIX), help),
-        labels,
-    )
-    .expect("valid counter")
+    IntCounterVec::new(Opts::new(format!("{PREFIX}_{name}"), help), labels).expect("valid counter")
 }
 
 impl Metrics {

@@ -670,7 +670,7 @@ fn bucket_of_quantile(
     app: &str,
     q: f64,
 ) -> usize {
-    let bounds = observer::requests::BUCKETS;
+    let bounds = observer::expo::LATENCY_BUCKETS;
     let count = |le: String| {
         delta(
             after,
@@ -690,7 +690,7 @@ fn bucket_of_quantile(
 }
 
 fn bucket_of(seconds: f64) -> usize {
-    let bounds = observer::requests::BUCKETS;
+    let bounds = observer::expo::LATENCY_BUCKETS;
     bounds
         .iter()
         .position(|b| seconds <= *b)
@@ -940,7 +940,7 @@ fn request_metrics_equal_ground_truth() {
                 "e2e: {id}: client p{} {:.1} ms, observer's in bucket {got} (le {})",
                 q * 100.0,
                 client * 1e3,
-                observer::requests::BUCKETS
+                observer::expo::LATENCY_BUCKETS
                     .get(got)
                     .map_or("+Inf".to_string(), |b| b.to_string())
             );

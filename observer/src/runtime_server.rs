@@ -1,8 +1,7 @@
 //! The runtimes' side of the RPCs: calls of the tarpc server methods, from the runtime probes
 //! (`observer-ebpf/src/server.rs`).
 
-use crate::metrics::PREFIX;
-use crate::requests::BUCKETS;
+use crate::expo::{LATENCY_BUCKETS, PREFIX};
 use observer_common::method;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
@@ -29,7 +28,7 @@ impl ServerMetrics {
                     format!("{PREFIX}_runtime_server_call_duration_seconds"),
                     "Calls the runtime served, by method: from the first poll of the method's future to its drop (the runtime probes; a call counts once however often it is polled).",
                 )
-                .buckets(BUCKETS.to_vec()),
+                .buckets(LATENCY_BUCKETS.to_vec()),
                 labels,
             )
             .expect("valid metric"),
