@@ -93,8 +93,9 @@ struct RunArgs {
     /// metrics, but the request path pays 1 uprobe instead of about 5.
     #[arg(long)]
     no_request_metrics: bool,
-    /// For `cargo xtask bench`: attach empty programs where the real ones go (the floor of
-    /// the observer's cost); serves no meaningful metrics.
+    /// For `cargo xtask bench`: attach one empty program on the proxy function every request
+    /// calls, and nothing else (the floor of a uprobe-based observer's cost); serves no
+    /// meaningful metrics.
     #[arg(long, hide = true)]
     floor: bool,
     /// How often the proxy's state is read from its memory (apps loaded, ready instances),
@@ -233,7 +234,7 @@ struct Shared {
     net_base: HashMap<u32, [u64; netstat::COUNT as usize]>,
     /// Time of one watcher tick (the procfs collector).
     procs_seconds: f64,
-    server: observer::server::ServerMetrics,
+    server: observer::runtime_server::ServerMetrics,
     /// How long the last attach to a proxy and to a runtime took (symbols read and resolved,
     /// uprobes attached).
     attach_seconds: std::collections::BTreeMap<&'static str, f64>,
@@ -598,7 +599,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         }),
         net_base: HashMap::new(),
         procs_seconds: 0.0,
-        server: observer::server::ServerMetrics::new(),
+        server: observer::runtime_server::ServerMetrics::new(),
         attach_seconds: Default::default(),
         state: Default::default(),
     }));
