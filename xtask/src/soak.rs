@@ -83,7 +83,7 @@ pub fn run(observer: &Path, minutes: f64) -> anyhow::Result<Report> {
     let log_file =
         std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let (child, addr) =
-        crate::start_observer_logged(observer, tb.proxy_pid(), &[], log_file.into())?;
+        crate::child::start_observer_logged(observer, tb.proxy_pid(), &[], log_file.into())?;
     let pid = child.0.id();
 
     // Until the joins are learnt: requests one at a time.

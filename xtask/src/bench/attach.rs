@@ -173,7 +173,7 @@ pub fn measure(observer: &Path, pid: u32, args: &[&str]) -> anyhow::Result<Attac
         sites,
     };
     // SAFETY: kill(2) on our own child: SIGINT detaches the observer cleanly.
-    unsafe { crate::kill(child.id() as i32, 2) };
+    unsafe { crate::child::kill(child.id() as i32, 2) };
     child.wait()?;
     Ok(a)
 }

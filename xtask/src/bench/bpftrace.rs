@@ -81,7 +81,7 @@ pub fn script(
 }
 
 /// bpftrace running `script`, ready when it says it attached; stopped (SIGINT) when dropped.
-pub struct Running(pub crate::Killed);
+pub struct Running(pub crate::child::Killed);
 
 pub fn start(script: &str, dir: &Path) -> anyhow::Result<Running> {
     let file = dir.join("bench.bt");
@@ -111,7 +111,7 @@ pub fn start(script: &str, dir: &Path) -> anyhow::Result<Running> {
             }
         }
     });
-    let mut child = crate::Killed(child);
+    let mut child = crate::child::Killed(child);
     let deadline = Instant::now() + Duration::from_secs(60);
     while rx.recv_timeout(Duration::from_millis(100)).is_err() {
         let exited = matches!(child.0.try_wait(), Ok(Some(_)));

@@ -31,7 +31,7 @@ pub fn measure(
     seconds: f64,
     extra: &[&str],
 ) -> anyhow::Result<Pipeline> {
-    let mut child = crate::Killed(
+    let mut child = crate::child::Killed(
         Command::new(synthetic)
             .args([threads.to_string(), seconds.to_string()])
             .stdin(Stdio::piped())
@@ -41,9 +41,9 @@ pub fn measure(
     );
     let mut args = vec!["--no-runtime-probes"];
     args.extend_from_slice(extra);
-    let (obs, addr) = crate::start_observer(observer, child.0.id(), &args)?;
+    let (obs, addr) = crate::child::start_observer(observer, child.0.id(), &args)?;
     let before = scrape(addr)?;
-    let cpu0 = crate::fixed::cpu(obs.0.id());
+    let cpu0 = crate::bench::fixed::cpu(obs.0.id());
     child
         .0
         .stdin
@@ -55,11 +55,11 @@ pub fn measure(
         std::io::Read::read_to_string(&mut o, &mut out)?;
     }
     child.0.wait()?;
-    let cpu1 = crate::fixed::cpu(obs.0.id());
+    let cpu1 = crate::bench::fixed::cpu(obs.0.id());
     // The last events are drained within 10 ms.
     std::thread::sleep(Duration::from_millis(300));
     let after = scrape(addr)?;
-    let d = |n: &str| crate::metric_sum(&after, n) - crate::metric_sum(&before, n);
+    let d = |n: &str| crate::child::metric_sum(&after, n) - crate::child::metric_sum(&before, n);
     let calls: f64 = out.trim().parse().context("the synthetic proxy's count")?;
     drop(obs);
     Ok(Pipeline {

@@ -31,7 +31,7 @@ pub fn measure(observer: &Path, n: usize) -> anyhow::Result<Scale> {
         dropout_rate: 0.0,
         ..Options::default()
     });
-    let (mut child, addr) = crate::start_observer(observer, tb.proxy_pid(), &[])?;
+    let (mut child, addr) = crate::child::start_observer(observer, tb.proxy_pid(), &[])?;
     let paths: Vec<String> = apps.iter().map(|a| format!("{}/s", a.prefix)).collect();
     load(tb.http, &paths, 16);
     std::thread::sleep(Duration::from_millis(500));
@@ -80,7 +80,7 @@ pub fn measure(observer: &Path, n: usize) -> anyhow::Result<Scale> {
         rss_mib: rss_mib(child.0.id()),
     };
     // SAFETY: kill(2) on our own child: SIGINT detaches the observer cleanly.
-    unsafe { crate::kill(child.0.id() as i32, 2) };
+    unsafe { crate::child::kill(child.0.id() as i32, 2) };
     child.0.wait()?;
     Ok(s)
 }
