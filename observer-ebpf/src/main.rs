@@ -66,14 +66,14 @@ static WATCHED: HashMap<u32, Watched> = HashMap::with_max_entries(MAX_PROCS, 0);
 #[map]
 static PROC_NET: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_PROCS * netstat::COUNT, 0);
 
-/// 1: per-request events (request metrics on); 0: the lean mode of the spine.
+/// 1: request metrics on (per-request events); 0: off (`--no-request-metrics`).
 #[no_mangle]
-static DETAIL: u32 = 1;
+static REQUEST_METRICS: u32 = 1;
 
 #[inline(always)]
-fn detail() -> bool {
+fn request_metrics() -> bool {
     // SAFETY: as `layout`.
-    unsafe { core::ptr::read_volatile(&DETAIL) != 0 }
+    unsafe { core::ptr::read_volatile(&REQUEST_METRICS) != 0 }
 }
 
 #[inline(always)]

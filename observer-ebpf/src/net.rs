@@ -23,7 +23,7 @@ use aya_ebpf::{
 };
 use observer_common::{family, netstat, role, Peer, Watched};
 
-use crate::{add, check, detail, LAST_PEER, PROC_NET, WATCHED};
+use crate::{add, check, request_metrics, LAST_PEER, PROC_NET, WATCHED};
 
 /// The events' arguments (include/trace/events/sock.h, `sock_msg_length`: `TP_PROTO(struct
 /// sock *sk, int ret, int flags)`; the BTF typedef `btf_trace_sock_send_length` has the same).
@@ -98,7 +98,7 @@ fn try_sock_recv(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let Some(fam) = count(ctx, &w, netstat::BYTES_RECEIVED)? else {
         return Ok(());
     };
-    if w.role != role::PROXY || !detail() {
+    if w.role != role::PROXY || !request_metrics() {
         return Ok(());
     }
     let sk: u64 = ctx.arg(ARG_SK);

@@ -13,14 +13,14 @@
 //!   the request id, which tie the two above. Which of the two runs depends on inlining at
 //!   each drop site, so both are probed; userspace drops the second sighting.
 //!
-//! With request metrics off (`DETAIL` = 0), the fetch path stays one map lookup and one
+//! With request metrics off (`REQUEST_METRICS` = 0), the fetch path stays one map lookup and one
 //! counter, and only spawns, terminations and the first fetch of new workers reach userspace.
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
 use observer_common::{kind, method, Event, HandleKey, Layout, HANDLE_KEY_LEN, MAX_STR};
 
 use crate::{
-    bump, check, detail, layout, read, send, APP_REQUESTS, HANDLE_APP, LAST_PEER, RPC_CALLS,
+    bump, check, layout, read, request_metrics, send, APP_REQUESTS, HANDLE_APP, LAST_PEER, RPC_CALLS,
 };
 
 #[uprobe]
@@ -61,14 +61,14 @@ fn try_rpc_call(ctx: &ProbeContext) -> Result<(), i64> {
     let tag = read::word(request + lay.req_tag_offset)?;
     let m = lay.method_of(tag);
     bump(&RPC_CALLS, m);
-    let full = detail();
+    let request_metrics = request_metrics();
     match m {
-        method::FETCH => fetch(&call, request, &lay, full),
+        method::FETCH => fetch(&call, request, &lay, request_metrics),
         method::SPAWN_WORKER => emit(kind::RPC_SPAWN, &call, request + lay.req_spawn_appid, &lay),
         method::TERMINATE_WORKER => {
             emit(kind::RPC_TERMINATE, &call, request + lay.req_handle, &lay)
         }
-        _ if full => send(kind::RPC_OTHER, channel, |ev| {
+        _ if request_metrics => send(kind::RPC_OTHER, channel, |ev| {
             ev.word_a = m as u64;
             identify(ev, channel, context, &lay);
             Ok(())
@@ -82,7 +82,7 @@ struct Call {
     context: u64,
 }
 
-fn fetch(call: &Call, request: u64, lay: &Layout, full: bool) -> Result<(), i64> {
+fn fetch(call: &Call, request: u64, lay: &Layout, request_metrics: bool) -> Result<(), i64> {
     let handle = request + lay.req_handle;
     let ptr = read::word(handle + lay.string_ptr)?;
     let len = read::word(handle + lay.string_len)?;
@@ -97,7 +97,7 @@ fn fetch(call: &Call, request: u64, lay: &Layout, full: bool) -> Result<(), i64>
         if let Some(slot) = unsafe { HANDLE_APP.get(key) } {
             let slot = *slot;
             bump(&APP_REQUESTS, slot);
-            if !full {
+            if !request_metrics {
                 return Ok(());
             }
             return send(kind::RPC_FETCH, call.channel, |ev| {

@@ -403,13 +403,16 @@ mod tests {
     fn builtin_catalog_parses() {
         let c = Catalog::builtin_proxy();
         assert_eq!(c.probes.len(), 9);
-        // Without request metrics the request path keeps the spine's budget of 2 uprobes.
-        let lean = c
+        // Without request metrics the request path keeps a budget of 2 uprobes.
+        let without = c
             .probes
             .iter()
             .filter(|p| p.per_request && !p.request_metrics)
             .count();
-        assert!(lean <= 2, "the lean request path is 2 BPF runs per request");
+        assert!(
+            without <= 2,
+            "without request metrics the request path is 2 BPF runs per request"
+        );
         for p in &c.probes {
             assert!(!p.why.is_empty(), "probe {} says why", p.name);
         }

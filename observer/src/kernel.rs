@@ -100,7 +100,7 @@ pub struct Kernel {
     /// The proxy's probes, shown as `target_down` while no proxy runs.
     proxy_down: Vec<ProbeStatus>,
     /// Per-request events on (request metrics).
-    detail: bool,
+    request_metrics: bool,
     /// Attach only an empty program on `FLOOR_PROBE` (the bench's floor).
     floor: bool,
     _stats: Option<OwnedFd>,
@@ -128,12 +128,12 @@ pub struct ProgramStats {
 }
 
 impl Kernel {
-    /// Loads the programs; `detail`: per-request events (request metrics). With `floor`, one
+    /// Loads the programs; `request_metrics`: per-request events on. With `floor`, one
     /// empty program on `FLOOR_PROBE` is all that is attached (the bench's floor). `ring_bytes`: the event ring
     /// buffer's size.
     pub fn load(
         layout: &Layout,
-        detail: bool,
+        request_metrics: bool,
         floor: bool,
         ring_bytes: u32,
     ) -> anyhow::Result<Self> {
@@ -142,7 +142,7 @@ impl Kernel {
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
         let ebpf = EbpfLoader::new()
             .override_global("LAYOUT", layout, true)
-            .override_global("DETAIL", &u32::from(detail), true)
+            .override_global("REQUEST_METRICS", &u32::from(request_metrics), true)
             .map_max_entries("EVENTS", ring_bytes)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object into the kernel")?;
@@ -151,7 +151,7 @@ impl Kernel {
             tracepoints: Vec::new(),
             processes: BTreeMap::new(),
             proxy_down: Vec::new(),
-            detail,
+            request_metrics,
             floor,
             _stats: stats,
         })
@@ -293,7 +293,7 @@ impl Kernel {
         };
         let mut done: BTreeMap<(String, u64), ()> = BTreeMap::new();
         for r in resolutions {
-            if r.probe.request_metrics && !self.detail {
+            if r.probe.request_metrics && !self.request_metrics {
                 continue;
             }
             if self.floor && !(proxy && r.probe.name == FLOOR_PROBE) {

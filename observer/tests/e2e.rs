@@ -13,7 +13,7 @@ use testbed_harness::{
     truth_u64, App, Options, Request, Testbed, APP_COUNTERS,
 };
 
-/// Probes of the lean mode (`--no-request-metrics`), and those request metrics add.
+/// Probes without request metrics (`--no-request-metrics`), and those request metrics add.
 const SPINE_PROBES: &[&str] = &[
     "app_cache_insert",
     "app_cache_remove",
@@ -64,14 +64,20 @@ impl Drop for Observer {
 }
 
 impl Observer {
-    /// Starts the observer with request metrics (the default), or without (`lean`).
-    fn start(pid: u32, dir: &std::path::Path, lean: bool) -> Observer {
-        Observer::start_with(pid, dir, lean, &[])
+    /// Starts the observer with request metrics (the default), or without
+    /// (`no_request_metrics`: `--no-request-metrics`).
+    fn start(pid: u32, dir: &std::path::Path, no_request_metrics: bool) -> Observer {
+        Observer::start_with(pid, dir, no_request_metrics, &[])
     }
 
     /// As `start`, with more command line options.
-    fn start_with(pid: u32, dir: &std::path::Path, lean: bool, extra: &[&str]) -> Observer {
-        Observer::start_missing(pid, dir, lean, extra, &[])
+    fn start_with(
+        pid: u32,
+        dir: &std::path::Path,
+        no_request_metrics: bool,
+        extra: &[&str],
+    ) -> Observer {
+        Observer::start_missing(pid, dir, no_request_metrics, extra, &[])
     }
 
     /// As `start_with`, on a build that lacks the functions of the probes `missing`: those
@@ -79,7 +85,7 @@ impl Observer {
     fn start_missing(
         pid: u32,
         dir: &std::path::Path,
-        lean: bool,
+        no_request_metrics: bool,
         extra: &[&str],
         missing: &[String],
     ) -> Observer {
@@ -91,7 +97,7 @@ impl Observer {
             "--listen".to_string(),
             addr.to_string(),
         ];
-        if lean {
+        if no_request_metrics {
             args.push("--no-request-metrics".into());
         }
         args.extend(extra.iter().map(|a| a.to_string()));
@@ -111,7 +117,11 @@ impl Observer {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(m) = o.try_scrape() {
-                let extra = if lean { &[][..] } else { REQUEST_PROBES };
+                let extra = if no_request_metrics {
+                    &[][..]
+                } else {
+                    REQUEST_PROBES
+                };
                 let attached = SPINE_PROBES.iter().chain(extra).all(|p| {
                     let reason = if missing.iter().any(|x| x == p) {
                         "unresolved"
@@ -508,7 +518,7 @@ fn metrics_equal_ground_truth() {
         ..Options::default()
     };
     let tb = Testbed::start(&opts);
-    // Lean mode: the spine's metrics and its request-path budget.
+    // Without request metrics: the metrics that do not need them, and the request-path budget.
     let obs = Observer::start(tb.proxy_pid(), &tb.dir, true);
     let t0 = tb.truth();
 
@@ -542,7 +552,7 @@ fn metrics_equal_ground_truth() {
 
     let checked = assert_metrics_equal_truth(&m, &truth, &t0, &apps);
     obs.lint();
-    // Lean mode: at most 2 runs per request in steady state: the fetch is one; spawns,
+    // Without request metrics: at most 2 runs per request in steady state: the fetch is one; spawns,
     // terminations and loads are the rest.
     let runs = bpf_runs_per_request(&m, &truth);
     assert!(runs <= 2.0, "{runs} BPF runs per request");
@@ -575,7 +585,7 @@ fn capacity_evictions_equal_ground_truth() {
         ..Options::default()
     };
     let tb = Testbed::start(&opts);
-    // With request metrics on: the spine's metrics do not depend on the mode.
+    // With request metrics on: the metrics that do not need them are the same.
     let obs = Observer::start(tb.proxy_pid(), &tb.dir, false);
     let t0 = tb.truth();
     for round in 0..3 {

@@ -31,8 +31,8 @@ enum Task {
         #[arg(long, default_value = "127.0.0.1:9898")]
         listen: String,
     },
-    /// Cost per request: the test target under wrk without the observer, with its lean mode
-    /// (--no-request-metrics), with request metrics, with one empty uprobe per request (the
+    /// Cost per request: the test target under wrk without the observer, without request
+    /// metrics (--no-request-metrics), with request metrics, with one empty uprobe per request (the
     /// floor) and with bpftrace, in one interleaved run; prints each mode's throughput as a share
     /// of no observer's and of the floor's.
     Bench {

@@ -120,10 +120,7 @@ pub(crate) fn run(seconds: u64, connections: u32, rounds: usize) -> anyhow::Resu
     let observer = testbed_harness::release_dir().join("observer");
     let modes: [(&str, Option<&[&str]>); 5] = [
         ("no observer", None),
-        (
-            "lean (--no-request-metrics)",
-            Some(&["--no-request-metrics"]),
-        ),
+        ("no request metrics", Some(&["--no-request-metrics"])),
         ("request metrics (default)", Some(&[])),
         ("floor (one uprobe/request)", Some(&["--floor"])),
         ("bpftrace (same probes, counts)", None),
@@ -200,7 +197,7 @@ pub(crate) fn run(seconds: u64, connections: u32, rounds: usize) -> anyhow::Resu
         out!("  {prog:<16} {runs:>6.2} runs {us:>7.2} us");
     }
     let per_req_us = |rps: f64| 1e6 / rps;
-    let lean = rows[1].1.wrk.rps;
+    let without = rows[1].1.wrk.rps;
     let full = rows[2].1.wrk.rps;
     out!(
         "cost over no observer per request: default {:.1} us, floor (one empty uprobe per request, on the proxy's Channel::call) {:.1} us: {:.2}x the floor",
@@ -215,9 +212,9 @@ pub(crate) fn run(seconds: u64, connections: u32, rounds: usize) -> anyhow::Resu
         (per_req_us(bt) - per_req_us(base)) / (per_req_us(full) - per_req_us(base))
     );
     out!(
-        "request metrics cost {:.1} us of wall time per request over the lean mode ({:.1}% throughput), {:.1} us over no observer ({:.1}% throughput)",
-        per_req_us(full) - per_req_us(lean),
-        (1.0 - full / lean) * 100.0,
+        "request metrics cost {:.1} us of wall time per request over --no-request-metrics ({:.1}% throughput), {:.1} us over no observer ({:.1}% throughput)",
+        per_req_us(full) - per_req_us(without),
+        (1.0 - full / without) * 100.0,
         per_req_us(full) - per_req_us(base),
         (1.0 - full / base) * 100.0
     );

@@ -64,8 +64,8 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     let listener = bind(a.listen).await?;
 
-    let detail = !a.no_request_metrics;
-    let mut kernel = kernel::Kernel::load(&catalog.layout, detail, a.floor, a.ring_bytes)?;
+    let request_metrics = !a.no_request_metrics;
+    let mut kernel = kernel::Kernel::load(&catalog.layout, request_metrics, a.floor, a.ring_bytes)?;
     kernel.attach_tracepoints()?;
     let kernel::Maps {
         events,
@@ -83,7 +83,7 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
             max_apps: a.max_apps as usize,
             ..Default::default()
         }),
-        requests: detail.then(|| requests::Requests::new(catalog.layout)),
+        requests: request_metrics.then(|| requests::Requests::new(catalog.layout)),
         events_received: 0,
         decode_errors: 0,
         watcher: procs::Watcher::new(procs::Config {
