@@ -8,6 +8,7 @@ pub mod expo;
 pub mod kernel;
 pub mod memory;
 pub mod metrics;
+pub mod model;
 pub mod procs;
 pub mod requests;
 pub mod resolve;

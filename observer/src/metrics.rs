@@ -5,41 +5,24 @@
 
 use crate::expo::{Kind, Writer, PREFIX};
 use crate::kernel::{Counters, ProbeStatus, ProgramStats};
-use crate::procs::{Role, Watcher};
-use crate::requests::Requests;
-use crate::runtime_server::ServerMetrics;
+use crate::model::Model;
+use crate::procs::Role;
 use crate::tracker::AppStats;
-use crate::tracker::Tracker;
 use observer_common::{method, netstat};
 use prometheus::{CounterVec, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 const NO_LABELS: &[&str] = &[];
 
 /// Everything a scrape reads.
 pub struct Inputs<'a> {
-    pub tracker: &'a Tracker,
-    /// None with `--no-request-metrics`.
-    pub requests: Option<&'a Requests>,
+    /// The model the event loop keeps.
+    pub model: &'a Model,
     pub counters: &'a Counters,
     pub probes: &'a [ProbeStatus],
     pub programs: &'a [ProgramStats],
-    pub events_received: u64,
-    pub decode_errors: u64,
-    /// The proxy and runtime processes.
-    pub watcher: &'a Watcher,
-    /// Kernel socket counters of a slot when its instance took it.
-    pub net_base: &'a HashMap<u32, [u64; netstat::COUNT as usize]>,
-    /// Time the last look at the processes (procfs) took.
-    pub procs_seconds: f64,
-    /// The runtimes' served calls.
-    pub server: &'a ServerMetrics,
-    /// How long the last attach took, by role.
-    pub attach_seconds: &'a BTreeMap<&'static str, f64>,
-    /// Snapshots of the proxy's state read from its memory: their self-metrics, and the latest
-    /// good one with when its walk began.
-    pub state: &'a crate::snapshots::Stats,
+    /// The latest good snapshot of the proxy's state, with when its walk began.
     pub latest: Option<&'a (crate::snapshot::Snapshot, u64)>,
     /// A snapshot older than this is not exported.
     pub state_max_age_ns: u64,
@@ -93,7 +76,7 @@ type Collector = fn(&Reg, &mut Writer, &Inputs) -> anyhow::Result<()>;
 
 /// The app cache and instances, a series per app: written directly (`expo`).
 fn apps(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
-    let apps = &i.tracker.apps;
+    let apps = &i.model.tracker.apps;
     // Read before anything is written: a failed read leaves no half-written family.
     let requests = apps
         .values()
@@ -105,7 +88,7 @@ fn apps(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     let snap = crate::snapshots::fresh(i.latest, i.now_ns, i.state_max_age_ns);
     let loaded = match snap {
         Some(s) => Some(s.apps.len()),
-        None if !i.state.reading => Some(apps.values().filter(|a| a.loaded).count()),
+        None if !i.model.state.reading => Some(apps.values().filter(|a| a.loaded).count()),
         None => None,
     };
     if let Some(n) = loaded {
@@ -118,7 +101,7 @@ fn apps(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     if let Some(s) = snap.filter(|s| s.ready_total().is_some()) {
         let mut ready: BTreeMap<String, u64> = BTreeMap::new();
         for a in &s.apps {
-            if let Some(label) = i.tracker.label_now(&crate::decode::Bytes::new(&a.id)) {
+            if let Some(label) = i.model.tracker.label_now(&crate::decode::Bytes::new(&a.id)) {
                 *ready.entry(label).or_default() += a.ready.unwrap_or(0);
             }
         }
@@ -258,7 +241,7 @@ fn observer(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     r.level(
         "observer_target_up",
         "1 while the watched proxy process exists.",
-        i.watcher.proxy().is_some() as i64,
+        i.model.watcher.proxy().is_some() as i64,
     );
     let re = r.counter(
         "observer_reattaches_total",
@@ -267,20 +250,20 @@ fn observer(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     );
     for role in [Role::Proxy, Role::Runtime] {
         re.with_label_values(&[role.as_str()])
-            .inc_by(i.watcher.reattaches.get(&role).copied().unwrap_or(0));
+            .inc_by(i.model.watcher.reattaches.get(&role).copied().unwrap_or(0));
     }
     let attach = r.gauge(
         "observer_attach_duration_seconds",
         "How long the last attach to a process of the role took: its executable's symbols read and resolved, its uprobes attached.",
         &["role"],
     );
-    for (role, secs) in i.attach_seconds {
+    for (role, secs) in &i.model.attach_seconds {
         attach.with_label_values(&[role]).set(*secs);
     }
     r.total(
         "observer_unwatched_processes_total",
         "Runtimes found but not watched: every kernel counter slot was taken.",
-        i.watcher.slots_exhausted,
+        i.model.watcher.slots_exhausted,
     );
     r.0.register(Box::new({
         let g = prometheus::Gauge::new(
@@ -288,7 +271,7 @@ fn observer(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
             "Time the last look at the processes took (discovery and procfs readings, every 500 ms).",
         )
         .expect("valid metric");
-        g.set(i.procs_seconds);
+        g.set(i.model.procs_seconds);
         g
     }))
     .expect("unique metric");
@@ -311,7 +294,7 @@ fn observer(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     r.total(
         "observer_events_total",
         "Events received from the probes.",
-        i.events_received,
+        i.model.events_received,
     );
     r.total(
         "observer_events_lost_total",
@@ -331,9 +314,9 @@ fn observer(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     r.total(
         "observer_decode_errors_total",
         "Events that did not decode.",
-        i.decode_errors,
+        i.model.decode_errors,
     );
-    let c = &i.tracker.counters;
+    let c = &i.model.tracker.counters;
     r.total(
         "observer_label_overflow_total",
         "App ids counted under app=\"other\" because the label cap was reached.",
@@ -369,7 +352,7 @@ fn observer(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     r.level(
         "observer_pending_spawns",
         "spawn_worker RPCs whose worker has not been seen in a fetch yet.",
-        i.tracker.pending_spawns() as i64,
+        i.model.tracker.pending_spawns() as i64,
     );
     let runs = r.counter(
         "observer_bpf_program_runs_total",
@@ -389,7 +372,7 @@ fn observer(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
 }
 
 fn requests(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
-    let Some(q) = i.requests else {
+    let Some(q) = i.model.requests.as_ref() else {
         return Ok(());
     };
     for c in q.metrics.collectors() {
@@ -409,7 +392,7 @@ fn requests(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
         "Instances the proxy holds on each runtime: spawned there since the attach, not terminated, discarded or dropped.",
         &["runtime"],
     );
-    for (rt, n) in q.instances_by_runtime(i.tracker) {
+    for (rt, n) in q.instances_by_runtime(&i.model.tracker) {
         inst.with_label_values(&[&rt]).set(n as i64);
     }
     let c = &q.counters;
@@ -468,7 +451,7 @@ const COLLECTORS: &[(&str, Collector)] = &[
 /// Snapshots of the proxy's state read from its memory: their cost, failures, what they
 /// corrected in the event-built model and which of the proxy's own fields were found.
 fn state(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
-    let st = i.state;
+    let st = &i.model.state;
     r.level(
         "observer_state_readable",
         "1 if the proxy's state is read from its memory (its static symbol found); 0: apps_loaded and instances come from events only.",
@@ -514,7 +497,7 @@ fn state(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
         "Differences between the event-built model and a snapshot, by kind (the snapshot wins): app_loaded/app_not_loaded (an app's presence in the app cache), instance_adopted (a pooled instance the events had not shown, e.g. spawned before the attach), instance_app_changed.",
         &["kind"],
     );
-    let corr = &i.tracker.counters.snapshot_corrections;
+    let corr = &i.model.tracker.counters.snapshot_corrections;
     for kind in crate::tracker::CORRECTIONS {
         c.with_label_values(&[kind])
             .inc_by(corr.get(kind).copied().unwrap_or(0));
@@ -541,13 +524,13 @@ fn state(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
 
 /// The runtimes' served calls (runtime probes).
 fn server(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
-    for c in i.server.collectors() {
+    for c in i.model.server.collectors() {
         r.0.register(c)?;
     }
     r.total(
         "observer_unattributed_server_calls_total",
         "Calls served by a process that is no longer a watched runtime when its event arrived.",
-        i.server.unattributed,
+        i.model.server.unattributed,
     );
     Ok(())
 }
@@ -590,7 +573,7 @@ fn processes(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
         "Socket sends and receives that moved bytes (one read or write call each).",
         &["role", "process", "direction"],
     );
-    for inst in i.watcher.instances() {
+    for inst in i.model.watcher.instances() {
         let (role, name) = (inst.role.as_str(), inst.name.as_str());
         let lv = &[role, name];
         up.with_label_values(lv).set(inst.up() as i64);
@@ -614,7 +597,12 @@ fn processes(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
             start.with_label_values(lv).set(s.start_time_seconds);
         }
         let now = i.counters.proc_net(inst.slot)?;
-        let base = i.net_base.get(&inst.slot).copied().unwrap_or_default();
+        let base = i
+            .model
+            .net_base
+            .get(&inst.slot)
+            .copied()
+            .unwrap_or_default();
         let v = |k: u32| now[k as usize].saturating_sub(base[k as usize]);
         bytes
             .with_label_values(&[role, name, "sent"])
@@ -636,7 +624,7 @@ fn processes(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
 /// process in them counts here, not only the watched ones.
 fn netns(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
     let mut spaces: BTreeMap<u64, u32> = BTreeMap::new();
-    for inst in i.watcher.instances() {
+    for inst in i.model.watcher.instances() {
         if let (Some(s), Some(pid)) = (inst.current(), inst.pid()) {
             spaces.entry(s.netns).or_insert(pid);
         }
@@ -675,7 +663,7 @@ fn netns(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()> {
 fn unavailable(i: &Inputs) -> Vec<crate::coverage::Unavailable> {
     use crate::coverage::Unavailable;
     let mut lost = probes_unavailable(i);
-    let st = i.state;
+    let st = &i.model.state;
     let fresh = crate::snapshots::fresh(i.latest, i.now_ns, i.state_max_age_ns);
     let lose = |lost: &mut Vec<Unavailable>, family: &'static str, needs: &str, reason: String| {
         lost.retain(|u| u.family != family);
@@ -731,7 +719,12 @@ fn unavailable(i: &Inputs) -> Vec<crate::coverage::Unavailable> {
 
 /// Families withheld for want of a probe or a learnt relation.
 fn probes_unavailable(i: &Inputs) -> Vec<crate::coverage::Unavailable> {
-    let relations = i.requests.map(|q| q.learnt()).unwrap_or_default();
+    let relations = i
+        .model
+        .requests
+        .as_ref()
+        .map(|q| q.learnt())
+        .unwrap_or_default();
     let relations = relations.iter().map(|(name, learnt)| {
         let reason = if *learnt {
             ""

@@ -7,34 +7,15 @@ use crate::lifecycle::Lifecycle;
 use crate::preflight::{check_proxy, preflight};
 use anyhow::{bail, Context as _};
 use observer::catalog::Catalog;
-use observer::snapshots::{self, Snapshots};
+use observer::model::Model;
+use observer::snapshots::Snapshots;
 use observer::target::Target;
 use observer::{decode, kernel, monotonic_ns, procs, requests, tracker};
-use observer_common::netstat;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-
-pub(crate) struct Shared {
-    pub(crate) tracker: tracker::Tracker,
-    pub(crate) requests: Option<requests::Requests>,
-    pub(crate) events_received: u64,
-    pub(crate) decode_errors: u64,
-    pub(crate) watcher: procs::Watcher,
-    /// Kernel socket counters of a slot when its instance took it (a retired instance's slot
-    /// is reused).
-    pub(crate) net_base: HashMap<u32, [u64; netstat::COUNT as usize]>,
-    /// Time of one watcher tick (the procfs collector).
-    pub(crate) procs_seconds: f64,
-    pub(crate) server: observer::runtime_server::ServerMetrics,
-    /// How long the last attach to a proxy and to a runtime took (symbols read and resolved,
-    /// uprobes attached).
-    pub(crate) attach_seconds: std::collections::BTreeMap<&'static str, f64>,
-    /// Snapshots of the proxy's state: their cost, failures and the latest.
-    pub(crate) state: snapshots::Stats,
-}
 
 pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
     if a.pid.is_none() && a.exe.is_none() {
@@ -78,7 +59,7 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
     drain_ebpf_log(logger)?;
     let counters = Arc::new(counters);
     let kernel = Arc::new(Mutex::new(Some(kernel)));
-    let shared = Arc::new(Mutex::new(Shared {
+    let shared = Arc::new(Mutex::new(Model {
         tracker: tracker::Tracker::new(tracker::Config {
             max_apps: a.max_apps as usize,
             ..Default::default()
@@ -233,7 +214,7 @@ pub(crate) fn drain_ebpf_log(
 /// the kernel's maps.
 pub(crate) fn drain(
     rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    shared: &Mutex<Shared>,
+    shared: &Mutex<Model>,
     conn_key: &mut aya::maps::Array<aya::maps::MapData, observer_common::ConnKey>,
     handle_map: &mut aya::maps::HashMap<aya::maps::MapData, observer_common::HandleKey, u32>,
     snaps: &Snapshots,

@@ -32,7 +32,7 @@ pub(crate) async fn shutdown_signal() {
 
 /// What a scrape reads.
 pub(crate) struct Sources {
-    pub(crate) shared: Arc<Mutex<crate::daemon::Shared>>,
+    pub(crate) shared: Arc<Mutex<observer::model::Model>>,
     pub(crate) kernel: Arc<Mutex<Option<kernel::Kernel>>>,
     pub(crate) counters: Arc<kernel::Counters>,
     pub(crate) snapshots: Snapshots,
@@ -69,21 +69,12 @@ pub(crate) async fn serve(
                         .map(|k| (k.program_stats(), k.probe_statuses()))
                         .unwrap_or_default();
                     let latest = snaps.latest();
-                    let s = shared.lock().unwrap();
+                    let model = shared.lock().unwrap();
                     let body = metrics::render(&metrics::Inputs {
-                        tracker: &s.tracker,
-                        requests: s.requests.as_ref(),
+                        model: &model,
                         counters: &counters,
                         probes: &probes,
                         programs: &programs,
-                        events_received: s.events_received,
-                        decode_errors: s.decode_errors,
-                        watcher: &s.watcher,
-                        net_base: &s.net_base,
-                        procs_seconds: s.procs_seconds,
-                        server: &s.server,
-                        attach_seconds: &s.attach_seconds,
-                        state: &s.state,
                         latest: latest.as_ref(),
                         state_max_age_ns,
                         now_ns: monotonic_ns(),

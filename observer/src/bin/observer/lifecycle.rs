@@ -1,8 +1,8 @@
 //! Processes coming and going: the proxy and its runtimes watched, probes attached and detached
 //! as they start and end.
 
-use crate::daemon::Shared;
 use observer::catalog::Catalog;
+use observer::model::Model;
 use observer::snapshots::{self, Snapshots};
 use observer::symbols::SymbolTable;
 use observer::target::Target;
@@ -30,7 +30,7 @@ pub(crate) struct Lifecycle {
 impl Lifecycle {
     /// One look at the host: processes that ended are let go, new ones watched, and the
     /// proxy's uprobes follow the proxy.
-    pub(crate) fn tick(&mut self, shared: &Mutex<Shared>) {
+    pub(crate) fn tick(&mut self, shared: &Mutex<Model>) {
         let t0 = std::time::Instant::now();
         let changes = {
             let mut s = shared.lock().unwrap();
@@ -47,7 +47,7 @@ impl Lifecycle {
         self.started.elapsed().as_secs_f64()
     }
 
-    pub(crate) fn apply(&mut self, change: procs::Change, shared: &Mutex<Shared>) {
+    pub(crate) fn apply(&mut self, change: procs::Change, shared: &Mutex<Model>) {
         match change {
             procs::Change::Started {
                 role,
@@ -127,7 +127,7 @@ impl Lifecycle {
     }
 
     /// The runtime probes, in a runtime process (its symbols resolved once per executable).
-    pub(crate) fn attach_runtime(&mut self, pid: u32, instance: &str, shared: &Mutex<Shared>) {
+    pub(crate) fn attach_runtime(&mut self, pid: u32, instance: &str, shared: &Mutex<Model>) {
         let t0 = std::time::Instant::now();
         self.attach_runtime_probes(pid, instance);
         shared
@@ -186,7 +186,7 @@ impl Lifecycle {
         );
     }
 
-    pub(crate) fn attach_proxy(&mut self, pid: u32, again: bool, shared: &Mutex<Shared>) {
+    pub(crate) fn attach_proxy(&mut self, pid: u32, again: bool, shared: &Mutex<Model>) {
         let t0 = std::time::Instant::now();
         let found = (|| -> anyhow::Result<_> {
             let target = Target::open(pid)?;
