@@ -158,51 +158,79 @@ pub struct HandleKey {
 
 const _: () = assert!(core::mem::size_of::<HandleKey>() == HANDLE_KEY_LEN);
 
-/// How to read a Rust `String` and the tarpc request enum in target memory. Filled in by
-/// userspace from the catalog (the layouts are the compiler's, not the language's) and read by
-/// the programs as a global.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Layout {
+/// Defines `Layout` from one list: each field's doc, name and default (the layout rustc 1.67
+/// and later, through 1.96, checked, give these types on x86_64), with `Layout::DEFAULT`,
+/// `Layout::FIELDS` and `Layout::field_mut` (the catalog's `[layout]` overrides by name).
+macro_rules! layout {
+    ($($(#[$doc:meta])* $field:ident = $default:expr,)*) => {
+        /// How to read a Rust `String` and the tarpc request enum in target memory. Filled in
+        /// by userspace from the catalog (the layouts are the compiler's, not the language's)
+        /// and read by the programs as a global.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub struct Layout {
+            $($(#[$doc])* pub $field: u64,)*
+        }
+
+        impl Layout {
+            /// The layout rustc 1.67 and later (through 1.96, checked) give these types on
+            /// x86_64.
+            pub const DEFAULT: Layout = Layout { $($field: $default,)* };
+            /// Every field's name, in order.
+            pub const FIELDS: &'static [&'static str] = &[$(stringify!($field),)*];
+
+            /// The field named `name`, to override it.
+            pub fn field_mut(&mut self, name: &str) -> Option<&mut u64> {
+                match name {
+                    $(stringify!($field) => Some(&mut self.$field),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+layout! {
     /// Offset of the data pointer inside a `String` (rustc >= 1.67: `{cap, ptr, len}`).
-    pub string_ptr: u64,
+    string_ptr = 8,
     /// Offset of the length inside a `String`.
-    pub string_len: u64,
+    string_len = 16,
     /// Request enum: tag word offset; values `>= niche_base` are `niche_base + variant`,
     /// anything below is the dataful variant (its first field's capacity lives there).
-    pub req_tag_offset: u64,
-    pub req_niche_base: u64,
-    pub req_dataful_variant: u64,
+    req_tag_offset = 0,
+    req_niche_base = 0x8000_0000_0000_0000,
+    req_dataful_variant = method::SPAWN_WORKER as u64,
     /// Offset of `appid: String` inside the `SpawnWorker` variant.
-    pub req_spawn_appid: u64,
+    req_spawn_appid = 0,
     /// Offset of `handle: WorkerHandle` inside the `TerminateWorker` and `Fetch` variants.
-    pub req_handle: u64,
+    req_handle = 8,
     /// `lru_time_cache::LruCache`: offset of `capacity`, and of its LRU order
-    /// `list: VecDeque<Key>`'s buffer pointer, buffer capacity, head index and length.
-    pub lru_capacity: u64,
-    pub lru_list_ptr: u64,
-    pub lru_list_cap: u64,
-    pub lru_list_head: u64,
-    pub lru_list_len: u64,
+    /// `list: VecDeque<Key>`'s buffer pointer, buffer capacity, head index and length
+    /// (`LruCache { list: VecDeque { cap, ptr, head, len }, time_to_live, map, capacity }`).
+    lru_capacity = 72,
+    lru_list_ptr = 8,
+    lru_list_cap = 0,
+    lru_list_head = 16,
+    lru_list_len = 24,
     /// Size of the cache's key (`AppId` / `String`).
-    pub lru_key_size: u64,
+    lru_key_size = 24,
     /// tarpc `Channel`: offset of its cancellation sender (an `Arc`, one per connection).
-    pub chan_cancel: u64,
+    chan_cancel = 0,
     /// `tarpc::context::Context`: offset of its trace id (a `u128`).
-    pub ctx_trace_id: u64,
+    ctx_trace_id = 16,
     /// tarpc `DispatchResponse`: offsets of its context, oneshot receiver, cancellation
     /// sender and `complete` flag.
-    pub dr_ctx: u64,
-    pub dr_response: u64,
-    pub dr_cancel: u64,
-    pub dr_complete: u64,
+    dr_ctx = 0,
+    dr_response = 64,
+    dr_cancel = 72,
+    dr_complete = 88,
     /// `tarpc::Response<RuntimeServiceResponse>`: the niche base of its first word, the tags
     /// of the `Id` and `SpawnWorker` answers, and where their strings are.
-    pub resp_niche_base: u64,
-    pub resp_tag_id: u64,
-    pub resp_tag_spawn: u64,
-    pub resp_id_string: u64,
-    pub resp_spawn_string: u64,
+    resp_niche_base = 0x8000_0000_0000_0000,
+    resp_tag_id = 1,
+    resp_tag_spawn = 2,
+    resp_id_string = 8,
+    resp_spawn_string = 16,
 }
 
 const _: () = assert!(core::mem::size_of::<Layout>() == 24 * 8);
@@ -220,37 +248,6 @@ impl Layout {
         }
         self.req_dataful_variant as u32
     }
-}
-
-impl Layout {
-    /// The layout rustc 1.67 and later (through 1.96, checked) give these types on x86_64.
-    pub const DEFAULT: Layout = Layout {
-        string_ptr: 8,
-        string_len: 16,
-        req_tag_offset: 0,
-        req_niche_base: 0x8000_0000_0000_0000,
-        req_dataful_variant: method::SPAWN_WORKER as u64,
-        req_spawn_appid: 0,
-        req_handle: 8,
-        // LruCache { list: VecDeque { cap, ptr, head, len }, time_to_live, map, capacity }
-        lru_capacity: 72,
-        lru_list_ptr: 8,
-        lru_list_cap: 0,
-        lru_list_head: 16,
-        lru_list_len: 24,
-        lru_key_size: 24,
-        chan_cancel: 0,
-        ctx_trace_id: 16,
-        dr_ctx: 0,
-        dr_response: 64,
-        dr_cancel: 72,
-        dr_complete: 88,
-        resp_niche_base: 0x8000_0000_0000_0000,
-        resp_tag_id: 1,
-        resp_tag_spawn: 2,
-        resp_id_string: 8,
-        resp_spawn_string: 16,
-    };
 }
 
 /// How the response-head probe finds the request key from the connection: learnt by

@@ -132,71 +132,9 @@ impl RawState {
     }
 }
 
-/// Overrides of `observer_common::Layout::DEFAULT`, for a target built by a compiler that lays
-/// the types out differently (byte offsets).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLayout {
-    string_ptr: Option<u64>,
-    string_len: Option<u64>,
-    req_tag_offset: Option<u64>,
-    req_niche_base: Option<u64>,
-    req_dataful_variant: Option<u64>,
-    req_spawn_appid: Option<u64>,
-    req_handle: Option<u64>,
-    lru_capacity: Option<u64>,
-    lru_list_ptr: Option<u64>,
-    lru_list_cap: Option<u64>,
-    lru_list_head: Option<u64>,
-    lru_list_len: Option<u64>,
-    lru_key_size: Option<u64>,
-    chan_cancel: Option<u64>,
-    ctx_trace_id: Option<u64>,
-    dr_ctx: Option<u64>,
-    dr_response: Option<u64>,
-    dr_cancel: Option<u64>,
-    dr_complete: Option<u64>,
-    resp_niche_base: Option<u64>,
-    resp_tag_id: Option<u64>,
-    resp_tag_spawn: Option<u64>,
-    resp_id_string: Option<u64>,
-    resp_spawn_string: Option<u64>,
-}
-
-impl RawLayout {
-    fn apply(&self, mut l: Layout) -> Layout {
-        macro_rules! take {
-            ($($f:ident),*) => { $( if let Some(v) = self.$f { l.$f = v; } )* };
-        }
-        take!(
-            string_ptr,
-            string_len,
-            req_tag_offset,
-            req_niche_base,
-            req_dataful_variant,
-            req_spawn_appid,
-            req_handle,
-            lru_capacity,
-            lru_list_ptr,
-            lru_list_cap,
-            lru_list_head,
-            lru_list_len,
-            lru_key_size,
-            chan_cancel,
-            ctx_trace_id,
-            dr_ctx,
-            dr_response,
-            dr_cancel,
-            dr_complete,
-            resp_niche_base,
-            resp_tag_id,
-            resp_tag_spawn,
-            resp_id_string,
-            resp_spawn_string
-        );
-        l
-    }
-}
+/// Overrides of `observer_common::Layout::DEFAULT` by field name, for a target built by a
+/// compiler that lays the types out differently (byte offsets).
+type RawLayout = std::collections::BTreeMap<String, u64>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -359,7 +297,19 @@ impl Catalog {
                 why: p.why,
             });
         }
-        let layout = raw.layout.apply(Layout::DEFAULT);
+        let mut layout = Layout::DEFAULT;
+        for (name, value) in &raw.layout {
+            let Some(field) = layout.field_mut(name) else {
+                return Err(CatalogError::Syntax {
+                    source_name: source_name.to_string(),
+                    msg: format!(
+                        "[layout]: unknown field `{name}`, expected one of {}",
+                        Layout::FIELDS.join(", ")
+                    ),
+                });
+            };
+            *field = *value;
+        }
         if layout.string_ptr == layout.string_len || layout.lru_key_size == 0 {
             return Err(CatalogError::Syntax {
                 source_name: source_name.to_string(),
