@@ -1,7 +1,7 @@
 //! What the observer knows, in one place: the model the event loop updates and every scrape
 //! reads (`metrics::Inputs` borrows it whole).
 
-use crate::{procs, requests, snapshots, tracker};
+use crate::{decode, procs, requests, snapshots, tracker};
 use observer_common::netstat;
 use std::collections::HashMap;
 
@@ -23,4 +23,78 @@ pub struct Model {
     pub attach_seconds: std::collections::BTreeMap<&'static str, f64>,
     /// Snapshots of the proxy's state: their cost, failures and the latest.
     pub state: snapshots::Stats,
+}
+
+impl Model {
+    /// An empty model: `requests` is `None` with `--no-request-metrics`.
+    pub fn new(
+        tracker: tracker::Tracker,
+        requests: Option<requests::Requests>,
+        watcher: procs::Watcher,
+    ) -> Self {
+        Model {
+            tracker,
+            requests,
+            events_received: 0,
+            decode_errors: 0,
+            watcher,
+            net_base: HashMap::new(),
+            procs_seconds: 0.0,
+            server: crate::runtime_server::ServerMetrics::new(),
+            attach_seconds: Default::default(),
+            state: Default::default(),
+        }
+    }
+
+    /// Applies one ring buffer record: decoded once, then handed to the part of the model it
+    /// concerns (the runtimes' served calls, the app tracker, the request joins). `now_ns`
+    /// stands for when a worker the joins let go was let go (not in the event; see
+    /// `Tracker::discard`). An undecodable record is counted and dropped.
+    pub fn apply(&mut self, rec: &[u8], now_ns: u64) {
+        self.events_received += 1;
+        let ev = match decode::event(rec) {
+            Ok(ev) => ev,
+            Err(e) => {
+                self.decode_errors += 1;
+                log::debug!("undecodable event: {e}");
+                return;
+            }
+        };
+        match decode::decode_event(&ev) {
+            Ok(decode::Decoded::ServerCall {
+                tgid,
+                method,
+                duration_ns,
+                polls,
+            }) => {
+                let runtime = self.watcher.instance_of(tgid).map(|i| i.name.as_str());
+                self.server.observe(runtime, method, duration_ns, polls);
+                return;
+            }
+            Ok(d) => {
+                if let (decode::Decoded::Terminate { handle, .. }, Some(q)) =
+                    (&d, self.requests.as_mut())
+                {
+                    q.forget_worker(handle);
+                }
+                self.tracker.apply(d)
+            }
+            Err(e) => {
+                self.decode_errors += 1;
+                log::debug!("undecodable event: {e}");
+                return;
+            }
+        }
+        if let Some(q) = self.requests.as_mut() {
+            let snap = decode::snapshot(rec, &ev);
+            let mem: &dyn requests::Memory = match &snap {
+                Some(m) => m,
+                None => &requests::NoMemory,
+            };
+            q.apply(&ev, &self.tracker, mem);
+            for h in q.take_discarded() {
+                self.tracker.discard(&h, now_ns);
+            }
+        }
+    }
 }

@@ -10,7 +10,7 @@ use observer::catalog::Catalog;
 use observer::model::Model;
 use observer::snapshots::Snapshots;
 use observer::target::Target;
-use observer::{decode, kernel, monotonic_ns, procs, requests, tracker};
+use observer::{kernel, monotonic_ns, procs, requests, tracker};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -59,27 +59,20 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
     drain_ebpf_log(logger)?;
     let counters = Arc::new(counters);
     let kernel = Arc::new(Mutex::new(Some(kernel)));
-    let shared = Arc::new(Mutex::new(Model {
-        tracker: tracker::Tracker::new(tracker::Config {
+    let shared = Arc::new(Mutex::new(Model::new(
+        tracker::Tracker::new(tracker::Config {
             max_apps: a.max_apps as usize,
             ..Default::default()
         }),
-        requests: request_metrics.then(|| requests::Requests::new(catalog.layout)),
-        events_received: 0,
-        decode_errors: 0,
-        watcher: procs::Watcher::new(procs::Config {
+        request_metrics.then(|| requests::Requests::new(catalog.layout)),
+        procs::Watcher::new(procs::Config {
             proxy_pid: a.pid,
             proxy_exe: a.exe.clone(),
             runtime_exe: a.runtime_exe.clone(),
             runtime_pids: a.runtime_pid.clone(),
             runtime_peers: !a.no_runtime_peers,
         }),
-        net_base: HashMap::new(),
-        procs_seconds: 0.0,
-        server: observer::runtime_server::ServerMetrics::new(),
-        attach_seconds: Default::default(),
-        state: Default::default(),
-    }));
+    )));
     let snaps = Snapshots::default();
     let mut life = Lifecycle {
         catalog,
@@ -229,51 +222,7 @@ pub(crate) fn drain(
         let mut guard_s = shared.lock().unwrap();
         let s = &mut *guard_s;
         while let Some(rec) = rb.next() {
-            s.events_received += 1;
-            let ev = match decode::event(&rec) {
-                Ok(ev) => ev,
-                Err(e) => {
-                    s.decode_errors += 1;
-                    log::debug!("undecodable event: {e}");
-                    continue;
-                }
-            };
-            match decode::decode_event(&ev) {
-                Ok(decode::Decoded::ServerCall {
-                    tgid,
-                    method,
-                    duration_ns,
-                    polls,
-                }) => {
-                    let runtime = s.watcher.instance_of(tgid).map(|i| i.name.as_str());
-                    s.server.observe(runtime, method, duration_ns, polls);
-                    continue;
-                }
-                Ok(d) => {
-                    if let (decode::Decoded::Terminate { handle, .. }, Some(q)) =
-                        (&d, s.requests.as_mut())
-                    {
-                        q.forget_worker(handle);
-                    }
-                    s.tracker.apply(d)
-                }
-                Err(e) => {
-                    s.decode_errors += 1;
-                    log::debug!("undecodable event: {e}");
-                    continue;
-                }
-            }
-            if let Some(q) = s.requests.as_mut() {
-                let snap = decode::snapshot(&rec, &ev);
-                let mem: &dyn requests::Memory = match &snap {
-                    Some(m) => m,
-                    None => &requests::NoMemory,
-                };
-                q.apply(&ev, &s.tracker, mem);
-                for h in q.take_discarded() {
-                    s.tracker.discard(&h, now);
-                }
-            }
+            s.apply(&rec, now);
         }
         for (o, learnt) in outcomes {
             if let Some((snap, taken_ns)) = s.state.record(o, learnt) {
