@@ -35,7 +35,7 @@ pub enum Decoded {
         handle: Bytes,
         ktime_ns: u64,
     },
-    /// An event only the request metrics use (`crate::requests`), which read it raw.
+    /// An event only the request metrics use: `request_event` decodes it for `crate::requests`.
     PerRequest,
     /// A runtime's tarpc method call ended (`crate::server`).
     ServerCall {
@@ -200,6 +200,119 @@ pub fn decode_event(ev: &Event) -> Result<Decoded, DecodeError> {
     })
 }
 
+/// A runtime RPC's identity: its connection (the cancellation sender's `Arc`, one per runtime
+/// connection) and its context's trace id, which the call and its end both carry.
+pub type CallId = (u64, u64, u64);
+
+/// What a sent RPC carries, by kind (`observer-ebpf/src/rpc.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallKind {
+    /// `spawn_worker`, with the app id.
+    Spawn { app: Bytes },
+    /// `fetch` on a worker the kernel knows: the app slot it looked up, and the handle.
+    Fetch { slot: u32, handle: Bytes },
+    /// `fetch` on a worker the kernel does not know yet.
+    FetchUnknown { handle: Bytes },
+    /// `terminate_worker`.
+    Terminate,
+    /// Any other method (`observer_common::method`).
+    Other { method: u32 },
+}
+
+/// A request-path event, decoded for the joins (`crate::requests`): each kind's fields named,
+/// so that nothing else reads an `Event`'s raw words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestEvent {
+    /// hyper hands a parsed request to the proxy's service; `key`: its service future.
+    Start { key: u64, ktime_ns: u64 },
+    /// A runtime RPC is sent on the client at `client`.
+    Call {
+        call: CallKind,
+        client: u64,
+        id: CallId,
+        ktime_ns: u64,
+    },
+    /// A runtime's answer is handed to its call's oneshot: the answer's first bytes (decoded
+    /// with the layout: `crate::requests::decode_answer`), its string (an `Id`'s RuntimeId, a
+    /// spawn's handle) and the peer the thread last read from (`crate::requests::peer_name`).
+    Answer {
+        oneshot: u64,
+        raw: Box<[u8; MAX_STR]>,
+        string: Bytes,
+        peer: (u64, u64, u64),
+        ktime_ns: u64,
+    },
+    /// A call's response future ends, answered (on `oneshot`) or not; `completed`: its
+    /// `complete` flag.
+    Done {
+        oneshot: u64,
+        id: CallId,
+        completed: bool,
+    },
+    /// The proxy builds the response of one of its own errors (`SchedError`'s discriminant).
+    SchedError { tid: u32, error: u64, ktime_ns: u64 },
+    /// A response head is encoded on the connection at `conn`; `key`: the request key the
+    /// kernel read there once told where (`CONN_KEY`; 0 before).
+    Response {
+        conn: u64,
+        key: u64,
+        tid: u32,
+        ktime_ns: u64,
+    },
+}
+
+/// The request-path event `ev` is, if it is one.
+pub fn request_event(ev: &Event) -> Option<RequestEvent> {
+    let t = ev.ktime_ns;
+    let id = (ev.ptr_b, ev.word_b, ev.word_c);
+    let call = |call| RequestEvent::Call {
+        call,
+        client: ev.ptr_a,
+        id,
+        ktime_ns: t,
+    };
+    Some(match ev.kind {
+        kind::HTTP_REQUEST => RequestEvent::Start {
+            key: ev.ptr_a,
+            ktime_ns: t,
+        },
+        kind::RPC_SPAWN => call(CallKind::Spawn { app: str1(ev) }),
+        kind::RPC_TERMINATE => call(CallKind::Terminate),
+        kind::RPC_FETCH => call(CallKind::Fetch {
+            slot: ev.word_a as u32,
+            handle: str1(ev),
+        }),
+        kind::RPC_FETCH_UNKNOWN => call(CallKind::FetchUnknown { handle: str1(ev) }),
+        kind::RPC_OTHER => call(CallKind::Other {
+            method: ev.word_a as u32,
+        }),
+        kind::RPC_RESPONSE => RequestEvent::Answer {
+            oneshot: ev.ptr_a,
+            raw: Box::new(ev.str),
+            string: str2(ev),
+            peer: (ev.ptr_b, ev.word_b, ev.word_c),
+            ktime_ns: t,
+        },
+        kind::RPC_DONE => RequestEvent::Done {
+            oneshot: ev.ptr_a,
+            id,
+            completed: ev.word_a != 0,
+        },
+        kind::SCHED_ERROR => RequestEvent::SchedError {
+            tid: ev.tid,
+            error: ev.word_a,
+            ktime_ns: t,
+        },
+        kind::HTTP_RESPONSE => RequestEvent::Response {
+            conn: ev.ptr_a,
+            key: ev.ptr_b,
+            tid: ev.tid,
+            ktime_ns: t,
+        },
+        _ => return None,
+    })
+}
+
 /// Why a string was refused as a label value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -322,6 +435,100 @@ mod tests {
                 assert_eq!(b[0], ((addr - snap.base) / 8) as u8, "{what}");
             }
         }
+    }
+
+    #[test]
+    fn request_events_name_what_each_kind_carries() {
+        let mut ev = Event::zeroed();
+        ev.ktime_ns = 7;
+        ev.tid = 9;
+        ev.ptr_a = 0xa;
+        ev.ptr_b = 0xb;
+        ev.word_a = 3;
+        ev.word_b = 0xc;
+        ev.word_c = 0xd;
+        ev.str[..2].copy_from_slice(b"h1");
+        ev.str_len = 2;
+        ev.str_full_len = 2;
+        let with = |k: u32| {
+            let mut e = ev;
+            e.kind = k;
+            request_event(&e)
+        };
+        let call = |call| {
+            Some(RequestEvent::Call {
+                call,
+                client: 0xa,
+                id: (0xb, 0xc, 0xd),
+                ktime_ns: 7,
+            })
+        };
+        let h1 = Bytes::new("h1");
+        let cases = [
+            (
+                kind::HTTP_REQUEST,
+                Some(RequestEvent::Start {
+                    key: 0xa,
+                    ktime_ns: 7,
+                }),
+            ),
+            (kind::RPC_SPAWN, call(CallKind::Spawn { app: h1.clone() })),
+            (kind::RPC_TERMINATE, call(CallKind::Terminate)),
+            (
+                kind::RPC_FETCH,
+                call(CallKind::Fetch {
+                    slot: 3,
+                    handle: h1.clone(),
+                }),
+            ),
+            (
+                kind::RPC_FETCH_UNKNOWN,
+                call(CallKind::FetchUnknown { handle: h1.clone() }),
+            ),
+            (kind::RPC_OTHER, call(CallKind::Other { method: 3 })),
+            (
+                kind::RPC_DONE,
+                Some(RequestEvent::Done {
+                    oneshot: 0xa,
+                    id: (0xb, 0xc, 0xd),
+                    completed: true,
+                }),
+            ),
+            (
+                kind::SCHED_ERROR,
+                Some(RequestEvent::SchedError {
+                    tid: 9,
+                    error: 3,
+                    ktime_ns: 7,
+                }),
+            ),
+            (
+                kind::HTTP_RESPONSE,
+                Some(RequestEvent::Response {
+                    conn: 0xa,
+                    key: 0xb,
+                    tid: 9,
+                    ktime_ns: 7,
+                }),
+            ),
+            (kind::CACHE_INSERT, None),
+            (kind::SERVER_CALL, None),
+        ];
+        for (k, want) in cases {
+            assert_eq!(with(k), want, "kind {k}");
+        }
+        let Some(RequestEvent::Answer {
+            oneshot,
+            raw,
+            peer,
+            ktime_ns,
+            ..
+        }) = with(kind::RPC_RESPONSE)
+        else {
+            panic!("an answer decodes as one");
+        };
+        assert_eq!((oneshot, peer, ktime_ns), (0xa, (0xb, 0xc, 0xd), 7));
+        assert_eq!(&raw[..2], b"h1", "the answer's first bytes");
     }
 
     fn record(kind: u32, s: &[u8], full: u64, words: [u64; 4]) -> Vec<u8> {

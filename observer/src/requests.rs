@@ -18,10 +18,10 @@
 //! - `SchedError::build_response` runs on the thread that then encodes the response head: the
 //!   proxy's own error is the next head's on that thread.
 
-use crate::decode::{str1, str2, Bytes};
+use crate::decode::{request_event, Bytes, CallId, CallKind, RequestEvent};
 use crate::expo::{Hist, Kind, Writer, LATENCY_BUCKETS, PREFIX};
 use crate::tracker::Tracker;
-use observer_common::{conn_key, family, kind, method, ConnKey, Event, Layout, MAX_STR};
+use observer_common::{conn_key, family, method, ConnKey, Event, Layout, MAX_STR};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -568,12 +568,15 @@ impl Requests {
     }
 
     pub fn apply(&mut self, ev: &Event, tracker: &Tracker, mem: &dyn Memory) {
-        match ev.kind {
-            kind::HTTP_REQUEST => {
+        let Some(ev) = request_event(ev) else {
+            return;
+        };
+        match ev {
+            RequestEvent::Start { key, ktime_ns } => {
                 let old = self.open.insert(
-                    ev.ptr_a,
+                    key,
                     Open {
-                        start_ns: ev.ktime_ns,
+                        start_ns: ktime_ns,
                         app: None,
                         cold: false,
                         fetched: false,
@@ -585,46 +588,69 @@ impl Requests {
                     self.counters.abandoned_requests += 1;
                 }
             }
-            kind::RPC_SPAWN..=kind::RPC_OTHER => self.call(ev, tracker),
-            kind::RPC_RESPONSE => {
-                let mut raw = [0u8; MAX_STR];
-                raw.copy_from_slice(&ev.str);
+            RequestEvent::Call {
+                call,
+                client,
+                id,
+                ktime_ns,
+            } => self.call(call, client, id, ktime_ns, tracker),
+            RequestEvent::Answer {
+                oneshot,
+                raw,
+                string,
+                peer,
+                ktime_ns,
+            } => {
                 let answer = decode_answer(&raw, &self.layout);
                 self.answers.insert(
-                    ev.ptr_a,
+                    oneshot,
                     Pending {
                         answer,
-                        ktime_ns: ev.ktime_ns,
-                        peer: peer_name(ev.ptr_b, ev.word_b, ev.word_c),
-                        string: str2(ev),
+                        ktime_ns,
+                        peer: peer_name(peer.0, peer.1, peer.2),
+                        string,
                     },
                 );
             }
-            kind::RPC_DONE => self.done(ev),
-            kind::SCHED_ERROR => {
-                self.sched_errors.insert(ev.tid, (ev.word_a, ev.ktime_ns));
+            RequestEvent::Done {
+                oneshot,
+                id,
+                completed,
+            } => self.done(oneshot, id, completed),
+            RequestEvent::SchedError {
+                tid,
+                error,
+                ktime_ns,
+            } => {
+                self.sched_errors.insert(tid, (error, ktime_ns));
             }
-            kind::HTTP_RESPONSE => self.response(ev, mem),
-            _ => {}
+            RequestEvent::Response {
+                conn,
+                key,
+                tid,
+                ktime_ns,
+            } => self.response(conn, key, tid, ktime_ns, mem),
         }
     }
 
-    fn call(&mut self, ev: &Event, tracker: &Tracker) {
-        let (m, app) = match ev.kind {
-            kind::RPC_SPAWN => (method::SPAWN_WORKER, Some(tracker.label_of(&str1(ev)))),
-            kind::RPC_TERMINATE => (method::TERMINATE_WORKER, None),
-            kind::RPC_FETCH => (
+    fn call(&mut self, call: CallKind, client: u64, id: CallId, t: u64, tracker: &Tracker) {
+        let (m, app, handle) = match call {
+            CallKind::Spawn { app } => (method::SPAWN_WORKER, Some(tracker.label_of(&app)), None),
+            CallKind::Terminate => (method::TERMINATE_WORKER, None, None),
+            CallKind::Fetch { slot, handle } => (
                 method::FETCH,
-                tracker.app_of_slot(ev.word_a as u32).map(str::to_string),
+                tracker.app_of_slot(slot).map(str::to_string),
+                Some(handle),
             ),
-            kind::RPC_FETCH_UNKNOWN => (
+            CallKind::FetchUnknown { handle } => (
                 method::FETCH,
-                tracker.app_of_handle(&str1(ev)).map(str::to_string),
+                tracker.app_of_handle(&handle).map(str::to_string),
+                Some(handle),
             ),
-            _ => (ev.word_a as u32, None),
+            CallKind::Other { method: m } => (m, None, None),
         };
         let request = match m {
-            method::FETCH | method::SPAWN_WORKER => self.request_of(ev.ptr_a, ev.ktime_ns, m),
+            method::FETCH | method::SPAWN_WORKER => self.request_of(client, t, m),
             _ => None,
         };
         if let Some(o) = request.and_then(|r| self.open.get_mut(&r)) {
@@ -637,12 +663,11 @@ impl Requests {
                 o.app = app.clone();
             }
         }
-        let handle = matches!(ev.kind, kind::RPC_FETCH | kind::RPC_FETCH_UNKNOWN).then(|| str1(ev));
         self.calls.insert(
-            (ev.ptr_b, ev.word_b, ev.word_c),
+            id,
             Call {
                 method: m,
-                ktime_ns: ev.ktime_ns,
+                ktime_ns: t,
                 app,
                 request,
                 handle,
@@ -696,13 +721,12 @@ impl Requests {
             .unwrap_or_else(|| "unknown".to_string())
     }
 
-    fn done(&mut self, ev: &Event) {
-        let answer = self.answers.remove(&ev.ptr_a);
-        let conn = ev.ptr_b;
+    fn done(&mut self, oneshot: u64, id: CallId, completed: bool) {
+        let answer = self.answers.remove(&oneshot);
+        let conn = id.0;
         if let Some(peer) = answer.as_ref().and_then(|a| a.peer.clone()) {
             self.runtimes.insert(conn, peer);
         }
-        let id = (conn, ev.word_b, ev.word_c);
         let Some(call) = self.calls.remove(&id) else {
             if !self.ended_set.contains(&id) {
                 self.counters.unmatched_calls += 1;
@@ -765,7 +789,6 @@ impl Requests {
                 }
             }
             None => {
-                let completed = ev.word_a != 0;
                 let reason = if completed {
                     "connection_reset"
                 } else {
@@ -909,17 +932,17 @@ impl Requests {
         self.conn_misses = 0;
     }
 
-    fn response(&mut self, ev: &Event, mem: &dyn Memory) {
+    fn response(&mut self, conn: u64, key: u64, tid: u32, t: u64, mem: &dyn Memory) {
         // The error's response head follows it in the same poll of the connection's task:
         // microseconds later. An older one on this thread was not answered (the client left).
         let sched_error = self
             .sched_errors
-            .remove(&ev.tid)
-            .filter(|(_, t)| *t <= ev.ktime_ns && ev.ktime_ns - t < SCHED_ERROR_WINDOW_NS)
+            .remove(&tid)
+            .filter(|(_, at)| *at <= t && t - at < SCHED_ERROR_WINDOW_NS)
             .map(|(e, _)| e);
         let learnt = self.conn_mode != conn_key::UNKNOWN;
         let found = self
-            .key_of(ev.ptr_a, ev.ptr_b, mem)
+            .key_of(conn, key, mem)
             .and_then(|k| self.open.remove(&k));
         if learnt {
             self.check_conn_offset(found.is_some());
@@ -936,7 +959,7 @@ impl Requests {
         }
         let outcome = outcome_of(sched_error, req.last_fetch);
         let app = req.app.unwrap_or_default();
-        let secs = ev.ktime_ns.saturating_sub(req.start_ns) as f64 / 1e9;
+        let secs = t.saturating_sub(req.start_ns) as f64 / 1e9;
         let a = self.metrics.app(&app);
         a.duration.observe(secs);
         let o = OUTCOMES
@@ -1002,6 +1025,7 @@ impl Requests {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use observer_common::kind;
 
     fn raw(words: &[u64], request_id: u64) -> [u8; MAX_STR] {
         let mut r = [0u8; MAX_STR];
