@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use observer::requests;
+use observer::model::requests;
 use observer_common::{Layout, MAX_STR};
 
 fuzz_target!(|data: &[u8]| {

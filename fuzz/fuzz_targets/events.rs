@@ -5,7 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use observer::{decode, expo, model, procs, requests, tracker};
+use observer::model::{self, requests, tracker};
+use observer::{decode, expo, procs};
 use observer_common::{ConnSnapshot, Event, Layout};
 
 fuzz_target!(|data: &[u8]| {

@@ -35,7 +35,7 @@ pub enum Decoded {
         handle: Bytes,
         ktime_ns: u64,
     },
-    /// An event only the request metrics use: `request_event` decodes it for `crate::requests`.
+    /// An event only the request metrics use: `request_event` decodes it for `crate::model::requests`.
     PerRequest,
     /// A runtime's tarpc method call ended (`crate::server`).
     ServerCall {
@@ -219,7 +219,7 @@ pub enum CallKind {
     Other { method: u32 },
 }
 
-/// A request-path event, decoded for the joins (`crate::requests`): each kind's fields named,
+/// A request-path event, decoded for the joins (`crate::model::requests`): each kind's fields named,
 /// so that nothing else reads an `Event`'s raw words.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestEvent {
@@ -233,8 +233,8 @@ pub enum RequestEvent {
         ktime_ns: u64,
     },
     /// A runtime's answer is handed to its call's oneshot: the answer's first bytes (decoded
-    /// with the layout: `crate::requests::decode_answer`), its string (an `Id`'s RuntimeId, a
-    /// spawn's handle) and the peer the thread last read from (`crate::requests::peer_name`).
+    /// with the layout: `crate::model::requests::decode_answer`), its string (an `Id`'s RuntimeId, a
+    /// spawn's handle) and the peer the thread last read from (`crate::model::requests::peer_name`).
     Answer {
         oneshot: u64,
         raw: Box<[u8; MAX_STR]>,

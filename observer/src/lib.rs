@@ -10,14 +10,11 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod procs;
-pub mod requests;
 pub mod resolve;
-pub mod runtime_server;
 pub mod snapshot;
 pub mod snapshots;
 pub mod symbols;
 pub mod target;
-pub mod tracker;
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps the events.
 pub fn monotonic_ns() -> u64 {

@@ -140,7 +140,7 @@ fn lru_cache_capacity_and_lru_order_read_as_the_probe_reads_them() {
 /// it: every answer kind, built as tarpc's dispatch task builds it (deserialized).
 #[test]
 fn runtime_answers_decode_as_the_probe_reads_them() {
-    use observer::requests::{decode_answer, AnswerResult};
+    use observer::model::requests::{decode_answer, AnswerResult};
     use rusty_workers::rpc::RuntimeServiceResponse as R;
     type Resp = tarpc::Response<R>;
     let lay = Layout::DEFAULT;

@@ -2,7 +2,7 @@
 
 use super::{Inputs, Reg};
 use crate::expo::{Kind, Writer};
-use crate::tracker::AppStats;
+use crate::model::tracker::AppStats;
 use std::collections::BTreeMap;
 
 /// The app cache and instances, a series per app: written directly (`expo`).

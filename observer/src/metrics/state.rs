@@ -53,7 +53,7 @@ pub(super) fn collect(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()>
         &["kind"],
     );
     let corr = &i.model.tracker.counters.snapshot_corrections;
-    for kind in crate::tracker::CORRECTIONS {
+    for kind in crate::model::tracker::CORRECTIONS {
         c.with_label_values(&[kind])
             .inc_by(corr.get(kind).copied().unwrap_or(0));
     }

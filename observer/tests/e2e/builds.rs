@@ -149,7 +149,7 @@ fn a_release_profile_exports_only_exact_series(profile: &'static str) {
             );
         }
         let mut answered = 0;
-        for o in observer::requests::OUTCOMES {
+        for o in observer::model::requests::OUTCOMES {
             answered += truth_delta(&t1, &t0, &a.id, &["outcomes", o]);
             if kept("app_responses_total") {
                 let series = format!(

@@ -85,7 +85,7 @@ fn request_metrics_equal_ground_truth() {
     // the proxy's count, cold and warm starts too, and the histogram counts every request.
     let mut names: Vec<String> = apps.iter().map(|a| a.id.clone()).collect();
     names.push(String::new());
-    let outcomes = observer::requests::OUTCOMES;
+    let outcomes = observer::model::requests::OUTCOMES;
     let mut checked = 0;
     let mut seen = BTreeMap::new();
     let mut no_instance = (0, 0);

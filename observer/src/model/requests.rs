@@ -20,7 +20,7 @@
 
 use crate::decode::{request_event, Bytes, CallId, CallKind, RequestEvent};
 use crate::expo::{Hist, Kind, Writer, LATENCY_BUCKETS, PREFIX};
-use crate::tracker::Tracker;
+use crate::model::tracker::Tracker;
 use observer_common::{conn_key, family, method, ConnKey, Event, Layout, MAX_STR};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use std::collections::{BTreeMap, HashMap};

@@ -1,7 +1,13 @@
 //! What the observer knows, in one place: the model the event loop updates and every scrape
-//! reads (`metrics::Inputs` borrows it whole).
+//! reads (`metrics::Inputs` borrows it whole). `Model::apply` routes each event to the app
+//! tracker (`tracker`: apps, workers, labels), the request joins (`requests`) or the runtimes'
+//! served calls (`runtime_server`).
 
-use crate::{decode, procs, requests, snapshots, tracker};
+pub mod requests;
+pub mod runtime_server;
+pub mod tracker;
+
+use crate::{decode, procs, snapshots};
 use observer_common::netstat;
 use std::collections::HashMap;
 
@@ -17,7 +23,7 @@ pub struct Model {
     pub net_base: HashMap<u32, [u64; netstat::COUNT as usize]>,
     /// Time of one watcher tick (the procfs collector).
     pub procs_seconds: f64,
-    pub server: crate::runtime_server::ServerMetrics,
+    pub server: runtime_server::ServerMetrics,
     /// How long the last attach to a proxy and to a runtime took (symbols read and resolved,
     /// uprobes attached).
     pub attach_seconds: std::collections::BTreeMap<&'static str, f64>,
@@ -40,7 +46,7 @@ impl Model {
             watcher,
             net_base: HashMap::new(),
             procs_seconds: 0.0,
-            server: crate::runtime_server::ServerMetrics::new(),
+            server: runtime_server::ServerMetrics::new(),
             attach_seconds: Default::default(),
             state: Default::default(),
         }
