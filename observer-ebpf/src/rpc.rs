@@ -20,7 +20,8 @@ use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::Prob
 use observer_common::{kind, method, Event, HandleKey, Layout, HANDLE_KEY_LEN, MAX_STR};
 
 use crate::{
-    bump, check, layout, read, request_metrics, send, APP_REQUESTS, HANDLE_APP, LAST_PEER, RPC_CALLS,
+    bump, check, layout, read, request_metrics, send, APP_REQUESTS, HANDLE_APP, LAST_PEER,
+    RPC_CALLS,
 };
 
 #[uprobe]
