@@ -159,7 +159,7 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
         listener,
         a.listen,
         crate::http::Sources {
-            shared: shared.clone(),
+            model: shared.clone(),
             kernel: kernel.clone(),
             counters,
             snapshots: snaps.clone(),

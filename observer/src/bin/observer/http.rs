@@ -32,7 +32,7 @@ pub(crate) async fn shutdown_signal() {
 
 /// What a scrape reads.
 pub(crate) struct Sources {
-    pub(crate) shared: Arc<Mutex<observer::model::Model>>,
+    pub(crate) model: Arc<Mutex<observer::model::Model>>,
     pub(crate) kernel: Arc<Mutex<Option<kernel::Kernel>>>,
     pub(crate) counters: Arc<kernel::Counters>,
     pub(crate) snapshots: Snapshots,
@@ -47,7 +47,7 @@ pub(crate) async fn serve(
     sources: Sources,
 ) -> anyhow::Result<()> {
     let Sources {
-        shared: scrape_shared,
+        model: scrape_model,
         kernel: scrape_kernel,
         counters,
         snapshots: scrape_snaps,
@@ -57,7 +57,7 @@ pub(crate) async fn serve(
         .route(
             "/metrics",
             axum::routing::get(move || {
-                let shared = scrape_shared.clone();
+                let shared = scrape_model.clone();
                 let kernel = scrape_kernel.clone();
                 let counters = counters.clone();
                 let snaps = scrape_snaps.clone();
