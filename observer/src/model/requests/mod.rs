@@ -18,245 +18,29 @@
 //! - `SchedError::build_response` runs on the thread that then encodes the response head: the
 //!   proxy's own error is the next head's on that thread.
 
+mod answer;
+mod learner;
+mod metrics;
+mod outcome;
+
+pub use answer::{decode_answer, peer_name, Answer, AnswerResult};
+pub use learner::Learner;
+#[cfg(test)]
+use learner::MIN_VOTES;
+pub use metrics::{AppRequests, Metrics, STARTS};
+pub use outcome::{outcome_of, FetchEnd, OUTCOMES};
+
 use crate::decode::{request_event, Bytes, CallId, CallKind, RequestEvent};
-use crate::expo::{Hist, Kind, Writer, LATENCY_BUCKETS, PREFIX};
 use crate::model::tracker::Tracker;
-use observer_common::{conn_key, family, method, ConnKey, Event, Layout, MAX_STR};
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
+use observer_common::{conn_key, method, ConnKey, Event, Layout};
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-/// Outcomes of a request, by the proxy's own error kinds (rusty-workers-proxy/src/sched.rs).
-pub const OUTCOMES: &[&str] = &[
-    "ok",
-    "execution_error",
-    "no_route",
-    "no_instance",
-    "retries_exhausted",
-    "body_too_large",
-    "internal_error",
-];
-
-/// `SchedError`'s discriminants, in declaration order.
-const NO_AVAILABLE_INSTANCE: u64 = 0;
-const NO_ROUTE_MAPPING: u64 = 1;
-const REQUEST_BODY_TOO_LARGE: u64 = 2;
-const REQUEST_FAILED_AFTER_RETRIES: u64 = 3;
-
-/// Lone samples a distance needs, and how far ahead of the next one, before it is trusted.
-const MIN_VOTES: u32 = 8;
 /// Calls farther than this from a request key are not its (a service future is smaller).
 const MAX_CALL_DISTANCE: u64 = 64 * 1024;
 // Bytes searched on each side of a connection for the request key: what the kernel copies.
 use observer_common::CONN_WINDOW;
 /// Response heads per check of a learnt connection offset.
 const CONN_CHECK: u32 = 64;
-
-/// How `tarpc::Response<RuntimeServiceResponse>` reads in memory beyond what the kernel needs
-/// (`Layout`): where the request id is, the tags of the other answers, the `Ok` of a
-/// `GenericResult`, the execution errors. rustc 1.95's layout, checked by tests/layout.rs.
-pub mod answer_layout {
-    pub const REQUEST_ID: usize = 56;
-    /// Tag (first word, minus the niche base) of `Fetch(Err(_))`; any word below the niche base
-    /// is `Fetch(Ok(_))`, the dataful variant.
-    pub const TAG_FETCH_ERR: u64 = 0;
-    pub const TAG_TERMINATE: u64 = 3;
-    pub const TAG_LIST: u64 = 4;
-    pub const TAG_LOAD: u64 = 6;
-    pub const TAG_SERVER_ERROR: u64 = 7;
-    /// Second word of an `Ok` `GenericResult` (`SpawnWorker`, `Load`, `ListWorkers`): the
-    /// niche past `GenericError`'s variants.
-    pub const GENERIC_OK: u64 = 11;
-    /// `Fetch(Err(e))`: the second word is the niche base + the variant for the fieldless
-    /// `ExecutionError`s, in declaration order; anything else is `ScriptThrowsException`.
-    pub const EXECUTION_ERRORS: &[&str] = &[
-        "no_such_worker",
-        "runtime_throws",
-        "time_limit",
-        "memory_limit",
-        "io_timeout",
-    ];
-}
-
-/// A runtime's answer, decoded from the bytes `rpc_response` copied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
-    pub request_id: u64,
-    /// The method it answers (`observer_common::method`), `UNKNOWN` if the tag did not decode.
-    pub method: u32,
-    pub result: AnswerResult,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AnswerResult {
-    Ok,
-    /// The method's own error; for a fetch, which `ExecutionError`.
-    Error(&'static str),
-    /// tarpc's `ServerError`: the server could not run the method.
-    ServerError,
-}
-
-fn word(raw: &[u8], at: usize) -> u64 {
-    u64::from_ne_bytes(raw[at..at + 8].try_into().expect("8 bytes"))
-}
-
-/// Decodes the first `MAX_STR` bytes of an in-memory `tarpc::Response<RuntimeServiceResponse>`.
-pub fn decode_answer(raw: &[u8; MAX_STR], lay: &Layout) -> Answer {
-    use answer_layout as A;
-    let request_id = word(raw, A::REQUEST_ID);
-    let w0 = word(raw, 0);
-    let w1 = word(raw, 8);
-    let generic = |w: u64| {
-        if w == A::GENERIC_OK {
-            AnswerResult::Ok
-        } else {
-            AnswerResult::Error("generic_error")
-        }
-    };
-    let (method, result) = if w0 < lay.resp_niche_base {
-        (method::FETCH, AnswerResult::Ok)
-    } else {
-        match w0 - lay.resp_niche_base {
-            A::TAG_FETCH_ERR => {
-                let kind = w1
-                    .checked_sub(lay.resp_niche_base)
-                    .and_then(|k| A::EXECUTION_ERRORS.get(k as usize))
-                    .copied()
-                    .unwrap_or("script_throws");
-                (method::FETCH, AnswerResult::Error(kind))
-            }
-            t if t == lay.resp_tag_id => (method::ID, AnswerResult::Ok),
-            t if t == lay.resp_tag_spawn => (method::SPAWN_WORKER, generic(w1)),
-            A::TAG_TERMINATE => (method::TERMINATE_WORKER, AnswerResult::Ok),
-            A::TAG_LIST => (method::LIST_WORKERS, generic(w1)),
-            A::TAG_LOAD => (method::LOAD, generic(w1)),
-            A::TAG_SERVER_ERROR => (method::UNKNOWN, AnswerResult::ServerError),
-            _ => (method::UNKNOWN, AnswerResult::Error("undecoded")),
-        }
-    };
-    Answer {
-        request_id,
-        method,
-        result,
-    }
-}
-
-/// How a request's last fetch went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FetchEnd {
-    Ok,
-    /// NoSuchWorker: the proxy retries on another instance.
-    NoSuchWorker,
-    /// Any other execution error: the proxy gives up (RequestFailedAfterRetries).
-    ExecutionError,
-    /// No answer (network error, timeout): the proxy retries.
-    Transport,
-}
-
-/// The outcome of a request from the proxy's error (if it built one) and its last fetch.
-pub fn outcome_of(sched_error: Option<u64>, last_fetch: Option<FetchEnd>) -> &'static str {
-    match sched_error {
-        Some(NO_AVAILABLE_INSTANCE) => "no_instance",
-        Some(NO_ROUTE_MAPPING) => "no_route",
-        Some(REQUEST_BODY_TOO_LARGE) => "body_too_large",
-        Some(REQUEST_FAILED_AFTER_RETRIES) => match last_fetch {
-            Some(FetchEnd::ExecutionError) => "execution_error",
-            _ => "retries_exhausted",
-        },
-        Some(_) => "internal_error",
-        None => match last_fetch {
-            Some(FetchEnd::Ok) => "ok",
-            _ => "internal_error",
-        },
-    }
-}
-
-/// A runtime's address from the `rpc_response` event's words.
-pub fn peer_name(lo: u64, hi: u64, port_family: u64) -> Option<String> {
-    let port = (port_family & 0xffff) as u16;
-    let fam = (port_family >> 16) as u16;
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&lo.to_ne_bytes());
-    b[8..].copy_from_slice(&hi.to_ne_bytes());
-    let ip = match fam {
-        family::INET => IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])),
-        family::INET6 => {
-            let v6 = Ipv6Addr::from(b);
-            v6.to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(v6))
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port).to_string())
-}
-
-/// Learns a constant distance from samples that each offer one or more candidates: the true
-/// distance is among every sample's candidates, the others come and go with what else happens
-/// to be in flight.
-#[derive(Debug, Default, Clone)]
-pub struct Learner {
-    votes: HashMap<i64, u32>,
-    samples: u32,
-    known: Option<i64>,
-    /// Distances learnt once and then seen to fail: never learnt again.
-    rejected: std::collections::HashSet<i64>,
-}
-
-impl Learner {
-    pub fn known(&self) -> Option<i64> {
-        self.known
-    }
-
-    /// One sample's candidates (duplicates count once). Once `MIN_VOTES` samples are in, the
-    /// distance found in nearly all of them (7 in 8: a request whose start was missed offers
-    /// none of the right ones) is learnt; if several are, the one found most often, then the
-    /// nearest, since neighbouring allocations of one size repeat the true distance shifted
-    /// by that size.
-    pub fn vote(&mut self, candidates: &[i64]) -> Option<i64> {
-        if self.known.is_some() || candidates.is_empty() {
-            return self.known;
-        }
-        let mut seen: Vec<i64> = candidates
-            .iter()
-            .copied()
-            .filter(|d| !self.rejected.contains(d))
-            .collect();
-        seen.sort_unstable();
-        seen.dedup();
-        self.samples += 1;
-        for d in seen {
-            *self.votes.entry(d).or_default() += 1;
-        }
-        if self.samples >= MIN_VOTES {
-            let need = self.samples - self.samples / 8;
-            self.known = self
-                .votes
-                .iter()
-                .filter(|(_, n)| **n >= need)
-                .min_by_key(|(d, n)| (std::cmp::Reverse(**n), d.unsigned_abs(), **d))
-                .map(|(d, _)| *d);
-            if self.known.is_some() || self.samples >= 8 * MIN_VOTES {
-                // Learnt, or nothing consistent in a long run (the layout changed under us,
-                // or the start of many requests was missed): start over.
-                self.votes.clear();
-                self.samples = 0;
-            }
-        }
-        self.known
-    }
-}
-
-impl Learner {
-    /// The learnt distance turned out wrong: forget it for good and learn again.
-    pub fn reject(&mut self) {
-        if let Some(d) = self.known.take() {
-            self.rejected.insert(d);
-        }
-        self.votes.clear();
-        self.samples = 0;
-    }
-}
 
 /// Memory of the target as the kernel copied it at an event (`decode::Snapshot`); a trait so
 /// tests can fake it.
@@ -323,122 +107,6 @@ pub struct JoinCounters {
     pub unattributed_calls: u64,
     /// Requests that never saw their response (lost events, or in flight at exit).
     pub abandoned_requests: u64,
-}
-
-/// What the joins count per app (`expo` writes it: with 1,000 apps these are most of a
-/// scrape).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AppRequests {
-    /// From hyper handing the request to the proxy to its response head.
-    pub duration: Hist,
-    /// Answered `spawn_worker` RPCs.
-    pub spawn: Hist,
-    /// Responses by outcome (`OUTCOMES`' order).
-    pub responses: [u64; OUTCOMES.len()],
-    /// Requests by start (`STARTS`' order).
-    pub starts: [u64; STARTS.len()],
-}
-
-pub const STARTS: &[&str] = &["cold", "warm"];
-
-/// The metrics this module keeps (persistent: histograms cannot be rebuilt per scrape).
-pub struct Metrics {
-    pub apps: BTreeMap<String, AppRequests>,
-    pub rpc_duration: HistogramVec,
-    pub rpc_failures: IntCounterVec,
-}
-
-fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
-    HistogramVec::new(
-        HistogramOpts::new(format!("{PREFIX}_{name}"), help).buckets(LATENCY_BUCKETS.to_vec()),
-        labels,
-    )
-    .expect("valid histogram")
-}
-
-fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    IntCounterVec::new(Opts::new(format!("{PREFIX}_{name}"), help), labels).expect("valid counter")
-}
-
-impl Metrics {
-    fn new() -> Self {
-        Metrics {
-            apps: BTreeMap::new(),
-            rpc_duration: histogram(
-                "runtime_rpc_duration_seconds",
-                "Runtime RPCs answered, by runtime (its address) and method, from the call to the answer.",
-                &["runtime", "method"],
-            ),
-            rpc_failures: counter(
-                "runtime_rpc_failures_total",
-                "Runtime RPCs that failed, by runtime, method and reason: error_answer (the method's own error), server_error (tarpc's), connection_reset (the connection ended while waiting), no_answer (given up without an answer: deadline, connection already gone, or the caller went away).",
-                &["runtime", "method", "reason"],
-            ),
-        }
-    }
-
-    /// The per-runtime families (few series: through the prometheus crate).
-    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
-        vec![
-            Box::new(self.rpc_duration.clone()),
-            Box::new(self.rpc_failures.clone()),
-        ]
-    }
-
-    fn app(&mut self, app: &str) -> &mut AppRequests {
-        if !self.apps.contains_key(app) {
-            self.apps.insert(app.to_string(), AppRequests::default());
-        }
-        self.apps.get_mut(app).expect("just inserted")
-    }
-
-    /// Writes the per-app families.
-    pub fn write(&self, w: &mut Writer) {
-        w.family(
-            "app_request_duration_seconds",
-            Kind::Histogram,
-            "Requests by app, from hyper handing the request to the proxy to its response head (app=\"\": no app, e.g. no route).",
-        );
-        for (app, a) in &self.apps {
-            if a.duration.count() > 0 {
-                w.histogram(&[("app", app)], &a.duration);
-            }
-        }
-        w.family(
-            "app_responses_total",
-            Kind::Counter,
-            "Requests answered, by app and outcome: ok, execution_error, no_route, no_instance, retries_exhausted, body_too_large, internal_error.",
-        );
-        for (app, a) in &self.apps {
-            for (o, n) in OUTCOMES.iter().zip(a.responses) {
-                if n > 0 {
-                    w.int(&[("app", app), ("outcome", o)], n);
-                }
-            }
-        }
-        w.family(
-            "app_request_starts_total",
-            Kind::Counter,
-            "Requests by app that had to spawn an instance (start=cold) or were served by a ready one (start=warm); a request that got no instance is neither.",
-        );
-        for (app, a) in &self.apps {
-            for (st, n) in STARTS.iter().zip(a.starts) {
-                if n > 0 {
-                    w.int(&[("app", app), ("start", st)], n);
-                }
-            }
-        }
-        w.family(
-            "app_spawn_duration_seconds",
-            Kind::Histogram,
-            "spawn_worker RPCs answered, by app: the instance cold-start cost.",
-        );
-        for (app, a) in &self.apps {
-            if a.spawn.count() > 0 {
-                w.histogram(&[("app", app)], &a.spawn);
-            }
-        }
-    }
 }
 
 /// Open requests, calls and answers, joined into metrics.
@@ -1025,7 +693,7 @@ impl Requests {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use observer_common::kind;
+    use observer_common::{kind, MAX_STR};
 
     fn raw(words: &[u64], request_id: u64) -> [u8; MAX_STR] {
         let mut r = [0u8; MAX_STR];
