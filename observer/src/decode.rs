@@ -153,15 +153,14 @@ pub fn decode(record: &[u8]) -> Result<Decoded, DecodeError> {
 }
 
 pub fn decode_event(ev: &Event) -> Result<Decoded, DecodeError> {
-    let s = Bytes {
-        data: ev.str[..ev.str_len as usize].to_vec(),
-        full_len: ev.str_full_len,
-    };
+    // The string is copied out only for the kinds that carry one to the tracker: the
+    // per-request kinds (most events) go to `request_event` and allocate nothing here.
+    let s = || str1(ev);
     let t = ev.ktime_ns;
     Ok(match ev.kind {
         kind::CACHE_INSERT => Decoded::CacheInsert {
             cache: ev.ptr_a,
-            key: s,
+            key: s(),
             fresh_arc: ev.word_a == 1 && ev.word_b == 1,
             evicts: ev.word_c,
             evicted: (ev.word_c > 0).then(|| str2(ev)),
@@ -169,21 +168,21 @@ pub fn decode_event(ev: &Event) -> Result<Decoded, DecodeError> {
         },
         kind::CACHE_REMOVE => Decoded::CacheRemove {
             cache: ev.ptr_a,
-            key: s,
+            key: s(),
             ktime_ns: t,
         },
         kind::RPC_SPAWN => Decoded::Spawn {
             client: ev.ptr_a,
-            app: s,
+            app: s(),
             ktime_ns: t,
         },
         kind::RPC_TERMINATE => Decoded::Terminate {
-            handle: s,
+            handle: s(),
             ktime_ns: t,
         },
         kind::RPC_FETCH_UNKNOWN => Decoded::FetchUnknown {
             client: ev.ptr_a,
-            handle: s,
+            handle: s(),
             ktime_ns: t,
         },
         kind::RPC_FETCH..=kind::RPC_DONE => Decoded::PerRequest,
@@ -237,7 +236,7 @@ pub enum RequestEvent {
     /// spawn's handle) and the peer the thread last read from (`crate::model::requests::peer_name`).
     Answer {
         oneshot: u64,
-        raw: Box<[u8; MAX_STR]>,
+        raw: [u8; MAX_STR],
         string: Bytes,
         peer: (u64, u64, u64),
         ktime_ns: u64,
@@ -288,7 +287,7 @@ pub fn request_event(ev: &Event) -> Option<RequestEvent> {
         }),
         kind::RPC_RESPONSE => RequestEvent::Answer {
             oneshot: ev.ptr_a,
-            raw: Box::new(ev.str),
+            raw: ev.str,
             string: str2(ev),
             peer: (ev.ptr_b, ev.word_b, ev.word_c),
             ktime_ns: t,
