@@ -7,7 +7,21 @@
 use libfuzzer_sys::fuzz_target;
 use observer::model::{self, requests, tracker};
 use observer::{decode, expo, procs};
-use observer_common::{ConnSnapshot, Event, Layout};
+use observer_common::{event, Layout};
+use std::mem::size_of;
+
+/// The sizes the kernel sends: each record type's.
+const SIZES: [usize; 9] = [
+    size_of::<event::CacheOp>(),
+    size_of::<event::RpcCall>(),
+    size_of::<event::HttpRequest>(),
+    size_of::<event::HttpResponse>(),
+    size_of::<event::ConnSnapshot>(),
+    size_of::<event::SchedError>(),
+    size_of::<event::RpcAnswer>(),
+    size_of::<event::RpcDone>(),
+    size_of::<event::ServerCall>(),
+];
 
 fuzz_target!(|data: &[u8]| {
     // The daemon's own model, fed the way its drain feeds it (`Model::apply`).
@@ -27,18 +41,13 @@ fuzz_target!(|data: &[u8]| {
     );
     let mut rest = data;
     while !rest.is_empty() {
-        // The first byte picks a plain event or one with a snapshot, as the two sizes the
-        // kernel sends; a short tail is a cut record.
-        let big = rest[0] & 1 == 1;
+        // The first byte picks one of the record sizes the kernel sends (the record's own
+        // header may name another kind); a short tail is a cut record.
+        let size = SIZES[rest[0] as usize % SIZES.len()];
         rest = &rest[1..];
-        let size = if big {
-            std::mem::size_of::<ConnSnapshot>()
-        } else {
-            std::mem::size_of::<Event>()
-        };
         let (rec, tail) = rest.split_at(size.min(rest.len()));
         rest = tail;
-        let ktime_ns = decode::event(rec).map(|ev| ev.ktime_ns).unwrap_or(0);
+        let ktime_ns = decode::record(rec).map(|r| r.ktime_ns()).unwrap_or(0);
         model.apply(rec, ktime_ns);
         let m = &mut model;
         let joins = m.requests.as_mut().expect("request metrics on");

@@ -16,53 +16,62 @@ pub const HANDLE_KEY_LEN: usize = 32;
 /// past the label cap and for strings refused as labels.
 pub const MAX_APP_SLOTS: u32 = 4096;
 
-/// Event kinds sent through the ring buffer.
-///
-/// The RPC kinds (`RPC_SPAWN` .. `RPC_OTHER`) all carry the call's identity: `ptr_a` = the
-/// client (`&mut Channel`), `ptr_b` = its connection (the cancellation sender's `Arc`, one per
-/// runtime connection), `word_b`/`word_c` = the trace id of its context (random per
-/// `tarpc::context::current()`, which rusty-workers makes for every call; the request id is
-/// taken inside the call, too late to read race-free at its entry).
-pub mod kind {
-    /// `LruCache::insert` on an LRU cache; `ptr_a` = cache, `ptr_b` = value argument,
-    /// `word_a`/`word_b` = the first two words the value argument points to.
-    pub const CACHE_INSERT: u32 = 1;
-    /// `LruCache::remove`; `ptr_a` = cache.
-    pub const CACHE_REMOVE: u32 = 2;
-    /// A `spawn_worker` RPC; `str` = app id, `ptr_a` = the client (`&mut Channel`) it was sent on.
-    pub const RPC_SPAWN: u32 = 3;
-    /// A `terminate_worker` RPC; `str` = worker handle.
-    pub const RPC_TERMINATE: u32 = 4;
-    /// A `fetch` RPC on a worker handle the kernel had no app for; `str` = handle,
-    /// `ptr_a` = the client it was sent on.
-    pub const RPC_FETCH_UNKNOWN: u32 = 5;
-    /// A `fetch` RPC on a handle the kernel knows: `word_a` = its app slot, `str` = the handle.
-    pub const RPC_FETCH: u32 = 6;
-    /// Any other RPC (`id`, `load`, `list_workers`): `word_a` = the method.
-    pub const RPC_OTHER: u32 = 7;
-    /// hyper's HTTP/1 server took a request: `ptr_a` = the request's key (what
-    /// `Server::recv_msg` receives: the box its service future goes into).
-    pub const HTTP_REQUEST: u32 = 8;
-    /// hyper's HTTP/1 server encodes a response head: `ptr_a` = the connection, `ptr_b` = the
-    /// request key read from it (0 until userspace has learnt where it is). Until then the
-    /// record is a `ConnSnapshot` (`word_a` = 1 if its words were read).
-    pub const HTTP_RESPONSE: u32 = 9;
-    /// `SchedError::build_response`: `word_a` = the error's discriminant.
-    pub const SCHED_ERROR: u32 = 10;
-    /// A runtime's answer reached its caller's oneshot: `ptr_a` = the oneshot, `str` = the
-    /// first `MAX_STR` bytes of the in-memory `tarpc::Response`, `str2` = its string (runtime
-    /// id, worker handle), and the runtime's address as the thread last received from it:
-    /// `ptr_b`/`word_b` = its 16 bytes (IPv4: the first 4), `word_c` = port | family << 16
-    /// (0: unknown).
-    pub const RPC_RESPONSE: u32 = 11;
-    /// A call's response future is dropped: `ptr_a` = its oneshot, `ptr_b` = its connection,
-    /// `word_b`/`word_c` = its trace id, `word_a` = 1 if it completed.
-    pub const RPC_DONE: u32 = 12;
-    /// A runtime's tarpc method future ended (dropped): `word_a` = the method, `word_b` = ns
-    /// from its first poll, `word_c` = its polls, `ptr_a` = the process (tgid).
-    pub const SERVER_CALL: u32 = 13;
-    /// The highest kind: events past it do not decode.
-    pub const LAST: u32 = SERVER_CALL;
+/// Event kinds sent through the ring buffer: `Header::kind`, and which record type follows.
+/// One record type per hook family (`event`), each starting with a `Header`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `LruCache::insert` on an LRU cache (`event::CacheOp`).
+    CacheInsert = 1,
+    /// `LruCache::remove` (`event::CacheOp`).
+    CacheRemove = 2,
+    /// A `spawn_worker` RPC (`event::RpcCall`, `arg` = the app id).
+    RpcSpawn = 3,
+    /// A `terminate_worker` RPC (`event::RpcCall`, `arg` = the worker handle).
+    RpcTerminate = 4,
+    /// A `fetch` RPC on a worker handle the kernel had no app for (`event::RpcCall`, `arg` =
+    /// the handle).
+    RpcFetchUnknown = 5,
+    /// A `fetch` RPC on a handle the kernel knows (`event::RpcCall`, `slot` = its app slot,
+    /// `arg` = the handle).
+    RpcFetch = 6,
+    /// Any other RPC: `id`, `load`, `list_workers` (`event::RpcCall`, `method`).
+    RpcOther = 7,
+    /// hyper's HTTP/1 server took a request (`event::HttpRequest`).
+    HttpRequest = 8,
+    /// hyper's HTTP/1 server encodes a response head (`event::HttpResponse`, or
+    /// `event::ConnSnapshot` until userspace has learnt where the request key is).
+    HttpResponse = 9,
+    /// `SchedError::build_response` (`event::SchedError`).
+    SchedError = 10,
+    /// A runtime's answer reached its caller's oneshot (`event::RpcAnswer`).
+    RpcAnswer = 11,
+    /// A call's response future is dropped (`event::RpcDone`).
+    RpcDone = 12,
+    /// A runtime's tarpc method future ended (`event::ServerCall`).
+    ServerCall = 13,
+}
+
+impl Kind {
+    /// The kind a header's word names, if any: the kernel's bytes are untrusted.
+    pub const fn from_u32(k: u32) -> Option<Kind> {
+        Some(match k {
+            1 => Kind::CacheInsert,
+            2 => Kind::CacheRemove,
+            3 => Kind::RpcSpawn,
+            4 => Kind::RpcTerminate,
+            5 => Kind::RpcFetchUnknown,
+            6 => Kind::RpcFetch,
+            7 => Kind::RpcOther,
+            8 => Kind::HttpRequest,
+            9 => Kind::HttpResponse,
+            10 => Kind::SchedError,
+            11 => Kind::RpcAnswer,
+            12 => Kind::RpcDone,
+            13 => Kind::ServerCall,
+            _ => return None,
+        })
+    }
 }
 
 /// RPC methods of rusty-workers' `RuntimeService`, in declaration order (which is also the
@@ -99,55 +108,216 @@ pub mod stat {
     pub const COUNT: u32 = 3;
 }
 
-/// One event from a probe to userspace.
+/// What every record in the ring buffer starts with.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct Event {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// `Kind` as a number.
     pub kind: u32,
-    /// Bytes of `str` that hold data (`<= MAX_STR`).
-    pub str_len: u32,
-    /// The string's full length in target memory (may exceed `MAX_STR`).
-    pub str_full_len: u64,
-    /// `bpf_ktime_get_ns()` at the probe.
-    pub ktime_ns: u64,
-    pub ptr_a: u64,
-    pub ptr_b: u64,
-    pub word_a: u64,
-    pub word_b: u64,
-    /// `CACHE_INSERT`: how many entries the insert evicts to stay within capacity.
-    pub word_c: u64,
-    /// Bytes of `str2` that hold data.
-    pub str2_len: u32,
     /// The thread that ran the probe.
     pub tid: u32,
-    pub str2_full_len: u64,
-    pub str: [u8; MAX_STR],
-    /// `CACHE_INSERT`: the first key the insert evicts (the least recently used).
-    pub str2: [u8; MAX_STR],
+    /// `bpf_ktime_get_ns()` at the probe.
+    pub ktime_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Event>() == 8 + 8 + 8 + 5 * 8 + 8 + 8 + 2 * MAX_STR);
+const _: () = assert!(core::mem::size_of::<Header>() == 16);
 
-impl Event {
-    pub const fn zeroed() -> Self {
-        Event {
-            kind: 0,
-            str_len: 0,
-            str_full_len: 0,
-            ktime_ns: 0,
-            ptr_a: 0,
-            ptr_b: 0,
-            word_a: 0,
-            word_b: 0,
-            word_c: 0,
-            str2_len: 0,
-            tid: 0,
-            str2_full_len: 0,
-            str: [0; MAX_STR],
-            str2: [0; MAX_STR],
+/// A Rust `String` read from target memory: its first `len` bytes (`<= MAX_STR`) and the
+/// length it has there (may exceed `MAX_STR`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Str {
+    pub len: u32,
+    pub _pad: u32,
+    pub full_len: u64,
+    pub bytes: [u8; MAX_STR],
+}
+
+const _: () = assert!(core::mem::size_of::<Str>() == 16 + MAX_STR);
+
+/// A record type: `Header` first, zeroable (the kernel zeroes a record before filling it, so
+/// no stale ring bytes leak out).
+pub trait Record: Copy {
+    fn header_mut(&mut self) -> &mut Header;
+}
+
+/// The records, one type per hook family; the `Kind`s each carries are on `Kind`.
+pub mod event {
+    use super::{Header, Peer, Record, Str, CONN_WINDOW, MAX_STR};
+
+    /// `LruCache::{insert, remove}` (`observer-ebpf/src/app_cache.rs`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct CacheOp {
+        pub header: Header,
+        /// The cache (`&mut self`).
+        pub cache: u64,
+        /// Insert: the value argument, and the first two words it points to (an `Arc`'s
+        /// strong and weak counts when it is one).
+        pub value: u64,
+        pub value_words: [u64; 2],
+        /// Insert: how many entries it evicts to stay within capacity, and the first of them
+        /// (the least recently used).
+        pub evicts: u64,
+        pub key: Str,
+        pub evicted: Str,
+    }
+
+    const _: () = assert!(core::mem::size_of::<CacheOp>() == 16 + 5 * 8 + 2 * (16 + MAX_STR));
+
+    /// A runtime RPC sent by the proxy (`observer-ebpf/src/rpc.rs`). Its identity: the
+    /// connection (the cancellation sender's `Arc`, one per runtime connection) and the trace
+    /// id of its context (random per `tarpc::context::current()`, which rusty-workers makes
+    /// for every call; the request id is taken inside the call, too late to read race-free at
+    /// its entry).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct RpcCall {
+        pub header: Header,
+        /// The client (`&mut Channel`).
+        pub client: u64,
+        pub conn: u64,
+        pub trace_id: [u64; 2],
+        /// `RpcOther`: the method (`method::*`).
+        pub method: u32,
+        /// `RpcFetch`: the app slot the kernel looked up.
+        pub slot: u32,
+        /// The app id (spawn) or worker handle (fetch, terminate).
+        pub arg: Str,
+    }
+
+    const _: () = assert!(core::mem::size_of::<RpcCall>() == 16 + 5 * 8 + 16 + MAX_STR);
+
+    /// hyper took a request (`observer-ebpf/src/http.rs`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct HttpRequest {
+        pub header: Header,
+        /// The request's key: what `Server::recv_msg` receives (the box its service future
+        /// goes into).
+        pub key: u64,
+    }
+
+    const _: () = assert!(core::mem::size_of::<HttpRequest>() == 24);
+
+    /// hyper encodes a response head.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct HttpResponse {
+        pub header: Header,
+        /// The connection (`&mut Conn`).
+        pub conn: u64,
+        /// The request key read from it, once userspace has said where (`CONN_KEY`); 0 before.
+        pub key: u64,
+    }
+
+    const _: () = assert!(core::mem::size_of::<HttpResponse>() == 32);
+
+    /// A response head with the memory around its connection, copied by the kernel when the
+    /// head is encoded, while userspace learns where the request key is: it cannot read that
+    /// memory later itself, because by then a closed connection's memory holds the next one.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct ConnSnapshot {
+        pub head: HttpResponse,
+        /// 1 if `words` were read.
+        pub read_ok: u64,
+        /// The words from `head.conn - CONN_WINDOW` on (zero if the read failed).
+        pub words: [u64; super::CONN_SNAP_WORDS],
+    }
+
+    const _: () =
+        assert!(core::mem::size_of::<ConnSnapshot>() == 32 + 8 + 2 * CONN_WINDOW as usize);
+
+    /// `SchedError::build_response`: the proxy answers with one of its own errors.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct SchedError {
+        pub header: Header,
+        /// The error's discriminant (the enum is fieldless).
+        pub error: u64,
+    }
+
+    const _: () = assert!(core::mem::size_of::<SchedError>() == 24);
+
+    /// A runtime's answer reached its caller's oneshot.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct RpcAnswer {
+        pub header: Header,
+        /// The oneshot (its `Arc`).
+        pub oneshot: u64,
+        /// The runtime, as the peer the thread last received from (`family` 0: unknown).
+        pub peer: Peer,
+        /// The first bytes of the in-memory `tarpc::Response`.
+        pub raw: [u8; MAX_STR],
+        /// Its string, for an `Id` (the RuntimeId) or `SpawnWorker` (the handle) answer.
+        pub string: Str,
+    }
+
+    const _: () =
+        assert!(core::mem::size_of::<RpcAnswer>() == 16 + 8 + 24 + MAX_STR + 16 + MAX_STR);
+
+    /// A call's response future is dropped, answered or not.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct RpcDone {
+        pub header: Header,
+        pub oneshot: u64,
+        pub conn: u64,
+        pub trace_id: [u64; 2],
+        /// 1 if it completed (its `complete` flag).
+        pub completed: u64,
+    }
+
+    const _: () = assert!(core::mem::size_of::<RpcDone>() == 16 + 5 * 8);
+
+    /// A runtime's tarpc method future ended (`observer-ebpf/src/server.rs`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct ServerCall {
+        pub header: Header,
+        /// The runtime process.
+        pub tgid: u32,
+        /// `method::*`.
+        pub method: u32,
+        /// From its first poll to its drop.
+        pub duration_ns: u64,
+        pub polls: u64,
+    }
+
+    const _: () = assert!(core::mem::size_of::<ServerCall>() == 16 + 3 * 8);
+
+    macro_rules! records {
+        ($($t:ident),*) => {
+            $(impl Record for $t {
+                fn header_mut(&mut self) -> &mut Header {
+                    &mut self.header
+                }
+            })*
+        };
+    }
+
+    records!(
+        CacheOp,
+        RpcCall,
+        HttpRequest,
+        HttpResponse,
+        SchedError,
+        RpcAnswer,
+        RpcDone,
+        ServerCall
+    );
+
+    impl Record for ConnSnapshot {
+        fn header_mut(&mut self) -> &mut Header {
+            &mut self.head.header
         }
     }
 }
+
+/// The largest plain record (a `ConnSnapshot` is larger), for sizing the ring buffer.
+pub const MAX_RECORD: usize = core::mem::size_of::<event::CacheOp>();
 
 /// Key of the worker handle -> app slot map: the handle's bytes, zero-padded.
 #[repr(C)]
@@ -268,22 +438,6 @@ const _: () = assert!(core::mem::size_of::<ConnKey>() == 16);
 pub const CONN_WINDOW: u64 = 2048;
 pub const CONN_SNAP_WORDS: usize = 2 * CONN_WINDOW as usize / 8;
 
-/// A response head's event with the memory around its connection, copied by the kernel when
-/// the head is encoded. Userspace learns where the request key is from these; it cannot read
-/// that memory later itself, because by then a closed connection's memory holds the next one.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct ConnSnapshot {
-    pub ev: Event,
-    /// The words from `ev.ptr_a - CONN_WINDOW` on (zero if the read failed).
-    pub words: [u64; CONN_SNAP_WORDS],
-}
-
-const _: () = assert!(
-    core::mem::size_of::<ConnSnapshot>()
-        == core::mem::size_of::<Event>() + 2 * CONN_WINDOW as usize
-);
-
 pub mod conn_key {
     pub const UNKNOWN: u64 = 0;
     pub const LOAD: u64 = 1;
@@ -296,7 +450,8 @@ pub mod family {
     pub const INET6: u16 = 10;
 }
 
-/// The last peer a thread received from (the `sock_recv` tracepoint's output).
+/// The last peer a thread received from (the `sock_recv` tracepoint's output); `family` 0:
+/// none.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peer {
@@ -343,7 +498,7 @@ mod pod {
     unsafe impl aya::Pod for super::Watched {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::Peer {}
-    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::Header {}
     unsafe impl aya::Pod for super::HandleKey {}
     unsafe impl aya::Pod for super::Layout {}
 }

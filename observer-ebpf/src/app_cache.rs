@@ -6,7 +6,7 @@
 //! Both run only on app/route loads and evictions, never per request.
 
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use observer_common::{kind, Event, Layout};
+use observer_common::{event::CacheOp, Kind, Layout};
 
 use crate::{check, layout, read, send};
 
@@ -14,7 +14,7 @@ use crate::{check, layout, read, send};
 /// passed by reference, an `Arc` value in a register, a `BTreeMap` value by reference.
 #[uprobe]
 pub fn lru_insert(ctx: ProbeContext) -> u32 {
-    let r = try_cache_event(&ctx, kind::CACHE_INSERT);
+    let r = try_cache_event(&ctx, Kind::CacheInsert);
     check(&ctx, "lru_insert", r);
     0
 }
@@ -22,7 +22,7 @@ pub fn lru_insert(ctx: ProbeContext) -> u32 {
 /// `fn remove<Q>(&mut self, key: &Q) -> Option<Value>`.
 #[uprobe]
 pub fn lru_remove(ctx: ProbeContext) -> u32 {
-    let r = try_cache_event(&ctx, kind::CACHE_REMOVE);
+    let r = try_cache_event(&ctx, Kind::CacheRemove);
     check(&ctx, "lru_remove", r);
     0
 }
@@ -30,34 +30,35 @@ pub fn lru_remove(ctx: ProbeContext) -> u32 {
 /// `insert` of a new key into a full cache first drops the least recently used entries
 /// (`remove_lru`: `list.drain(..=len - capacity)`), inside itself: no `remove` call shows it.
 /// Reads how many, and the first of them, the front of the LRU order list.
-fn capacity_eviction(cache: u64, lay: &Layout, ev: &mut Event) -> Result<(), i64> {
+fn capacity_eviction(cache: u64, lay: &Layout, rec: &mut CacheOp) -> Result<(), i64> {
     let capacity = read::word(cache + lay.lru_capacity)?;
     let len = read::word(cache + lay.lru_list_len)?;
     if capacity == 0 || len < capacity {
         return Ok(());
     }
-    ev.word_c = len - capacity + 1;
+    rec.evicts = len - capacity + 1;
     let buf = read::word(cache + lay.lru_list_ptr)?;
     let cap = read::word(cache + lay.lru_list_cap)?;
     let mut head = read::word(cache + lay.lru_list_head)?;
     if cap != 0 && head >= cap {
         head -= cap;
     }
-    read::string2(buf + head * lay.lru_key_size, lay, ev)
+    read::string(buf + head * lay.lru_key_size, lay, &mut rec.evicted)
 }
 
-fn try_cache_event(ctx: &ProbeContext, k: u32) -> Result<(), i64> {
+fn try_cache_event(ctx: &ProbeContext, k: Kind) -> Result<(), i64> {
     let cache: u64 = ctx.arg(0).ok_or(1i64)?;
     let key: u64 = ctx.arg(1).ok_or(1i64)?;
     let lay = layout();
-    send(k, cache, |ev| {
-        if k == kind::CACHE_INSERT {
+    send(k, |rec: &mut CacheOp| {
+        rec.cache = cache;
+        if k == Kind::CacheInsert {
             let value: u64 = ctx.arg(2).unwrap_or(0);
-            ev.ptr_b = value;
-            ev.word_a = read::word(value).unwrap_or(0);
-            ev.word_b = read::word(value + 8).unwrap_or(0);
-            let _ = capacity_eviction(cache, &lay, ev);
+            rec.value = value;
+            rec.value_words[0] = read::word(value).unwrap_or(0);
+            rec.value_words[1] = read::word(value + 8).unwrap_or(0);
+            let _ = capacity_eviction(cache, &lay, rec);
         }
-        read::string(key, &lay, ev)
+        read::string(key, &lay, &mut rec.key)
     })
 }

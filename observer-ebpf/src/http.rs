@@ -18,7 +18,11 @@ use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP, cty::c_void, helpers::generated::bpf_probe_read_user,
     macros::uprobe, programs::ProbeContext,
 };
-use observer_common::{conn_key, kind, stat, ConnSnapshot, CONN_WINDOW};
+use observer_common::{
+    conn_key,
+    event::{ConnSnapshot, HttpRequest, HttpResponse, SchedError},
+    stat, Kind, CONN_WINDOW,
+};
 
 use crate::{bump, check, header, read, send, CONN_KEY, EVENTS, OBSERVER_STATS};
 
@@ -45,7 +49,10 @@ pub fn sched_error(ctx: ProbeContext) -> u32 {
 
 fn try_http_request(ctx: &ProbeContext) -> Result<(), i64> {
     let key: u64 = ctx.arg(0).ok_or(1i64)?;
-    send(kind::HTTP_REQUEST, key, |_| Ok(()))
+    send(Kind::HttpRequest, |rec: &mut HttpRequest| {
+        rec.key = key;
+        Ok(())
+    })
 }
 
 fn try_http_response(ctx: &ProbeContext) -> Result<(), i64> {
@@ -57,9 +64,10 @@ fn try_http_response(ctx: &ProbeContext) -> Result<(), i64> {
     let Some(how) = how else {
         return send_snapshot(conn);
     };
-    send(kind::HTTP_RESPONSE, conn, |ev| {
+    send(Kind::HttpResponse, |rec: &mut HttpResponse| {
+        rec.conn = conn;
         let at = conn.wrapping_add(how.offset as u64);
-        ev.ptr_b = match how.mode {
+        rec.key = match how.mode {
             conn_key::LOAD => read::word(at).unwrap_or(0),
             _ => at,
         };
@@ -67,9 +75,10 @@ fn try_http_response(ctx: &ProbeContext) -> Result<(), i64> {
     })
 }
 
-/// The response event with the memory around its connection, while userspace learns where
+/// The response record with the memory around its connection, while userspace learns where
 /// the request key is: the connection is closed and its memory reused within microseconds
 /// of the head when clients do not keep connections alive, long before userspace looks.
+/// Not zeroed first: every byte of it is written here (a failed read zeroes `words`).
 fn send_snapshot(conn: u64) -> Result<(), i64> {
     let Some(mut entry) = EVENTS.reserve::<ConnSnapshot>(0) else {
         bump(&OBSERVER_STATS, stat::EVENTS_LOST);
@@ -77,7 +86,9 @@ fn send_snapshot(conn: u64) -> Result<(), i64> {
     };
     // SAFETY: the entry is ours until submitted.
     let snap = unsafe { &mut *entry.as_mut_ptr() };
-    header(&mut snap.ev, kind::HTTP_RESPONSE, conn);
+    header(&mut snap.head.header, Kind::HttpResponse);
+    snap.head.conn = conn;
+    snap.head.key = 0;
     let words = &mut snap.words;
     // SAFETY: the destination is the entry's own array, of the size passed; a bad source
     // address makes the helper fail and zero the destination (mm/maccess.c).
@@ -89,8 +100,9 @@ fn send_snapshot(conn: u64) -> Result<(), i64> {
         )
     };
     if rc == 0 {
-        snap.ev.word_a = 1;
+        snap.read_ok = 1;
     } else {
+        snap.read_ok = 0;
         bump(&OBSERVER_STATS, stat::READ_ERRORS);
     }
     entry.submit(BPF_RB_NO_WAKEUP as u64);
@@ -101,8 +113,8 @@ fn try_sched_error(ctx: &ProbeContext) -> Result<(), i64> {
     let err: u64 = ctx.arg(1).ok_or(1i64)?;
     let mut b = [0u8; 1];
     read::bytes(err, &mut b)?;
-    send(kind::SCHED_ERROR, err, |ev| {
-        ev.word_a = b[0] as u64;
+    send(Kind::SchedError, |rec: &mut SchedError| {
+        rec.error = b[0] as u64;
         Ok(())
     })
 }

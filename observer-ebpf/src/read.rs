@@ -1,7 +1,7 @@
 //! Bounded reads of target memory.
 
 use aya_ebpf::helpers::{bpf_probe_read_user, bpf_probe_read_user_buf};
-use observer_common::{stat, Event, Layout, MAX_STR};
+use observer_common::{stat, Layout, Str, MAX_STR};
 
 use crate::{bump, OBSERVER_STATS};
 
@@ -14,38 +14,22 @@ pub fn word(addr: u64) -> Result<u64, i64> {
     })
 }
 
-/// Reads the Rust `String` at `addr` into `ev.str` (cut at `MAX_STR`) and its full length.
+/// Reads the Rust `String` at `addr` into `dst` (cut at `MAX_STR`), with its full length.
 #[inline(always)]
-pub fn string(addr: u64, lay: &Layout, ev: &mut Event) -> Result<(), i64> {
-    let (len, n) = string_into(addr, lay, &mut ev.str)?;
-    ev.str_full_len = len;
-    ev.str_len = n;
-    Ok(())
-}
-
-/// Same into `ev.str2`.
-#[inline(always)]
-pub fn string2(addr: u64, lay: &Layout, ev: &mut Event) -> Result<(), i64> {
-    let (len, n) = string_into(addr, lay, &mut ev.str2)?;
-    ev.str2_full_len = len;
-    ev.str2_len = n;
-    Ok(())
-}
-
-/// Returns (full length, bytes copied).
-#[inline(always)]
-fn string_into(addr: u64, lay: &Layout, dst: &mut [u8; MAX_STR]) -> Result<(u64, u32), i64> {
+pub fn string(addr: u64, lay: &Layout, dst: &mut Str) -> Result<(), i64> {
     let ptr = word(addr + lay.string_ptr)?;
     let len = word(addr + lay.string_len)?;
     let mut n = len as usize;
     if n > MAX_STR {
         n = MAX_STR;
     }
-    if n == 0 {
-        return Ok((len, 0));
+    if n > 0 {
+        bytes(ptr, &mut dst.bytes[..n])?;
     }
-    bytes(ptr, &mut dst[..n])?;
-    Ok((len, n as u32))
+    // Set once the bytes are in: a failed read leaves the string empty.
+    dst.full_len = len;
+    dst.len = n as u32;
+    Ok(())
 }
 
 /// Reads `dst.len()` bytes at `ptr` (callers bound the length for the verifier).

@@ -17,7 +17,10 @@
 //! counter, and only spawns, terminations and the first fetch of new workers reach userspace.
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
-use observer_common::{kind, method, Event, HandleKey, Layout, HANDLE_KEY_LEN, MAX_STR};
+use observer_common::{
+    event::{RpcAnswer, RpcCall, RpcDone},
+    method, HandleKey, Kind, Layout, HANDLE_KEY_LEN,
+};
 
 use crate::{
     bump, check, layout, read, request_metrics, send, APP_REQUESTS, HANDLE_APP, LAST_PEER,
@@ -47,10 +50,11 @@ pub fn rpc_done(ctx: ProbeContext) -> u32 {
 
 /// The call's identity: its connection (the cancellation sender's `Arc`, one per runtime
 /// connection) and its context's trace id, which its `DispatchResponse` keeps.
-fn identify(ev: &mut Event, channel: u64, context: u64, lay: &Layout) {
-    ev.ptr_b = read::word(channel + lay.chan_cancel).unwrap_or(0);
-    ev.word_b = read::word(context + lay.ctx_trace_id).unwrap_or(0);
-    ev.word_c = read::word(context + lay.ctx_trace_id + 8).unwrap_or(0);
+fn identify(rec: &mut RpcCall, call: &Call, lay: &Layout) {
+    rec.client = call.channel;
+    rec.conn = read::word(call.channel + lay.chan_cancel).unwrap_or(0);
+    rec.trace_id[0] = read::word(call.context + lay.ctx_trace_id).unwrap_or(0);
+    rec.trace_id[1] = read::word(call.context + lay.ctx_trace_id + 8).unwrap_or(0);
 }
 
 fn try_rpc_call(ctx: &ProbeContext) -> Result<(), i64> {
@@ -65,13 +69,11 @@ fn try_rpc_call(ctx: &ProbeContext) -> Result<(), i64> {
     let request_metrics = request_metrics();
     match m {
         method::FETCH => fetch(&call, request, &lay, request_metrics),
-        method::SPAWN_WORKER => emit(kind::RPC_SPAWN, &call, request + lay.req_spawn_appid, &lay),
-        method::TERMINATE_WORKER => {
-            emit(kind::RPC_TERMINATE, &call, request + lay.req_handle, &lay)
-        }
-        _ if request_metrics => send(kind::RPC_OTHER, channel, |ev| {
-            ev.word_a = m as u64;
-            identify(ev, channel, context, &lay);
+        method::SPAWN_WORKER => emit(Kind::RpcSpawn, &call, request + lay.req_spawn_appid, &lay),
+        method::TERMINATE_WORKER => emit(Kind::RpcTerminate, &call, request + lay.req_handle, &lay),
+        _ if request_metrics => send(Kind::RpcOther, |rec: &mut RpcCall| {
+            rec.method = m;
+            identify(rec, &call, &lay);
             Ok(())
         }),
         _ => Ok(()),
@@ -101,24 +103,24 @@ fn fetch(call: &Call, request: u64, lay: &Layout, request_metrics: bool) -> Resu
             if !request_metrics {
                 return Ok(());
             }
-            return send(kind::RPC_FETCH, call.channel, |ev| {
-                ev.word_a = slot as u64;
-                identify(ev, call.channel, call.context, lay);
+            return send(Kind::RpcFetch, |rec: &mut RpcCall| {
+                rec.slot = slot;
+                identify(rec, call, lay);
                 // The handle, for the instance the proxy discards if this fetch fails.
-                ev.str[..HANDLE_KEY_LEN].copy_from_slice(&key.bytes);
-                ev.str_len = n as u32;
-                ev.str_full_len = len;
+                rec.arg.bytes[..HANDLE_KEY_LEN].copy_from_slice(&key.bytes);
+                rec.arg.len = n as u32;
+                rec.arg.full_len = len;
                 Ok(())
             });
         }
     }
-    emit(kind::RPC_FETCH_UNKNOWN, call, handle, lay)
+    emit(Kind::RpcFetchUnknown, call, handle, lay)
 }
 
-fn emit(k: u32, call: &Call, string: u64, lay: &Layout) -> Result<(), i64> {
-    send(k, call.channel, |ev| {
-        identify(ev, call.channel, call.context, lay);
-        read::string(string, lay, ev)
+fn emit(k: Kind, call: &Call, string: u64, lay: &Layout) -> Result<(), i64> {
+    send(k, |rec: &mut RpcCall| {
+        identify(rec, call, lay);
+        read::string(string, lay, &mut rec.arg)
     })
 }
 
@@ -126,11 +128,13 @@ fn try_rpc_response(ctx: &ProbeContext) -> Result<(), i64> {
     let oneshot: u64 = ctx.arg(1).ok_or(1i64)?;
     let response: u64 = ctx.arg(2).ok_or(1i64)?;
     let lay = layout();
-    send(kind::RPC_RESPONSE, oneshot, |ev| {
-        read::bytes(response, &mut ev.str)?;
-        ev.str_len = MAX_STR as u32;
-        ev.str_full_len = MAX_STR as u64;
-        let tag = read::word(response)?;
+    send(Kind::RpcAnswer, |rec: &mut RpcAnswer| {
+        rec.oneshot = oneshot;
+        read::bytes(response, &mut rec.raw)?;
+        let tag = u64::from_ne_bytes([
+            rec.raw[0], rec.raw[1], rec.raw[2], rec.raw[3], rec.raw[4], rec.raw[5], rec.raw[6],
+            rec.raw[7],
+        ]);
         let string = if tag == lay.resp_niche_base.wrapping_add(lay.resp_tag_id) {
             lay.resp_id_string
         } else if tag == lay.resp_niche_base.wrapping_add(lay.resp_tag_spawn) {
@@ -140,23 +144,13 @@ fn try_rpc_response(ctx: &ProbeContext) -> Result<(), i64> {
         };
         if string != 0 {
             // An error answer has no string there: userspace only uses it for an `Ok`.
-            let _ = read::string2(response + string, &lay, ev);
+            let _ = read::string(response + string, &lay, &mut rec.string);
         }
         let tid = bpf_get_current_pid_tgid() as u32;
         // SAFETY: a copy out of a per-thread entry; a stale one is harmless (a wrong name is
         // not possible: it is the last peer this thread received from).
         if let Some(p) = unsafe { LAST_PEER.get(tid) } {
-            let lo = u64::from_ne_bytes([
-                p.addr[0], p.addr[1], p.addr[2], p.addr[3], p.addr[4], p.addr[5], p.addr[6],
-                p.addr[7],
-            ]);
-            let hi = u64::from_ne_bytes([
-                p.addr[8], p.addr[9], p.addr[10], p.addr[11], p.addr[12], p.addr[13], p.addr[14],
-                p.addr[15],
-            ]);
-            ev.ptr_b = lo;
-            ev.word_b = hi;
-            ev.word_c = p.port as u64 | (p.family as u64) << 16;
+            rec.peer = *p;
         }
         Ok(())
     })
@@ -166,12 +160,13 @@ fn try_rpc_done(ctx: &ProbeContext) -> Result<(), i64> {
     let dr: u64 = ctx.arg(0).ok_or(1i64)?;
     let lay = layout();
     let oneshot = read::word(dr + lay.dr_response)?;
-    send(kind::RPC_DONE, oneshot, |ev| {
-        ev.ptr_b = read::word(dr + lay.dr_cancel)?;
+    send(Kind::RpcDone, |rec: &mut RpcDone| {
+        rec.oneshot = oneshot;
+        rec.conn = read::word(dr + lay.dr_cancel)?;
         let trace = dr + lay.dr_ctx + lay.ctx_trace_id;
-        ev.word_b = read::word(trace)?;
-        ev.word_c = read::word(trace + 8)?;
-        ev.word_a = read::word(dr + lay.dr_complete)? & 0xff;
+        rec.trace_id[0] = read::word(trace)?;
+        rec.trace_id[1] = read::word(trace + 8)?;
+        rec.completed = read::word(dr + lay.dr_complete)? & 0xff;
         Ok(())
     })
 }

@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::ProbeContext,
     EbpfContext as _,
 };
-use observer_common::kind;
+use observer_common::{event::ServerCall, Kind};
 
 use crate::{check, send};
 
@@ -94,11 +94,11 @@ fn try_server_drop(ctx: &ProbeContext) -> Result<(), i64> {
         return Ok(());
     };
     let _ = SERVER_OPEN.remove(key);
-    send(kind::SERVER_CALL, tgid, |ev| {
-        ev.word_a = open.method as u64;
-        // SAFETY: no preconditions.
-        ev.word_b = unsafe { bpf_ktime_get_ns() }.saturating_sub(open.start_ns);
-        ev.word_c = open.polls as u64;
+    send(Kind::ServerCall, |rec: &mut ServerCall| {
+        rec.tgid = tgid as u32;
+        rec.method = open.method;
+        rec.duration_ns = rec.header.ktime_ns.saturating_sub(open.start_ns);
+        rec.polls = open.polls as u64;
         Ok(())
     })
 }

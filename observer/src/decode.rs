@@ -1,9 +1,9 @@
 //! Pure decoders of what the probes send: ring buffer records and strings read from the
 //! target's memory, which are untrusted until validated here.
 
-use observer_common::{kind, method, ConnSnapshot, Event, CONN_WINDOW, MAX_STR};
+use observer_common::{event, method, Header, Kind, Peer, Str, CONN_WINDOW, MAX_STR};
 
-/// A ring buffer record, decoded.
+/// A ring buffer record, decoded for the app tracker and the runtimes' served calls.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decoded {
     CacheInsert {
@@ -35,9 +35,9 @@ pub enum Decoded {
         handle: Bytes,
         ktime_ns: u64,
     },
-    /// An event only the request metrics use: `request_event` decodes it for `crate::model::requests`.
+    /// A record only the request metrics use: `request_event` decodes it for `crate::model::requests`.
     PerRequest,
-    /// A runtime's tarpc method call ended (`crate::server`).
+    /// A runtime's tarpc method call ended (`crate::model::runtime_server`).
     ServerCall {
         tgid: u32,
         method: u32,
@@ -60,6 +60,14 @@ impl Bytes {
             full_len: s.len() as u64,
         }
     }
+
+    /// The string a record carries (its length checked by `record`).
+    fn of(s: &Str) -> Self {
+        Bytes {
+            data: s.bytes[..(s.len as usize).min(MAX_STR)].to_vec(),
+            full_len: s.full_len,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,28 +80,96 @@ pub enum DecodeError {
     StrLen(u32),
 }
 
-/// A ring buffer record as an `Event`, its lengths checked.
-pub fn event(record: &[u8]) -> Result<Event, DecodeError> {
-    let want = std::mem::size_of::<Event>();
-    if record.len() < want {
-        return Err(DecodeError::Size(record.len(), want));
+/// A ring buffer record as the kernel's typed record of its kind (`observer_common::event`),
+/// its size and string lengths checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// `Kind::CacheInsert` or `Kind::CacheRemove`.
+    Cache(Kind, event::CacheOp),
+    /// `Kind::RpcSpawn` ..= `Kind::RpcOther`.
+    Call(Kind, event::RpcCall),
+    HttpRequest(event::HttpRequest),
+    /// With the memory around the connection while userspace learns (`event::ConnSnapshot`).
+    HttpResponse(event::HttpResponse, Option<Snapshot>),
+    SchedError(event::SchedError),
+    Answer(event::RpcAnswer),
+    Done(event::RpcDone),
+    ServerCall(event::ServerCall),
+}
+
+impl Record {
+    /// When its probe ran.
+    pub fn ktime_ns(&self) -> u64 {
+        self.header().ktime_ns
     }
-    // SAFETY: Event is plain old data of this size; read_unaligned copes with any alignment.
-    let ev: Event = unsafe { std::ptr::read_unaligned(record.as_ptr() as *const Event) };
-    if ev.str_len as usize > MAX_STR {
-        return Err(DecodeError::StrLen(ev.str_len));
+
+    pub fn header(&self) -> &Header {
+        match self {
+            Record::Cache(_, r) => &r.header,
+            Record::Call(_, r) => &r.header,
+            Record::HttpRequest(r) => &r.header,
+            Record::HttpResponse(r, _) => &r.header,
+            Record::SchedError(r) => &r.header,
+            Record::Answer(r) => &r.header,
+            Record::Done(r) => &r.header,
+            Record::ServerCall(r) => &r.header,
+        }
     }
-    if ev.str2_len as usize > MAX_STR {
-        return Err(DecodeError::StrLen(ev.str2_len));
+}
+
+/// The `T` at the start of `rec`, if `rec` holds one.
+fn read<T: Copy>(rec: &[u8]) -> Result<T, DecodeError> {
+    let want = std::mem::size_of::<T>();
+    if rec.len() < want {
+        return Err(DecodeError::Size(rec.len(), want));
     }
-    if !(kind::CACHE_INSERT..=kind::LAST).contains(&ev.kind) {
-        return Err(DecodeError::Kind(ev.kind));
+    // SAFETY: every record type is plain old data of this size (`observer_common::event`),
+    // for which any bytes are a value; read_unaligned copes with any alignment.
+    Ok(unsafe { std::ptr::read_unaligned(rec.as_ptr() as *const T) })
+}
+
+fn checked(s: &Str) -> Result<(), DecodeError> {
+    if s.len as usize > MAX_STR {
+        return Err(DecodeError::StrLen(s.len));
     }
-    Ok(ev)
+    Ok(())
+}
+
+/// Decodes a ring buffer record by the kind its header names.
+pub fn record(rec: &[u8]) -> Result<Record, DecodeError> {
+    let h: Header = read(rec)?;
+    let k = Kind::from_u32(h.kind).ok_or(DecodeError::Kind(h.kind))?;
+    Ok(match k {
+        Kind::CacheInsert | Kind::CacheRemove => {
+            let r: event::CacheOp = read(rec)?;
+            checked(&r.key)?;
+            checked(&r.evicted)?;
+            Record::Cache(k, r)
+        }
+        Kind::RpcSpawn
+        | Kind::RpcTerminate
+        | Kind::RpcFetchUnknown
+        | Kind::RpcFetch
+        | Kind::RpcOther => {
+            let r: event::RpcCall = read(rec)?;
+            checked(&r.arg)?;
+            Record::Call(k, r)
+        }
+        Kind::HttpRequest => Record::HttpRequest(read(rec)?),
+        Kind::HttpResponse => Record::HttpResponse(read(rec)?, snapshot(rec)),
+        Kind::SchedError => Record::SchedError(read(rec)?),
+        Kind::RpcAnswer => {
+            let r: event::RpcAnswer = read(rec)?;
+            checked(&r.string)?;
+            Record::Answer(r)
+        }
+        Kind::RpcDone => Record::Done(read(rec)?),
+        Kind::ServerCall => Record::ServerCall(read(rec)?),
+    })
 }
 
 /// The memory around a response head's connection, as the kernel copied it when the head
-/// was encoded (`ConnSnapshot`).
+/// was encoded (`event::ConnSnapshot`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     /// Address of `bytes[0]` in the target.
@@ -102,14 +178,15 @@ pub struct Snapshot {
 }
 
 /// The snapshot a response head's record carries, if it is one whose read succeeded.
-pub fn snapshot(record: &[u8], ev: &Event) -> Option<Snapshot> {
-    let want = std::mem::size_of::<ConnSnapshot>();
-    if ev.kind != kind::HTTP_RESPONSE || record.len() < want || ev.word_a != 1 {
+fn snapshot(rec: &[u8]) -> Option<Snapshot> {
+    let snap: event::ConnSnapshot = read(rec).ok()?;
+    if snap.read_ok != 1 {
         return None;
     }
+    let at = std::mem::offset_of!(event::ConnSnapshot, words);
     Some(Snapshot {
-        base: ev.ptr_a.wrapping_sub(CONN_WINDOW),
-        bytes: record[std::mem::size_of::<Event>()..want].to_vec(),
+        base: snap.head.conn.wrapping_sub(CONN_WINDOW),
+        bytes: rec[at..std::mem::size_of::<event::ConnSnapshot>()].to_vec(),
     })
 }
 
@@ -132,71 +209,55 @@ impl Snapshot {
     }
 }
 
-/// `ev.str` as a string read from the target.
-pub fn str1(ev: &Event) -> Bytes {
-    Bytes {
-        data: ev.str[..ev.str_len as usize].to_vec(),
-        full_len: ev.str_full_len,
+pub fn decode(rec: &[u8]) -> Result<Decoded, DecodeError> {
+    Ok(decode_event(&record(rec)?))
+}
+
+/// What the app tracker and the served calls take from a record. The string is copied out
+/// only for the kinds that carry one to the tracker: the per-request kinds (most records) go
+/// to `request_event` and allocate nothing here.
+pub fn decode_event(r: &Record) -> Decoded {
+    let t = r.ktime_ns();
+    match r {
+        Record::Cache(Kind::CacheInsert, c) => Decoded::CacheInsert {
+            cache: c.cache,
+            key: Bytes::of(&c.key),
+            fresh_arc: c.value_words == [1, 1],
+            evicts: c.evicts,
+            evicted: (c.evicts > 0).then(|| Bytes::of(&c.evicted)),
+            ktime_ns: t,
+        },
+        Record::Cache(_, c) => Decoded::CacheRemove {
+            cache: c.cache,
+            key: Bytes::of(&c.key),
+            ktime_ns: t,
+        },
+        Record::Call(Kind::RpcSpawn, c) => Decoded::Spawn {
+            client: c.client,
+            app: Bytes::of(&c.arg),
+            ktime_ns: t,
+        },
+        Record::Call(Kind::RpcTerminate, c) => Decoded::Terminate {
+            handle: Bytes::of(&c.arg),
+            ktime_ns: t,
+        },
+        Record::Call(Kind::RpcFetchUnknown, c) => Decoded::FetchUnknown {
+            client: c.client,
+            handle: Bytes::of(&c.arg),
+            ktime_ns: t,
+        },
+        Record::ServerCall(c) => Decoded::ServerCall {
+            tgid: c.tgid,
+            method: if c.method < method::COUNT {
+                c.method
+            } else {
+                method::UNKNOWN
+            },
+            duration_ns: c.duration_ns,
+            polls: c.polls,
+        },
+        _ => Decoded::PerRequest,
     }
-}
-
-/// `ev.str2` as a string read from the target.
-pub fn str2(ev: &Event) -> Bytes {
-    Bytes {
-        data: ev.str2[..ev.str2_len as usize].to_vec(),
-        full_len: ev.str2_full_len,
-    }
-}
-
-pub fn decode(record: &[u8]) -> Result<Decoded, DecodeError> {
-    decode_event(&event(record)?)
-}
-
-pub fn decode_event(ev: &Event) -> Result<Decoded, DecodeError> {
-    // The string is copied out only for the kinds that carry one to the tracker: the
-    // per-request kinds (most events) go to `request_event` and allocate nothing here.
-    let s = || str1(ev);
-    let t = ev.ktime_ns;
-    Ok(match ev.kind {
-        kind::CACHE_INSERT => Decoded::CacheInsert {
-            cache: ev.ptr_a,
-            key: s(),
-            fresh_arc: ev.word_a == 1 && ev.word_b == 1,
-            evicts: ev.word_c,
-            evicted: (ev.word_c > 0).then(|| str2(ev)),
-            ktime_ns: t,
-        },
-        kind::CACHE_REMOVE => Decoded::CacheRemove {
-            cache: ev.ptr_a,
-            key: s(),
-            ktime_ns: t,
-        },
-        kind::RPC_SPAWN => Decoded::Spawn {
-            client: ev.ptr_a,
-            app: s(),
-            ktime_ns: t,
-        },
-        kind::RPC_TERMINATE => Decoded::Terminate {
-            handle: s(),
-            ktime_ns: t,
-        },
-        kind::RPC_FETCH_UNKNOWN => Decoded::FetchUnknown {
-            client: ev.ptr_a,
-            handle: s(),
-            ktime_ns: t,
-        },
-        kind::RPC_FETCH..=kind::RPC_DONE => Decoded::PerRequest,
-        kind::SERVER_CALL => Decoded::ServerCall {
-            tgid: u32::try_from(ev.ptr_a).map_err(|_| DecodeError::Kind(ev.kind))?,
-            method: u32::try_from(ev.word_a)
-                .ok()
-                .filter(|m| *m < method::COUNT)
-                .unwrap_or(method::UNKNOWN),
-            duration_ns: ev.word_b,
-            polls: ev.word_c,
-        },
-        k => return Err(DecodeError::Kind(k)),
-    })
 }
 
 /// A runtime RPC's identity: its connection (the cancellation sender's `Arc`, one per runtime
@@ -218,8 +279,8 @@ pub enum CallKind {
     Other { method: u32 },
 }
 
-/// A request-path event, decoded for the joins (`crate::model::requests`): each kind's fields named,
-/// so that nothing else reads an `Event`'s raw words.
+/// A request-path record, decoded for the joins (`crate::model::requests`): each kind's
+/// fields named.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestEvent {
     /// hyper hands a parsed request to the proxy's service; `key`: its service future.
@@ -238,7 +299,7 @@ pub enum RequestEvent {
         oneshot: u64,
         raw: [u8; MAX_STR],
         string: Bytes,
-        peer: (u64, u64, u64),
+        peer: Peer,
         ktime_ns: u64,
     },
     /// A call's response future ends, answered (on `oneshot`) or not; `completed`: its
@@ -260,55 +321,57 @@ pub enum RequestEvent {
     },
 }
 
-/// The request-path event `ev` is, if it is one.
-pub fn request_event(ev: &Event) -> Option<RequestEvent> {
-    let t = ev.ktime_ns;
-    let id = (ev.ptr_b, ev.word_b, ev.word_c);
-    let call = |call| RequestEvent::Call {
-        call,
-        client: ev.ptr_a,
-        id,
-        ktime_ns: t,
-    };
-    Some(match ev.kind {
-        kind::HTTP_REQUEST => RequestEvent::Start {
-            key: ev.ptr_a,
+/// The request-path event a record is, if it is one.
+pub fn request_event(r: &Record) -> Option<RequestEvent> {
+    let t = r.ktime_ns();
+    Some(match r {
+        Record::HttpRequest(h) => RequestEvent::Start {
+            key: h.key,
             ktime_ns: t,
         },
-        kind::RPC_SPAWN => call(CallKind::Spawn { app: str1(ev) }),
-        kind::RPC_TERMINATE => call(CallKind::Terminate),
-        kind::RPC_FETCH => call(CallKind::Fetch {
-            slot: ev.word_a as u32,
-            handle: str1(ev),
-        }),
-        kind::RPC_FETCH_UNKNOWN => call(CallKind::FetchUnknown { handle: str1(ev) }),
-        kind::RPC_OTHER => call(CallKind::Other {
-            method: ev.word_a as u32,
-        }),
-        kind::RPC_RESPONSE => RequestEvent::Answer {
-            oneshot: ev.ptr_a,
-            raw: ev.str,
-            string: str2(ev),
-            peer: (ev.ptr_b, ev.word_b, ev.word_c),
+        Record::Call(k, c) => RequestEvent::Call {
+            call: match k {
+                Kind::RpcSpawn => CallKind::Spawn {
+                    app: Bytes::of(&c.arg),
+                },
+                Kind::RpcTerminate => CallKind::Terminate,
+                Kind::RpcFetch => CallKind::Fetch {
+                    slot: c.slot,
+                    handle: Bytes::of(&c.arg),
+                },
+                Kind::RpcFetchUnknown => CallKind::FetchUnknown {
+                    handle: Bytes::of(&c.arg),
+                },
+                _ => CallKind::Other { method: c.method },
+            },
+            client: c.client,
+            id: (c.conn, c.trace_id[0], c.trace_id[1]),
             ktime_ns: t,
         },
-        kind::RPC_DONE => RequestEvent::Done {
-            oneshot: ev.ptr_a,
-            id,
-            completed: ev.word_a != 0,
-        },
-        kind::SCHED_ERROR => RequestEvent::SchedError {
-            tid: ev.tid,
-            error: ev.word_a,
+        Record::Answer(a) => RequestEvent::Answer {
+            oneshot: a.oneshot,
+            raw: a.raw,
+            string: Bytes::of(&a.string),
+            peer: a.peer,
             ktime_ns: t,
         },
-        kind::HTTP_RESPONSE => RequestEvent::Response {
-            conn: ev.ptr_a,
-            key: ev.ptr_b,
-            tid: ev.tid,
+        Record::Done(d) => RequestEvent::Done {
+            oneshot: d.oneshot,
+            id: (d.conn, d.trace_id[0], d.trace_id[1]),
+            completed: d.completed != 0,
+        },
+        Record::SchedError(e) => RequestEvent::SchedError {
+            tid: e.header.tid,
+            error: e.error,
             ktime_ns: t,
         },
-        _ => return None,
+        Record::HttpResponse(h, _) => RequestEvent::Response {
+            conn: h.conn,
+            key: h.key,
+            tid: h.header.tid,
+            ktime_ns: t,
+        },
+        Record::Cache(..) | Record::ServerCall(_) => return None,
     })
 }
 
@@ -355,62 +418,88 @@ pub fn app_label(b: &Bytes) -> Result<String, Refused> {
     Ok(s.to_string())
 }
 
+/// Building records as the kernel sends them, for tests.
+#[cfg(test)]
+pub(crate) mod fake {
+    use observer_common::{Header, Kind, Record, Str, MAX_STR};
+
+    /// A zeroed record of kind `k` at `t` from thread 1, filled by `f`.
+    pub fn rec<T: Record>(k: Kind, t: u64, f: impl FnOnce(&mut T)) -> T {
+        // SAFETY: every record type is plain old data, for which all-zero bytes are a value.
+        let mut r: T = unsafe { std::mem::zeroed() };
+        *r.header_mut() = Header {
+            kind: k as u32,
+            tid: 1,
+            ktime_ns: t,
+        };
+        f(&mut r);
+        r
+    }
+
+    /// A record's bytes, as the ring buffer holds them.
+    pub fn bytes<T: Copy>(r: &T) -> Vec<u8> {
+        let p = r as *const T as *const u8;
+        // SAFETY: reading the bytes of a padding-free plain old data value.
+        unsafe { std::slice::from_raw_parts(p, std::mem::size_of::<T>()) }.to_vec()
+    }
+
+    pub fn string(s: &[u8], full_len: u64) -> Str {
+        let mut out = Str {
+            len: s.len() as u32,
+            _pad: 0,
+            full_len,
+            bytes: [0; MAX_STR],
+        };
+        out.bytes[..s.len()].copy_from_slice(s);
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::fake::{bytes, rec, string};
     use super::*;
+    use observer_common::event::*;
 
-    fn snapshot_record(kind: u32, read_ok: u64, conn: u64, len: usize) -> (Vec<u8>, Event) {
-        let mut ev = Event::zeroed();
-        ev.kind = kind;
-        ev.ptr_a = conn;
-        ev.word_a = read_ok;
-        let p = &ev as *const Event as *const u8;
-        // SAFETY: reading the bytes of a plain old data value.
-        let mut rec =
-            unsafe { std::slice::from_raw_parts(p, std::mem::size_of::<Event>()) }.to_vec();
-        rec.extend((0..len - rec.len()).map(|i| (i / 8) as u8));
-        (rec, ev)
+    fn snapshot_record(read_ok: u64, conn: u64, len: usize) -> Vec<u8> {
+        // SAFETY: plain old data; all-zero bytes are a value.
+        let mut snap: ConnSnapshot = unsafe { std::mem::zeroed() };
+        snap.head = rec(Kind::HttpResponse, 0, |h: &mut HttpResponse| h.conn = conn);
+        snap.read_ok = read_ok;
+        for (i, w) in snap.words.iter_mut().enumerate() {
+            *w = i as u64 & 0xff;
+        }
+        let mut r = bytes(&snap);
+        r.truncate(len);
+        r
     }
 
     #[test]
     fn snapshots_come_only_with_response_heads_whose_read_succeeded() {
         let full = std::mem::size_of::<ConnSnapshot>();
-        let plain = std::mem::size_of::<Event>();
+        let plain = std::mem::size_of::<HttpResponse>();
         let cases = [
-            (
-                "a response head with its snapshot",
-                kind::HTTP_RESPONSE,
-                1,
-                full,
-                true,
-            ),
-            ("the read failed", kind::HTTP_RESPONSE, 0, full, false),
-            (
-                "a response head the kernel keyed itself",
-                kind::HTTP_RESPONSE,
-                1,
-                plain,
-                false,
-            ),
-            ("a cut record", kind::HTTP_RESPONSE, 1, full - 8, false),
-            ("another kind", kind::HTTP_REQUEST, 1, full, false),
+            ("a response head with its snapshot", 1, full, true),
+            ("the read failed", 0, full, false),
+            ("a response head the kernel keyed itself", 1, plain, false),
+            ("a cut record", 1, full - 8, false),
         ];
-        for (what, k, ok, len, want) in cases {
-            let (rec, ev) = snapshot_record(k, ok, 0x10_0000, len);
-            assert_eq!(snapshot(&rec, &ev).is_some(), want, "{what}");
+        for (what, ok, len, want) in cases {
+            let r = record(&snapshot_record(ok, 0x10_0000, len)).expect(what);
+            let Record::HttpResponse(_, snap) = r else {
+                panic!("{what}: a response head decodes as one");
+            };
+            assert_eq!(snap.is_some(), want, "{what}");
         }
     }
 
     #[test]
     fn a_snapshot_reads_only_what_it_holds() {
         let conn = 0x10_0000u64;
-        let (rec, ev) = snapshot_record(
-            kind::HTTP_RESPONSE,
-            1,
-            conn,
-            std::mem::size_of::<ConnSnapshot>(),
-        );
-        let snap = snapshot(&rec, &ev).expect("a snapshot");
+        let r = snapshot_record(1, conn, std::mem::size_of::<ConnSnapshot>());
+        let Ok(Record::HttpResponse(_, Some(snap))) = record(&r) else {
+            panic!("a snapshot");
+        };
         assert_eq!(snap.base, conn - CONN_WINDOW);
         let words = (2 * CONN_WINDOW / 8) as usize;
         let cases = [
@@ -436,25 +525,22 @@ mod tests {
         }
     }
 
+    fn call(k: Kind) -> Vec<u8> {
+        bytes(&rec(k, 7, |c: &mut RpcCall| {
+            c.header.tid = 9;
+            c.client = 0xa;
+            c.conn = 0xb;
+            c.trace_id = [0xc, 0xd];
+            c.method = 3;
+            c.slot = 3;
+            c.arg = string(b"h1", 2);
+        }))
+    }
+
     #[test]
     fn request_events_name_what_each_kind_carries() {
-        let mut ev = Event::zeroed();
-        ev.ktime_ns = 7;
-        ev.tid = 9;
-        ev.ptr_a = 0xa;
-        ev.ptr_b = 0xb;
-        ev.word_a = 3;
-        ev.word_b = 0xc;
-        ev.word_c = 0xd;
-        ev.str[..2].copy_from_slice(b"h1");
-        ev.str_len = 2;
-        ev.str_full_len = 2;
-        let with = |k: u32| {
-            let mut e = ev;
-            e.kind = k;
-            request_event(&e)
-        };
-        let call = |call| {
+        let of = |r: Vec<u8>| request_event(&record(&r).expect("a record"));
+        let sent = |call| {
             Some(RequestEvent::Call {
                 call,
                 client: 0xa,
@@ -465,28 +551,51 @@ mod tests {
         let h1 = Bytes::new("h1");
         let cases = [
             (
-                kind::HTTP_REQUEST,
+                "a request",
+                bytes(&rec(Kind::HttpRequest, 7, |r: &mut HttpRequest| {
+                    r.key = 0xa
+                })),
                 Some(RequestEvent::Start {
                     key: 0xa,
                     ktime_ns: 7,
                 }),
             ),
-            (kind::RPC_SPAWN, call(CallKind::Spawn { app: h1.clone() })),
-            (kind::RPC_TERMINATE, call(CallKind::Terminate)),
             (
-                kind::RPC_FETCH,
-                call(CallKind::Fetch {
+                "a spawn",
+                call(Kind::RpcSpawn),
+                sent(CallKind::Spawn { app: h1.clone() }),
+            ),
+            (
+                "a terminate",
+                call(Kind::RpcTerminate),
+                sent(CallKind::Terminate),
+            ),
+            (
+                "a fetch",
+                call(Kind::RpcFetch),
+                sent(CallKind::Fetch {
                     slot: 3,
                     handle: h1.clone(),
                 }),
             ),
             (
-                kind::RPC_FETCH_UNKNOWN,
-                call(CallKind::FetchUnknown { handle: h1.clone() }),
+                "a fetch on an unknown worker",
+                call(Kind::RpcFetchUnknown),
+                sent(CallKind::FetchUnknown { handle: h1.clone() }),
             ),
-            (kind::RPC_OTHER, call(CallKind::Other { method: 3 })),
             (
-                kind::RPC_DONE,
+                "another method",
+                call(Kind::RpcOther),
+                sent(CallKind::Other { method: 3 }),
+            ),
+            (
+                "a call's end",
+                bytes(&rec(Kind::RpcDone, 7, |d: &mut RpcDone| {
+                    d.oneshot = 0xa;
+                    d.conn = 0xb;
+                    d.trace_id = [0xc, 0xd];
+                    d.completed = 1;
+                })),
                 Some(RequestEvent::Done {
                     oneshot: 0xa,
                     id: (0xb, 0xc, 0xd),
@@ -494,7 +603,11 @@ mod tests {
                 }),
             ),
             (
-                kind::SCHED_ERROR,
+                "the proxy's own error",
+                bytes(&rec(Kind::SchedError, 7, |e: &mut SchedError| {
+                    e.header.tid = 9;
+                    e.error = 3;
+                })),
                 Some(RequestEvent::SchedError {
                     tid: 9,
                     error: 3,
@@ -502,7 +615,12 @@ mod tests {
                 }),
             ),
             (
-                kind::HTTP_RESPONSE,
+                "a response head",
+                bytes(&rec(Kind::HttpResponse, 7, |h: &mut HttpResponse| {
+                    h.header.tid = 9;
+                    h.conn = 0xa;
+                    h.key = 0xb;
+                })),
                 Some(RequestEvent::Response {
                     conn: 0xa,
                     key: 0xb,
@@ -510,55 +628,77 @@ mod tests {
                     ktime_ns: 7,
                 }),
             ),
-            (kind::CACHE_INSERT, None),
-            (kind::SERVER_CALL, None),
+            (
+                "a cache insert",
+                bytes(&rec(Kind::CacheInsert, 7, |_: &mut CacheOp| {})),
+                None,
+            ),
+            (
+                "a served call",
+                bytes(&rec(Kind::ServerCall, 7, |_: &mut ServerCall| {})),
+                None,
+            ),
         ];
-        for (k, want) in cases {
-            assert_eq!(with(k), want, "kind {k}");
+        for (what, r, want) in cases {
+            assert_eq!(of(r), want, "{what}");
         }
-        let Some(RequestEvent::Answer {
-            oneshot,
-            raw,
-            peer,
-            ktime_ns,
-            ..
-        }) = with(kind::RPC_RESPONSE)
-        else {
-            panic!("an answer decodes as one");
+        let peer = Peer {
+            addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port: 9000,
+            family: observer_common::family::INET,
+            _pad: 0,
         };
-        assert_eq!((oneshot, peer, ktime_ns), (0xa, (0xb, 0xc, 0xd), 7));
-        assert_eq!(&raw[..2], b"h1", "the answer's first bytes");
+        let answer = rec(Kind::RpcAnswer, 7, |a: &mut RpcAnswer| {
+            a.oneshot = 0xa;
+            a.peer = peer;
+            a.raw[..2].copy_from_slice(b"h1");
+            a.string = string(b"rt", 2);
+        });
+        assert_eq!(
+            of(bytes(&answer)),
+            Some(RequestEvent::Answer {
+                oneshot: 0xa,
+                raw: answer.raw,
+                string: Bytes::new("rt"),
+                peer,
+                ktime_ns: 7,
+            }),
+            "an answer names its oneshot, bytes, string and peer"
+        );
     }
 
-    fn record(kind: u32, s: &[u8], full: u64, words: [u64; 4]) -> Vec<u8> {
-        record2(kind, s, full, words, 0, b"")
-    }
-
-    fn record2(kind: u32, s: &[u8], full: u64, words: [u64; 4], evicts: u64, s2: &[u8]) -> Vec<u8> {
-        let mut ev = Event::zeroed();
-        ev.kind = kind;
-        ev.str_len = s.len() as u32;
-        ev.str_full_len = full;
-        ev.ktime_ns = 42;
-        ev.ptr_a = words[0];
-        ev.ptr_b = words[1];
-        ev.word_a = words[2];
-        ev.word_b = words[3];
-        ev.str[..s.len()].copy_from_slice(s);
-        ev.word_c = evicts;
-        ev.str2_len = s2.len() as u32;
-        ev.str2_full_len = s2.len() as u64;
-        ev.str2[..s2.len()].copy_from_slice(s2);
-        let p = &ev as *const Event as *const u8;
-        // SAFETY: reading the bytes of a plain old data value.
-        unsafe { std::slice::from_raw_parts(p, std::mem::size_of::<Event>()) }.to_vec()
+    fn cache(k: Kind, key: &[u8], full: u64, value_words: [u64; 2]) -> CacheOp {
+        rec(k, 42, |c: &mut CacheOp| {
+            c.cache = 0x10;
+            c.value = 0x20;
+            c.value_words = value_words;
+            c.key = string(key, full);
+        })
     }
 
     #[test]
     fn decodes_every_kind() {
-        let cases: Vec<(Vec<u8>, Decoded)> = vec![
+        let mut evicting = cache(Kind::CacheInsert, b"app", 3, [1, 1]);
+        evicting.evicts = 1;
+        evicting.evicted = string(b"old", 3);
+        let rpc = |k: Kind, client: u64, arg: &[u8]| {
+            bytes(&rec(k, 42, |c: &mut RpcCall| {
+                c.client = client;
+                c.arg = string(arg, arg.len() as u64);
+            }))
+        };
+        let served = |method: u32, duration_ns: u64, polls: u64| {
+            bytes(&rec(Kind::ServerCall, 42, |c: &mut ServerCall| {
+                c.tgid = 1234;
+                c.method = method;
+                c.duration_ns = duration_ns;
+                c.polls = polls;
+            }))
+        };
+        let cases: Vec<(&str, Vec<u8>, Decoded)> = vec![
             (
-                record(kind::CACHE_INSERT, b"app", 3, [0x10, 0x20, 1, 1]),
+                "an insert of a fresh Arc",
+                bytes(&cache(Kind::CacheInsert, b"app", 3, [1, 1])),
                 Decoded::CacheInsert {
                     cache: 0x10,
                     key: Bytes::new("app"),
@@ -569,7 +709,8 @@ mod tests {
                 },
             ),
             (
-                record2(kind::CACHE_INSERT, b"app", 3, [0x10, 0x20, 1, 1], 1, b"old"),
+                "an insert that evicts",
+                bytes(&evicting),
                 Decoded::CacheInsert {
                     cache: 0x10,
                     key: Bytes::new("app"),
@@ -580,12 +721,8 @@ mod tests {
                 },
             ),
             (
-                record(
-                    kind::CACHE_INSERT,
-                    b"example.com",
-                    11,
-                    [0x10, 0x20, 0x7f00, 0],
-                ),
+                "an insert of something else",
+                bytes(&cache(Kind::CacheInsert, b"example.com", 11, [0x7f00, 0])),
                 Decoded::CacheInsert {
                     cache: 0x10,
                     key: Bytes::new("example.com"),
@@ -596,7 +733,8 @@ mod tests {
                 },
             ),
             (
-                record(kind::CACHE_REMOVE, b"app", 3, [0x10, 0, 0, 0]),
+                "a remove",
+                bytes(&cache(Kind::CacheRemove, b"app", 3, [0, 0])),
                 Decoded::CacheRemove {
                     cache: 0x10,
                     key: Bytes::new("app"),
@@ -604,7 +742,8 @@ mod tests {
                 },
             ),
             (
-                record(kind::RPC_SPAWN, b"app", 3, [0x30, 0, 0, 0]),
+                "a spawn",
+                rpc(Kind::RpcSpawn, 0x30, b"app"),
                 Decoded::Spawn {
                     client: 0x30,
                     app: Bytes::new("app"),
@@ -612,14 +751,16 @@ mod tests {
                 },
             ),
             (
-                record(kind::RPC_TERMINATE, b"h1", 2, [0, 0, 0, 0]),
+                "a terminate",
+                rpc(Kind::RpcTerminate, 0, b"h1"),
                 Decoded::Terminate {
                     handle: Bytes::new("h1"),
                     ktime_ns: 42,
                 },
             ),
             (
-                record(kind::RPC_FETCH_UNKNOWN, b"h1", 2, [0x40, 0, 0, 0]),
+                "a fetch on an unknown worker",
+                rpc(Kind::RpcFetchUnknown, 0x40, b"h1"),
                 Decoded::FetchUnknown {
                     client: 0x40,
                     handle: Bytes::new("h1"),
@@ -627,7 +768,8 @@ mod tests {
                 },
             ),
             (
-                record2(kind::SERVER_CALL, b"", 0, [1234, 0, 4, 3_000_000], 2, b""),
+                "a served call",
+                served(method::FETCH, 3_000_000, 2),
                 Decoded::ServerCall {
                     tgid: 1234,
                     method: method::FETCH,
@@ -636,7 +778,8 @@ mod tests {
                 },
             ),
             (
-                record(kind::SERVER_CALL, b"", 0, [1234, 0, 77, 1]),
+                "a served call of a method past the known ones",
+                served(77, 1, 0),
                 Decoded::ServerCall {
                     tgid: 1234,
                     method: method::UNKNOWN,
@@ -644,9 +787,14 @@ mod tests {
                     polls: 0,
                 },
             ),
+            (
+                "a fetch on a known worker",
+                rpc(Kind::RpcFetch, 0, b"h1"),
+                Decoded::PerRequest,
+            ),
         ];
-        for (rec, want) in cases {
-            assert_eq!(decode(&rec), Ok(want));
+        for (what, r, want) in cases {
+            assert_eq!(decode(&r), Ok(want), "{what}");
         }
     }
 
@@ -654,15 +802,30 @@ mod tests {
     fn refuses_malformed_records() {
         assert_eq!(
             decode(&[0u8; 8]),
-            Err(DecodeError::Size(8, std::mem::size_of::<Event>()))
+            Err(DecodeError::Size(8, std::mem::size_of::<Header>())),
+            "shorter than a header"
         );
+        let mut unknown = bytes(&rec(Kind::HttpRequest, 0, |_: &mut HttpRequest| {}));
+        unknown[..4].copy_from_slice(&99u32.to_ne_bytes());
+        assert_eq!(decode(&unknown), Err(DecodeError::Kind(99)), "unknown kind");
+        let mut cut = rpc_bytes();
+        cut.truncate(40);
         assert_eq!(
-            decode(&record(99, b"", 0, [0; 4])),
-            Err(DecodeError::Kind(99))
+            decode(&cut),
+            Err(DecodeError::Size(40, std::mem::size_of::<RpcCall>())),
+            "a record cut short of its kind's size"
         );
-        let mut r = record(kind::RPC_SPAWN, b"", 0, [0; 4]);
-        r[4..8].copy_from_slice(&1000u32.to_ne_bytes());
-        assert_eq!(decode(&r), Err(DecodeError::StrLen(1000)));
+        let mut long = rec(Kind::RpcSpawn, 0, |_: &mut RpcCall| {});
+        long.arg.len = 1000;
+        assert_eq!(
+            decode(&bytes(&long)),
+            Err(DecodeError::StrLen(1000)),
+            "a string longer than carried"
+        );
+    }
+
+    fn rpc_bytes() -> Vec<u8> {
+        bytes(&rec(Kind::RpcSpawn, 0, |_: &mut RpcCall| {}))
     }
 
     #[test]

@@ -58,26 +58,26 @@ impl Model {
     /// `Tracker::discard`). An undecodable record is counted and dropped.
     pub fn apply(&mut self, rec: &[u8], now_ns: u64) {
         self.events_received += 1;
-        let ev = match decode::event(rec) {
-            Ok(ev) => ev,
+        let r = match decode::record(rec) {
+            Ok(r) => r,
             Err(e) => {
                 self.decode_errors += 1;
                 log::debug!("undecodable event: {e}");
                 return;
             }
         };
-        match decode::decode_event(&ev) {
-            Ok(decode::Decoded::ServerCall {
+        match decode::decode_event(&r) {
+            decode::Decoded::ServerCall {
                 tgid,
                 method,
                 duration_ns,
                 polls,
-            }) => {
+            } => {
                 let runtime = self.watcher.instance_of(tgid).map(|i| i.name.as_str());
                 self.server.observe(runtime, method, duration_ns, polls);
                 return;
             }
-            Ok(d) => {
+            d => {
                 if let (decode::Decoded::Terminate { handle, .. }, Some(q)) =
                     (&d, self.requests.as_mut())
                 {
@@ -85,19 +85,16 @@ impl Model {
                 }
                 self.tracker.apply(d)
             }
-            Err(e) => {
-                self.decode_errors += 1;
-                log::debug!("undecodable event: {e}");
-                return;
-            }
         }
         if let Some(q) = self.requests.as_mut() {
-            let snap = decode::snapshot(rec, &ev);
-            let mem: &dyn requests::Memory = match &snap {
-                Some(m) => m,
-                None => &requests::NoMemory,
+            let Some(ev) = decode::request_event(&r) else {
+                return;
             };
-            q.apply(&ev, &self.tracker, mem);
+            let mem: &dyn requests::Memory = match &r {
+                decode::Record::HttpResponse(_, Some(m)) => m,
+                _ => &requests::NoMemory,
+            };
+            q.apply(ev, &self.tracker, mem);
             for h in q.take_discarded() {
                 self.tracker.discard(&h, now_ns);
             }

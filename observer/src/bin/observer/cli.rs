@@ -97,8 +97,8 @@ pub(crate) struct RunArgs {
     #[arg(long, hide = true, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub(crate) drain_interval_ms: u64,
     /// Size of the ring buffer that carries events to userspace, in bytes: a power of two, at
-    /// least 4096. The default holds about 3,700 requests' events, some 40 drains' worth at
-    /// 10,000 requests/s; events past it are lost and counted
+    /// least 4096. The default holds about 7,900 requests' records (six each, ~530 bytes with the ring's
+    /// headers), some 80 drains' worth at 10,000 requests/s; events past it are lost and counted
     /// (rusty_workers_observer_events_lost_total).
     #[arg(long, default_value_t = 4 << 20, value_parser = ring_bytes)]
     pub(crate) ring_bytes: u32,

@@ -1,7 +1,7 @@
 //! A runtime's answer, decoded from the bytes `rpc_response` copies, and the runtime's
 //! address from the peer the answering thread last read from.
 
-use observer_common::{family, method, Layout, MAX_STR};
+use observer_common::{family, method, Layout, Peer, MAX_STR};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// How `tarpc::Response<RuntimeServiceResponse>` reads in memory beyond what the kernel needs
@@ -93,14 +93,10 @@ pub fn decode_answer(raw: &[u8; MAX_STR], lay: &Layout) -> Answer {
     }
 }
 
-/// A runtime's address from the `rpc_response` event's words.
-pub fn peer_name(lo: u64, hi: u64, port_family: u64) -> Option<String> {
-    let port = (port_family & 0xffff) as u16;
-    let fam = (port_family >> 16) as u16;
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&lo.to_ne_bytes());
-    b[8..].copy_from_slice(&hi.to_ne_bytes());
-    let ip = match fam {
+/// A runtime's address from the peer an answer's record carries (`family` 0: none).
+pub fn peer_name(p: &Peer) -> Option<String> {
+    let b = p.addr;
+    let ip = match p.family {
         family::INET => IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])),
         family::INET6 => {
             let v6 = Ipv6Addr::from(b);
@@ -110,5 +106,6 @@ pub fn peer_name(lo: u64, hi: u64, port_family: u64) -> Option<String> {
         }
         _ => return None,
     };
+    let port = p.port;
     Some(SocketAddr::new(ip, port).to_string())
 }

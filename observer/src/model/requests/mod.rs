@@ -30,9 +30,9 @@ use learner::MIN_VOTES;
 pub use metrics::{AppRequests, Metrics, STARTS};
 pub use outcome::{outcome_of, FetchEnd, OUTCOMES};
 
-use crate::decode::{request_event, Bytes, CallId, CallKind, RequestEvent};
+use crate::decode::{Bytes, CallId, CallKind, RequestEvent};
 use crate::model::tracker::Tracker;
-use observer_common::{conn_key, method, ConnKey, Event, Layout};
+use observer_common::{conn_key, method, ConnKey, Layout};
 use std::collections::{BTreeMap, HashMap};
 
 /// Calls farther than this from a request key are not its (a service future is smaller).
@@ -235,10 +235,9 @@ impl Requests {
         self.conn_key_update.take()
     }
 
-    pub fn apply(&mut self, ev: &Event, tracker: &Tracker, mem: &dyn Memory) {
-        let Some(ev) = request_event(ev) else {
-            return;
-        };
+    /// Applies one request-path event (`decode::request_event`); `mem`: the memory a response
+    /// head's record carries while the connection offset is learnt.
+    pub fn apply(&mut self, ev: RequestEvent, tracker: &Tracker, mem: &dyn Memory) {
         match ev {
             RequestEvent::Start { key, ktime_ns } => {
                 let old = self.open.insert(
@@ -275,7 +274,7 @@ impl Requests {
                     Pending {
                         answer,
                         ktime_ns,
-                        peer: peer_name(peer.0, peer.1, peer.2),
+                        peer: peer_name(&peer),
                         string,
                     },
                 );
@@ -693,7 +692,7 @@ impl Requests {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use observer_common::{kind, MAX_STR};
+    use observer_common::{family, Peer, MAX_STR};
 
     fn raw(words: &[u64], request_id: u64) -> [u8; MAX_STR] {
         let mut r = [0u8; MAX_STR];
@@ -800,26 +799,33 @@ mod tests {
 
     #[test]
     fn peers_name_runtimes() {
-        let v4 = u64::from_ne_bytes([127, 0, 0, 1, 0, 0, 0, 0]);
-        assert_eq!(
-            peer_name(v4, 0, 9000 | 2 << 16).as_deref(),
-            Some("127.0.0.1:9000")
-        );
-        let mut b = [0u8; 16];
-        b[10] = 0xff;
-        b[11] = 0xff;
-        b[12..].copy_from_slice(&[10, 0, 0, 7]);
-        let lo = u64::from_ne_bytes(b[..8].try_into().unwrap());
-        let hi = u64::from_ne_bytes(b[8..].try_into().unwrap());
-        assert_eq!(
-            peer_name(lo, hi, 7000 | 10 << 16).as_deref(),
-            Some("10.0.0.7:7000")
-        );
-        b[..].fill(0);
-        b[15] = 1;
-        let hi = u64::from_ne_bytes(b[8..].try_into().unwrap());
-        assert_eq!(peer_name(0, hi, 80 | 10 << 16).as_deref(), Some("[::1]:80"));
-        assert_eq!(peer_name(v4, 0, 0), None);
+        let peer = |addr: [u8; 16], port: u16, family: u16| Peer {
+            addr,
+            port,
+            family,
+            _pad: 0,
+        };
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let mut mapped = [0u8; 16];
+        mapped[10] = 0xff;
+        mapped[11] = 0xff;
+        mapped[12..].copy_from_slice(&[10, 0, 0, 7]);
+        let mut v6 = [0u8; 16];
+        v6[15] = 1;
+        let cases = [
+            ("IPv4", peer(v4, 9000, family::INET), Some("127.0.0.1:9000")),
+            (
+                "IPv4 mapped into IPv6",
+                peer(mapped, 7000, family::INET6),
+                Some("10.0.0.7:7000"),
+            ),
+            ("IPv6", peer(v6, 80, family::INET6), Some("[::1]:80")),
+            ("no peer", peer(v4, 0, 0), None),
+        ];
+        for (what, p, want) in cases {
+            assert_eq!(peer_name(&p).as_deref(), want, "{what}");
+        }
     }
 
     /// Before the call distance is known, a call with two requests in flight belongs to one of
@@ -831,25 +837,13 @@ mod tests {
         let mut r = Requests::new(Layout::DEFAULT);
         for (i, key) in [0x1000u64, 0x9000].into_iter().enumerate() {
             mem.0.insert(0x50_0000 + 0x2000 * i as u64 + 536, key);
-            r.apply(
-                &ev(kind::HTTP_REQUEST, 1, |e| e.ptr_a = key),
-                &tracker,
-                &mem,
-            );
+            r.apply(start(key, 1), &tracker, &mem);
         }
-        r.apply(
-            &ev(kind::RPC_FETCH, 2, |e| e.ptr_a = 0x1000 + 0x608),
-            &tracker,
-            &mem,
-        );
+        r.apply(fetch(0x1000 + 0x608, (0, 0, 0), 2), &tracker, &mem);
         assert_eq!(r.counters.unattributed_calls, 1);
         for i in 0..2u64 {
             let conn = 0x50_0000 + 0x2000 * i;
-            r.apply(
-                &ev(kind::HTTP_RESPONSE, 3, |e| e.ptr_a = conn),
-                &tracker,
-                &mem,
-            );
+            r.apply(response(conn, 3), &tracker, &mem);
         }
         assert_eq!(r.open_requests(), 0);
         assert_eq!(r.counters.unmatched_responses, 2);
@@ -862,11 +856,7 @@ mod tests {
         let mem = FakeMem(HashMap::new());
         let mut r = Requests::new(Layout::DEFAULT);
         for i in 0..MAX_PENDING as u64 + 1 {
-            r.apply(
-                &ev(kind::HTTP_REQUEST, i, |e| e.ptr_a = 8 * i + 8),
-                &tracker,
-                &mem,
-            );
+            r.apply(start(8 * i + 8, i), &tracker, &mem);
         }
         r.housekeeping(SHORT_TTL_NS - 1);
         assert_eq!(r.open_requests(), MAX_PENDING + 1, "young ones stay");
@@ -931,16 +921,8 @@ mod tests {
                 mem.0.insert(conn + 120, key);
             }
             let t = i * 1_000_000_000;
-            r.apply(
-                &ev(kind::HTTP_REQUEST, t, |e| e.ptr_a = key),
-                &tracker,
-                &mem,
-            );
-            r.apply(
-                &ev(kind::HTTP_RESPONSE, t + 1_000_000, |e| e.ptr_a = conn),
-                &tracker,
-                &mem,
-            );
+            r.apply(start(key, t), &tracker, &mem);
+            r.apply(response(conn, t + 1_000_000), &tracker, &mem);
             learnt.extend(r.take_conn_key());
         }
         let load = |offset| ConnKey {
@@ -981,13 +963,30 @@ mod tests {
         }
     }
 
-    fn ev(k: u32, t: u64, f: impl FnOnce(&mut Event)) -> Event {
-        let mut e = Event::zeroed();
-        e.kind = k;
-        e.ktime_ns = t;
-        e.tid = 1;
-        f(&mut e);
-        e
+    fn start(key: u64, t: u64) -> RequestEvent {
+        RequestEvent::Start { key, ktime_ns: t }
+    }
+
+    /// A fetch on app slot 0 (`other`) from the client at `client`.
+    fn fetch(client: u64, id: CallId, t: u64) -> RequestEvent {
+        RequestEvent::Call {
+            call: CallKind::Fetch {
+                slot: 0,
+                handle: Bytes::new(""),
+            },
+            client,
+            id,
+            ktime_ns: t,
+        }
+    }
+
+    fn response(conn: u64, t: u64) -> RequestEvent {
+        RequestEvent::Response {
+            conn,
+            key: 0,
+            tid: 1,
+            ktime_ns: t,
+        }
     }
 
     /// Lone requests, one after another: the call distance and the connection offset are
@@ -1005,50 +1004,39 @@ mod tests {
             // The dispatcher holds the request key 536 bytes past the connection.
             mem.0.insert(conn + 536, key);
             let t = i * 1_000_000_000;
-            r.apply(
-                &ev(kind::HTTP_REQUEST, t, |e| e.ptr_a = key),
-                &tracker,
-                &mem,
-            );
-            r.apply(
-                &ev(kind::RPC_FETCH, t + 1000, |e| {
-                    e.ptr_a = key + 0x608;
-                    e.ptr_b = 0xc0;
-                    e.word_b = i;
-                }),
-                &tracker,
-                &mem,
-            );
-            let mut answer = ev(kind::RPC_RESPONSE, t + 5_000_000, |e| {
-                e.ptr_a = 0x0e0 + i;
-                e.ptr_b = u64::from_ne_bytes([127, 0, 0, 1, 0, 0, 0, 0]);
-                e.word_c = 9000 | 2 << 16;
-            });
+            r.apply(start(key, t), &tracker, &mem);
+            r.apply(fetch(key + 0x608, (0xc0, i, 0), t + 1000), &tracker, &mem);
             let fail = i % 2 == 1;
-            answer.str = raw(&if fail { vec![N, N + 1] } else { vec![2] }, i);
-            r.apply(&answer, &tracker, &mem);
-            r.apply(
-                &ev(kind::RPC_DONE, t + 5_100_000, |e| {
-                    e.ptr_a = 0x0e0 + i;
-                    e.ptr_b = 0xc0;
-                    e.word_b = i;
-                    e.word_a = 1;
-                }),
-                &tracker,
-                &mem,
-            );
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+            let answer = RequestEvent::Answer {
+                oneshot: 0x0e0 + i,
+                raw: raw(&if fail { vec![N, N + 1] } else { vec![2] }, i),
+                string: Bytes::new(""),
+                peer: Peer {
+                    addr,
+                    port: 9000,
+                    family: family::INET,
+                    _pad: 0,
+                },
+                ktime_ns: t + 5_000_000,
+            };
+            r.apply(answer, &tracker, &mem);
+            let done = RequestEvent::Done {
+                oneshot: 0x0e0 + i,
+                id: (0xc0, i, 0),
+                completed: true,
+            };
+            r.apply(done, &tracker, &mem);
             if fail {
-                r.apply(
-                    &ev(kind::SCHED_ERROR, t + 5_200_000, |e| e.word_a = 3),
-                    &tracker,
-                    &mem,
-                );
+                let error = RequestEvent::SchedError {
+                    tid: 1,
+                    error: 3,
+                    ktime_ns: t + 5_200_000,
+                };
+                r.apply(error, &tracker, &mem);
             }
-            r.apply(
-                &ev(kind::HTTP_RESPONSE, t + 6_000_000, |e| e.ptr_a = conn),
-                &tracker,
-                &mem,
-            );
+            r.apply(response(conn, t + 6_000_000), &tracker, &mem);
         }
         assert_eq!(
             r.take_conn_key(),
