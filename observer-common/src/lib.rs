@@ -16,11 +16,30 @@ pub const HANDLE_KEY_LEN: usize = 32;
 /// past the label cap and for strings refused as labels.
 pub const MAX_APP_SLOTS: u32 = 4096;
 
-/// Event kinds sent through the ring buffer: `Header::kind`, and which record type follows.
-/// One record type per hook family (`event`), each starting with a `Header`.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+/// Defines `Kind` from one list, with `Kind::from_u32` for the kernel's untrusted word.
+macro_rules! kinds {
+    ($($(#[$doc:meta])* $name:ident = $n:literal,)*) => {
+        /// Event kinds sent through the ring buffer: `Header::kind`, and which record type
+        /// follows. One record type per hook family (`event`), each starting with a `Header`.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Kind {
+            $($(#[$doc])* $name = $n,)*
+        }
+
+        impl Kind {
+            /// The kind a header's word names, if any: the kernel's bytes are untrusted.
+            pub const fn from_u32(k: u32) -> Option<Kind> {
+                match k {
+                    $($n => Some(Kind::$name),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+kinds! {
     /// `LruCache::insert` on an LRU cache (`event::CacheOp`).
     CacheInsert = 1,
     /// `LruCache::remove` (`event::CacheOp`).
@@ -50,28 +69,6 @@ pub enum Kind {
     RpcDone = 12,
     /// A runtime's tarpc method future ended (`event::ServerCall`).
     ServerCall = 13,
-}
-
-impl Kind {
-    /// The kind a header's word names, if any: the kernel's bytes are untrusted.
-    pub const fn from_u32(k: u32) -> Option<Kind> {
-        Some(match k {
-            1 => Kind::CacheInsert,
-            2 => Kind::CacheRemove,
-            3 => Kind::RpcSpawn,
-            4 => Kind::RpcTerminate,
-            5 => Kind::RpcFetchUnknown,
-            6 => Kind::RpcFetch,
-            7 => Kind::RpcOther,
-            8 => Kind::HttpRequest,
-            9 => Kind::HttpResponse,
-            10 => Kind::SchedError,
-            11 => Kind::RpcAnswer,
-            12 => Kind::RpcDone,
-            13 => Kind::ServerCall,
-            _ => return None,
-        })
-    }
 }
 
 /// RPC methods of rusty-workers' `RuntimeService`, in declaration order (which is also the

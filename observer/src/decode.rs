@@ -1,9 +1,9 @@
 //! Pure decoders of what the probes send: ring buffer records and strings read from the
 //! target's memory, which are untrusted until validated here.
 
-use observer_common::{event, method, Header, Kind, Peer, Str, CONN_WINDOW, MAX_STR};
+use observer_common::{event, Header, Kind, Peer, Str, CONN_WINDOW, MAX_STR};
 
-/// A ring buffer record, decoded for the app tracker and the runtimes' served calls.
+/// A ring buffer record, decoded for the app tracker (`crate::model::tracker`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decoded {
     CacheInsert {
@@ -34,15 +34,6 @@ pub enum Decoded {
         client: u64,
         handle: Bytes,
         ktime_ns: u64,
-    },
-    /// A record only the request metrics use: `request_event` decodes it for `crate::model::requests`.
-    PerRequest,
-    /// A runtime's tarpc method call ended (`crate::model::runtime_server`).
-    ServerCall {
-        tgid: u32,
-        method: u32,
-        duration_ns: u64,
-        polls: u64,
     },
 }
 
@@ -156,7 +147,11 @@ pub fn record(rec: &[u8]) -> Result<Record, DecodeError> {
             Record::Call(k, r)
         }
         Kind::HttpRequest => Record::HttpRequest(read(rec)?),
-        Kind::HttpResponse => Record::HttpResponse(read(rec)?, snapshot(rec)),
+        Kind::HttpResponse => {
+            let head: event::HttpResponse = read(rec)?;
+            let snap = snapshot(rec, &head);
+            Record::HttpResponse(head, snap)
+        }
         Kind::SchedError => Record::SchedError(read(rec)?),
         Kind::RpcAnswer => {
             let r: event::RpcAnswer = read(rec)?;
@@ -177,16 +172,18 @@ pub struct Snapshot {
     pub bytes: Vec<u8>,
 }
 
-/// The snapshot a response head's record carries, if it is one whose read succeeded.
-fn snapshot(rec: &[u8]) -> Option<Snapshot> {
-    let snap: event::ConnSnapshot = read(rec).ok()?;
-    if snap.read_ok != 1 {
+/// The snapshot a response head's record carries, if it is one whose read succeeded. Only
+/// the flag is read before the words are copied out, once.
+fn snapshot(rec: &[u8], head: &event::HttpResponse) -> Option<Snapshot> {
+    let words = std::mem::offset_of!(event::ConnSnapshot, words);
+    let end = std::mem::size_of::<event::ConnSnapshot>();
+    let flag = std::mem::offset_of!(event::ConnSnapshot, read_ok);
+    if rec.len() < end || read::<u64>(&rec[flag..]).ok()? != 1 {
         return None;
     }
-    let at = std::mem::offset_of!(event::ConnSnapshot, words);
     Some(Snapshot {
-        base: snap.head.conn.wrapping_sub(CONN_WINDOW),
-        bytes: rec[at..std::mem::size_of::<event::ConnSnapshot>()].to_vec(),
+        base: head.conn.wrapping_sub(CONN_WINDOW),
+        bytes: rec[words..end].to_vec(),
     })
 }
 
@@ -209,16 +206,12 @@ impl Snapshot {
     }
 }
 
-pub fn decode(rec: &[u8]) -> Result<Decoded, DecodeError> {
-    Ok(decode_event(&record(rec)?))
-}
-
-/// What the app tracker and the served calls take from a record. The string is copied out
-/// only for the kinds that carry one to the tracker: the per-request kinds (most records) go
-/// to `request_event` and allocate nothing here.
-pub fn decode_event(r: &Record) -> Decoded {
+/// What the app tracker takes from a record, if anything: the per-request kinds (most
+/// records) go to `request_event` and allocate nothing here, the served calls to
+/// `crate::model::runtime_server` as they are.
+pub fn decode_event(r: &Record) -> Option<Decoded> {
     let t = r.ktime_ns();
-    match r {
+    Some(match r {
         Record::Cache(Kind::CacheInsert, c) => Decoded::CacheInsert {
             cache: c.cache,
             key: Bytes::of(&c.key),
@@ -246,18 +239,8 @@ pub fn decode_event(r: &Record) -> Decoded {
             handle: Bytes::of(&c.arg),
             ktime_ns: t,
         },
-        Record::ServerCall(c) => Decoded::ServerCall {
-            tgid: c.tgid,
-            method: if c.method < method::COUNT {
-                c.method
-            } else {
-                method::UNKNOWN
-            },
-            duration_ns: c.duration_ns,
-            polls: c.polls,
-        },
-        _ => Decoded::PerRequest,
-    }
+        _ => return None,
+    })
 }
 
 /// A runtime RPC's identity: its connection (the cancellation sender's `Arc`, one per runtime
@@ -460,6 +443,7 @@ mod tests {
     use super::fake::{bytes, rec, string};
     use super::*;
     use observer_common::event::*;
+    use observer_common::method;
 
     fn snapshot_record(read_ok: u64, conn: u64, len: usize) -> Vec<u8> {
         // SAFETY: plain old data; all-zero bytes are a value.
@@ -695,107 +679,106 @@ mod tests {
                 c.polls = polls;
             }))
         };
-        let cases: Vec<(&str, Vec<u8>, Decoded)> = vec![
+        let cases: Vec<(&str, Vec<u8>, Option<Decoded>)> = vec![
             (
                 "an insert of a fresh Arc",
                 bytes(&cache(Kind::CacheInsert, b"app", 3, [1, 1])),
-                Decoded::CacheInsert {
+                Some(Decoded::CacheInsert {
                     cache: 0x10,
                     key: Bytes::new("app"),
                     fresh_arc: true,
                     evicts: 0,
                     evicted: None,
                     ktime_ns: 42,
-                },
+                }),
             ),
             (
                 "an insert that evicts",
                 bytes(&evicting),
-                Decoded::CacheInsert {
+                Some(Decoded::CacheInsert {
                     cache: 0x10,
                     key: Bytes::new("app"),
                     fresh_arc: true,
                     evicts: 1,
                     evicted: Some(Bytes::new("old")),
                     ktime_ns: 42,
-                },
+                }),
             ),
             (
                 "an insert of something else",
                 bytes(&cache(Kind::CacheInsert, b"example.com", 11, [0x7f00, 0])),
-                Decoded::CacheInsert {
+                Some(Decoded::CacheInsert {
                     cache: 0x10,
                     key: Bytes::new("example.com"),
                     fresh_arc: false,
                     evicts: 0,
                     evicted: None,
                     ktime_ns: 42,
-                },
+                }),
             ),
             (
                 "a remove",
                 bytes(&cache(Kind::CacheRemove, b"app", 3, [0, 0])),
-                Decoded::CacheRemove {
+                Some(Decoded::CacheRemove {
                     cache: 0x10,
                     key: Bytes::new("app"),
                     ktime_ns: 42,
-                },
+                }),
             ),
             (
                 "a spawn",
                 rpc(Kind::RpcSpawn, 0x30, b"app"),
-                Decoded::Spawn {
+                Some(Decoded::Spawn {
                     client: 0x30,
                     app: Bytes::new("app"),
                     ktime_ns: 42,
-                },
+                }),
             ),
             (
                 "a terminate",
                 rpc(Kind::RpcTerminate, 0, b"h1"),
-                Decoded::Terminate {
+                Some(Decoded::Terminate {
                     handle: Bytes::new("h1"),
                     ktime_ns: 42,
-                },
+                }),
             ),
             (
                 "a fetch on an unknown worker",
                 rpc(Kind::RpcFetchUnknown, 0x40, b"h1"),
-                Decoded::FetchUnknown {
+                Some(Decoded::FetchUnknown {
                     client: 0x40,
                     handle: Bytes::new("h1"),
                     ktime_ns: 42,
-                },
-            ),
-            (
-                "a served call",
-                served(method::FETCH, 3_000_000, 2),
-                Decoded::ServerCall {
-                    tgid: 1234,
-                    method: method::FETCH,
-                    duration_ns: 3_000_000,
-                    polls: 2,
-                },
-            ),
-            (
-                "a served call of a method past the known ones",
-                served(77, 1, 0),
-                Decoded::ServerCall {
-                    tgid: 1234,
-                    method: method::UNKNOWN,
-                    duration_ns: 1,
-                    polls: 0,
-                },
+                }),
             ),
             (
                 "a fetch on a known worker",
                 rpc(Kind::RpcFetch, 0, b"h1"),
-                Decoded::PerRequest,
+                None,
             ),
         ];
         for (what, r, want) in cases {
             assert_eq!(decode(&r), Ok(want), "{what}");
         }
+        // Served calls go to the model as they are: the tracker takes nothing from them, and
+        // `ServerMetrics::observe` names a method past the known ones `unknown`.
+        for (method, duration_ns, polls) in [(method::FETCH, 3_000_000, 2), (77, 1, 0)] {
+            let r = record(&served(method, duration_ns, polls)).expect("a served call");
+            let Record::ServerCall(c) = &r else {
+                panic!("a served call decodes as one: {r:?}");
+            };
+            assert_eq!(
+                (c.tgid, c.method, c.duration_ns, c.polls),
+                (1234, method, duration_ns, polls),
+                "a served call's fields"
+            );
+            assert_eq!(decode_event(&r), None, "the tracker takes nothing from it");
+        }
+    }
+
+    /// A record as the tracker sees it.
+    fn decode(r: &[u8]) -> Result<Option<Decoded>, DecodeError> {
+        record(r).map(|r| decode_event(&r))
     }
 
     #[test]

@@ -66,25 +66,19 @@ impl Model {
                 return;
             }
         };
-        match decode::decode_event(&r) {
-            decode::Decoded::ServerCall {
-                tgid,
-                method,
-                duration_ns,
-                polls,
-            } => {
-                let runtime = self.watcher.instance_of(tgid).map(|i| i.name.as_str());
-                self.server.observe(runtime, method, duration_ns, polls);
-                return;
+        if let decode::Record::ServerCall(c) = &r {
+            let runtime = self.watcher.instance_of(c.tgid).map(|i| i.name.as_str());
+            self.server
+                .observe(runtime, c.method, c.duration_ns, c.polls);
+            return;
+        }
+        if let Some(d) = decode::decode_event(&r) {
+            if let (decode::Decoded::Terminate { handle, .. }, Some(q)) =
+                (&d, self.requests.as_mut())
+            {
+                q.forget_worker(handle);
             }
-            d => {
-                if let (decode::Decoded::Terminate { handle, .. }, Some(q)) =
-                    (&d, self.requests.as_mut())
-                {
-                    q.forget_worker(handle);
-                }
-                self.tracker.apply(d)
-            }
+            self.tracker.apply(d)
         }
         if let Some(q) = self.requests.as_mut() {
             let Some(ev) = decode::request_event(&r) else {

@@ -542,7 +542,6 @@ impl Tracker {
                     None => self.counters.unattributed_terminations += 1,
                 }
             }
-            Decoded::PerRequest | Decoded::ServerCall { .. } => {}
         }
     }
 
