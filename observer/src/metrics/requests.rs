@@ -56,6 +56,11 @@ pub(super) fn collect(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()>
         q.open_requests() as i64,
     );
     r.level(
+        "observer_parked_responses",
+        "Responses answered and not counted yet: their worker's app is known once the app tracker pairs its spawn.",
+        q.parked_responses() as i64,
+    );
+    r.level(
         "observer_open_rpc_calls",
         "RPC calls not ended yet.",
         q.open_calls() as i64,

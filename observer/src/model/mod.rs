@@ -78,7 +78,14 @@ impl Model {
             {
                 q.forget_worker(handle);
             }
-            self.tracker.apply(d)
+            self.tracker.apply(d);
+            // Workers whose fetches waited name the requests on them now.
+            let late = self.tracker.take_paired_late();
+            if let Some(q) = self.requests.as_mut() {
+                for (worker, app) in &late {
+                    q.paired_late(worker, app);
+                }
+            }
         }
         if let Some(q) = self.requests.as_mut() {
             let Some(ev) = decode::request_event(&r) else {

@@ -132,6 +132,18 @@ struct Deferred {
     ktime_ns: u64,
     /// Distances to the pending spawns when it arrived.
     votes: Vec<i64>,
+    /// The worker left (terminated or discarded) while this, its latest fetch, waited: it
+    /// leaves once paired, so that it is not counted alive for ever.
+    left: Option<Leaving>,
+    /// It waited to be paired (was deferred at least once).
+    waited: bool,
+}
+
+/// How a worker left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leaving {
+    Terminated,
+    Discarded,
 }
 
 #[derive(Debug, Default)]
@@ -148,6 +160,9 @@ pub struct Tracker {
     pending: Vec<Pending>,
     deltas: BTreeSet<i64>,
     deferred: Vec<Deferred>,
+    /// Workers paired with their app only after their fetch waited (`take_paired_late`), for
+    /// the request joins: requests on them named no app when their fetch was sent.
+    paired_late: Vec<(Bytes, String)>,
     unclassified_removes: VecDeque<(u64, Bytes)>,
     /// Workers seen leaving (terminated or discarded, known or not), when: a snapshot read
     /// before that must not bring them back. Bounded by `MAX_LEFT`, oldest forgotten first.
@@ -205,6 +220,18 @@ impl Tracker {
         self.deferred.len()
     }
 
+    /// Whether a fetch on this worker waits to be paired with its spawn (its app is not known
+    /// yet, but will be once the distance is learnt).
+    pub fn awaits_pairing(&self, h: &Bytes) -> bool {
+        self.deferred.iter().any(|f| f.handle == *h)
+    }
+
+    /// Workers paired with their app after their fetch waited, and the app, since the last
+    /// call.
+    pub fn take_paired_late(&mut self) -> Vec<(Bytes, String)> {
+        std::mem::take(&mut self.paired_late)
+    }
+
     pub fn learned_distances(&self) -> Vec<i64> {
         self.deltas.iter().copied().collect()
     }
@@ -251,6 +278,7 @@ impl Tracker {
         self.pending.clear();
         self.deltas.clear();
         self.deferred.clear();
+        self.paired_late.clear();
         self.unclassified_removes.clear();
     }
 
@@ -354,6 +382,36 @@ impl Tracker {
         self.note_left(handle, ktime_ns);
         if let Some(a) = self.leave(handle) {
             a.discarded += 1;
+        } else {
+            self.leaves_once_paired(handle, Leaving::Discarded);
+        }
+    }
+
+    /// A worker not known yet leaves: if its fetch waits to be paired, it leaves once paired
+    /// (marked on its latest waiting fetch: the earlier ones pair first, `retry_deferred`
+    /// goes by time). Returns whether one waits.
+    fn leaves_once_paired(&mut self, handle: &Bytes, how: Leaving) -> bool {
+        match self
+            .deferred
+            .iter_mut()
+            .filter(|f| f.handle == *handle)
+            .max_by_key(|f| f.ktime_ns)
+        {
+            Some(f) => {
+                f.left = Some(how);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A worker paired after its fetch waited that left meanwhile leaves now.
+    fn settle_leaving(&mut self, handle: &Bytes, how: Leaving) {
+        if let Some(a) = self.leave(handle) {
+            match how {
+                Leaving::Terminated => a.terminations += 1,
+                Leaving::Discarded => a.discarded += 1,
+            }
         }
     }
 
@@ -531,15 +589,20 @@ impl Tracker {
                     handle,
                     ktime_ns,
                     votes: Vec::new(),
+                    left: None,
+                    waited: false,
                 });
             }
             // An instance of an evicted app can still be terminated (it was in the terminate
             // queue, or in flight).
             Decoded::Terminate { handle, ktime_ns } => {
                 self.note_left(&handle, ktime_ns);
-                match self.leave(&handle) {
-                    Some(a) => a.terminations += 1,
-                    None => self.counters.unattributed_terminations += 1,
+                if let Some(a) = self.leave(&handle) {
+                    a.terminations += 1;
+                } else if !self.leaves_once_paired(&handle, Leaving::Terminated) {
+                    // (Else its fetch waits for the distance to be learnt, concurrent cold
+                    // starts right after the attach: it is terminated once paired.)
+                    self.counters.unattributed_terminations += 1;
                 }
             }
         }
@@ -583,6 +646,12 @@ impl Tracker {
             // The kernel looked the handle up before userspace had added it.
             let label = w.app.clone();
             self.app(&label).requests_user += 1;
+            if f.waited {
+                self.paired_late.push((f.handle.clone(), label));
+            }
+            if let Some(how) = f.left {
+                self.settle_leaving(&f.handle, how);
+            }
             return;
         }
         let known = self.deltas.len();
@@ -606,6 +675,11 @@ impl Tracker {
                 if dropped {
                     self.dropped_order.push_back((f.ktime_ns, f.handle.clone()));
                 }
+                if f.waited {
+                    // It waited: requests on it could not be named when they were sent.
+                    self.paired_late.push((f.handle.clone(), spawn.app.clone()));
+                }
+                let (handle, left) = (f.handle.clone(), f.left);
                 self.handles.insert(
                     f.handle,
                     Worker {
@@ -613,14 +687,23 @@ impl Tracker {
                         dropped_at_ns: dropped.then_some(f.ktime_ns),
                     },
                 );
+                if let Some(how) = left {
+                    self.settle_leaving(&handle, how);
+                }
                 // A lone cold start just taught the distance: the fetches waiting for it pair now.
                 if self.deltas.len() > known {
                     self.retry_deferred();
                 }
             }
-            None if self.pending.is_empty() => self.counters.unattributed_requests += 1,
+            None if self.pending.is_empty() => {
+                self.counters.unattributed_requests += 1;
+                if f.left == Some(Leaving::Terminated) {
+                    self.counters.unattributed_terminations += 1;
+                }
+            }
             None => {
                 f.votes = self.candidates(&f).into_iter().map(|(_, d)| d).collect();
+                f.waited = true;
                 self.deferred.push(f);
                 if self.learn_from_votes() {
                     self.retry_deferred();
@@ -711,13 +794,19 @@ impl Tracker {
         }
         self.pending
             .retain(|p| now_ns.saturating_sub(p.ktime_ns) < ttl);
-        let before = self.deferred.len();
-        self.deferred
-            .retain(|f| now_ns.saturating_sub(f.ktime_ns) < ttl);
-        self.counters.unattributed_requests += (before - self.deferred.len()) as u64;
+        let (keep, gone): (Vec<Deferred>, Vec<Deferred>) = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .partition(|f| now_ns.saturating_sub(f.ktime_ns) < ttl);
+        self.deferred = keep;
+        let mut gone = gone;
         if !self.deferred.is_empty() && self.pending.is_empty() {
-            self.counters.unattributed_requests += self.deferred.len() as u64;
-            self.deferred.clear();
+            gone.append(&mut self.deferred);
+        }
+        for f in gone {
+            self.counters.unattributed_requests += 1;
+            if f.left == Some(Leaving::Terminated) {
+                self.counters.unattributed_terminations += 1;
+            }
         }
     }
 }
@@ -886,6 +975,72 @@ mod tests {
         assert_eq!(t.handles[&b("h3")].app, "app1");
         assert_eq!(t.handles[&b("h4")].app, "app3");
         assert_eq!(t.apps["app1"].alive, 2);
+    }
+
+    /// Workers that end while their fetch waits for the distance (concurrent cold starts
+    /// right after an attach, every instance terminated after its request): they end once
+    /// paired, and are not counted alive for ever.
+    #[test]
+    fn workers_leaving_before_they_are_paired_leave_once_paired() {
+        for discarded in [false, true] {
+            let mut t = run(vec![
+                spawn(0x1000, "app1"),
+                spawn(0x5000, "app2"),
+                fetch(0x5100, "h2"), // two spawns within reach: waits
+            ]);
+            // Its worker ends before it is paired: terminated, or let go after a failed fetch.
+            if discarded {
+                t.discard(&b("h2"), 6);
+            } else {
+                t.apply(term("h2"));
+            }
+            assert_eq!(t.deferred_fetches(), 1);
+            assert_eq!(
+                t.counters.unattributed_terminations, 0,
+                "held, not given up"
+            );
+            t.apply(fetch(0x1100, "h1")); // 0x100 twice: learnt, both pair
+            assert_eq!(t.deferred_fetches(), 0);
+            let a1 = &t.apps["app1"];
+            assert_eq!((a1.spawns, a1.alive), (1, 1));
+            let a2 = &t.apps["app2"];
+            assert_eq!(
+                (a2.spawns, a2.alive, a2.terminations, a2.discarded),
+                (1, 0, u64::from(!discarded), u64::from(discarded))
+            );
+            assert!(!t.handles.contains_key(&b("h2")));
+            assert_eq!(
+                t.take_paired_late(),
+                vec![(b("h2"), "app2".to_string()), (b("h1"), "app1".to_string())],
+                "the waiting fetches' workers (h1's waited within its own event), for the joins"
+            );
+            // In the kernel's map only the worker still alive stays.
+            let mut map = BTreeMap::new();
+            for op in t.take_map_ops() {
+                match op {
+                    MapOp::Insert(k, slot) => map.insert(k.bytes, slot),
+                    MapOp::Remove(k) => map.remove(&k.bytes),
+                };
+            }
+            assert_eq!(
+                map.keys().collect::<Vec<_>>(),
+                vec![&handle_key(&b("h1")).unwrap().bytes]
+            );
+        }
+        // One that is never paired is given up with its termination.
+        let mut t = run(vec![
+            spawn(0x1000, "app1"),
+            fetch(0x900000, "far"), // not within reach: waits
+            term("far"),
+        ]);
+        t.housekeeping(4 + Config::default().pending_ttl_ns);
+        assert_eq!(
+            (
+                t.counters.unattributed_requests,
+                t.counters.unattributed_terminations
+            ),
+            (1, 1)
+        );
     }
 
     #[test]

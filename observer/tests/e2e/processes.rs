@@ -271,7 +271,8 @@ fn processes_network_and_restarts() {
         assert_eq!(
             get(&m4, &series),
             t["instances_alive"].as_u64().unwrap() as f64,
-            "{series}"
+            "{series}\n{}",
+            observer_self(&m4)
         );
     }
     assert_eq!(

@@ -255,8 +255,10 @@ fn attached_late_the_state_is_exact(profile: &'static str) {
     ] {
         let grew = unnamed(&m1, family) - unnamed(&m0, family);
         assert_eq!(
-            grew, 0.0,
-            "{family}{{app=\"\"}} grew by {grew}: a request of an app went unnamed"
+            grew,
+            0.0,
+            "{family}{{app=\"\"}} grew by {grew}: a request of an app went unnamed\n{}",
+            observer_self(&m1)
         );
     }
     assert_eq!(

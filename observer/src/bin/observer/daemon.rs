@@ -149,6 +149,7 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
                     if let Some(q) = s.requests.as_mut() {
                         q.housekeeping(now);
                         q.prune_placed(&s.tracker, now);
+                        q.settle_parked(&s.tracker);
                     }
                 }
             }

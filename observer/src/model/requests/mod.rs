@@ -73,6 +73,18 @@ struct Open {
     /// A call that may have been its could not be tied to it (while a distance was being
     /// learnt): its app, start and outcome are not known for sure.
     tainted: bool,
+    /// The worker of a fetch it sent before the app tracker knew the worker's app (its spawn
+    /// not yet paired): the request's app once it is (`paired_late`).
+    unnamed_worker: Option<Bytes>,
+}
+
+/// A response whose request's worker waits to be paired with its app: counted once it is.
+#[derive(Debug, Clone)]
+struct Parked {
+    worker: Bytes,
+    outcome: &'static str,
+    secs: f64,
+    start: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +151,7 @@ pub struct Requests {
     placed: HashMap<Bytes, (String, u64)>,
     pub counters: JoinCounters,
     pub metrics: Metrics,
+    parked: Vec<Parked>,
     /// Whether the proxy's build has the answer probes (`rpc_response`, `rpc_done`). Without
     /// them no call has an answer, which must not read as a failed call: a fetch would count
     /// as failed and its worker as discarded, and the worker's later fetches as unattributed.
@@ -181,6 +194,7 @@ impl Requests {
             placed: HashMap::new(),
             counters: JoinCounters::default(),
             metrics: Metrics::new(),
+            parked: Vec::new(),
             answers_probed: true,
         }
     }
@@ -199,6 +213,10 @@ impl Requests {
         std::mem::swap(&mut fresh.counters, &mut self.counters);
         std::mem::swap(&mut fresh.runtime_ids, &mut self.runtime_ids);
         fresh.counters.abandoned_requests += self.open.len() as u64;
+        // Their workers' spawns will never be paired now: counted without an app.
+        for p in std::mem::take(&mut self.parked) {
+            fresh.count("", p.outcome, p.secs, p.start);
+        }
         fresh.conn_key_update = Some(ConnKey {
             mode: conn_key::UNKNOWN,
             offset: 0,
@@ -249,6 +267,7 @@ impl Requests {
                         fetched: false,
                         last_fetch: None,
                         tainted: false,
+                        unnamed_worker: None,
                     },
                 );
                 if old.is_some() {
@@ -296,7 +315,46 @@ impl Requests {
                 key,
                 tid,
                 ktime_ns,
-            } => self.response(conn, key, tid, ktime_ns, mem),
+            } => self.response(conn, key, tid, ktime_ns, mem, tracker),
+        }
+    }
+
+    /// The app tracker paired a worker with its app after its fetch waited: requests on it
+    /// take that app, the open ones now, the ended ones as they are counted.
+    pub fn paired_late(&mut self, worker: &Bytes, app: &str) {
+        for o in self.open.values_mut() {
+            if o.app.is_none() && o.unnamed_worker.as_ref() == Some(worker) {
+                o.app = Some(app.to_string());
+                o.unnamed_worker = None;
+            }
+        }
+        let (named, waiting): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut self.parked)
+            .into_iter()
+            .partition(|p| p.worker == *worker);
+        self.parked = waiting;
+        for p in named {
+            self.count(app, p.outcome, p.secs, p.start);
+        }
+    }
+
+    /// Responses waiting for the app of their worker.
+    pub fn parked_responses(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// Counts the waiting responses whose worker is no longer waited for: under its app if a
+    /// snapshot adopted it meanwhile, else under none (the tracker gave up pairing it and
+    /// counted it unattributed).
+    pub fn settle_parked(&mut self, tracker: &Tracker) {
+        if self.parked.is_empty() {
+            return;
+        }
+        for p in std::mem::take(&mut self.parked) {
+            match tracker.app_of_handle(&p.worker) {
+                Some(app) => self.count(app, p.outcome, p.secs, p.start),
+                None if tracker.awaits_pairing(&p.worker) => self.parked.push(p),
+                None => self.count("", p.outcome, p.secs, p.start),
+            }
         }
     }
 
@@ -328,6 +386,8 @@ impl Requests {
             }
             if app.is_some() {
                 o.app = app.clone();
+            } else if let (None, Some(h)) = (&o.app, &handle) {
+                o.unnamed_worker = Some(h.clone());
             }
         }
         self.calls.insert(
@@ -599,7 +659,15 @@ impl Requests {
         self.conn_misses = 0;
     }
 
-    fn response(&mut self, conn: u64, key: u64, tid: u32, t: u64, mem: &dyn Memory) {
+    fn response(
+        &mut self,
+        conn: u64,
+        key: u64,
+        tid: u32,
+        t: u64,
+        mem: &dyn Memory,
+        tracker: &Tracker,
+    ) {
         // The error's response head follows it in the same poll of the connection's task:
         // microseconds later. An older one on this thread was not answered (the client left).
         let sched_error = self
@@ -625,20 +693,41 @@ impl Requests {
             return;
         }
         let outcome = outcome_of(sched_error, req.last_fetch);
-        let app = req.app.unwrap_or_default();
         let secs = t.saturating_sub(req.start_ns) as f64 / 1e9;
-        let a = self.metrics.app(&app);
+        let start = if req.cold {
+            Some(0)
+        } else {
+            req.fetched.then_some(1)
+        };
+        match (req.app, req.unnamed_worker) {
+            (Some(app), _) => self.count(&app, outcome, secs, start),
+            (None, Some(w)) => match tracker.app_of_handle(&w) {
+                Some(app) => self.count(app, outcome, secs, start),
+                // Its worker's spawn waits to be paired (concurrent cold starts while the
+                // distance is learnt): counted under its app once it is, not under none.
+                None if tracker.awaits_pairing(&w) && self.parked.len() < MAX_PENDING => {
+                    self.parked.push(Parked {
+                        worker: w,
+                        outcome,
+                        secs,
+                        start,
+                    })
+                }
+                None => self.count("", outcome, secs, start),
+            },
+            (None, None) => self.count("", outcome, secs, start),
+        }
+    }
+
+    /// Counts a response of `app` (`""`: it named none).
+    fn count(&mut self, app: &str, outcome: &'static str, secs: f64, start: Option<usize>) {
+        let a = self.metrics.app(app);
         a.duration.observe(secs);
         let o = OUTCOMES
             .iter()
             .position(|x| *x == outcome)
             .expect("outcome_of answers one of OUTCOMES");
         a.responses[o] += 1;
-        let start = if req.cold {
-            Some(0)
-        } else {
-            req.fetched.then_some(1)
-        };
         if let (false, Some(start)) = (app.is_empty(), start) {
             a.starts[start] += 1;
         }
@@ -848,6 +937,64 @@ mod tests {
         assert_eq!(r.open_requests(), 0);
         assert_eq!(r.counters.unmatched_responses, 2);
         assert!(r.metrics.apps.is_empty());
+    }
+
+    /// A warm request on a worker whose spawn waits to be paired (concurrent cold starts
+    /// while the tracker learns its distance) names no app when its fetch is sent: it is
+    /// counted under its worker's app once the tracker pairs it, never under none.
+    #[test]
+    fn requests_on_a_worker_not_yet_paired_take_its_app_once_paired() {
+        use crate::decode::Decoded;
+        let mut tracker = Tracker::new(Default::default());
+        for (client, app) in [(0x1000, "app1"), (0x5000, "app2")] {
+            tracker.apply(Decoded::Spawn {
+                client,
+                app: Bytes::new(app),
+                ktime_ns: 1,
+            });
+        }
+        let h1 = Bytes::new("h1");
+        tracker.apply(Decoded::FetchUnknown {
+            client: 0x1100,
+            handle: h1.clone(),
+            ktime_ns: 2,
+        });
+        assert!(tracker.awaits_pairing(&h1));
+        let mut mem = FakeMem(HashMap::new());
+        let mut r = Requests::new(Layout::DEFAULT);
+        let warm = |r: &mut Requests, mem: &mut FakeMem, i: u64, respond: bool| {
+            let (key, conn) = (0x7f00_0000_0000u64 + i * 0x10000, 0x5555_0000_0000 + i);
+            mem.0.insert(conn + 536, key);
+            r.apply(start(key, 10 * i), &tracker, mem);
+            let call = RequestEvent::Call {
+                call: CallKind::FetchUnknown { handle: h1.clone() },
+                client: key + 0x608,
+                id: (0xc0, i, 0),
+                ktime_ns: 10 * i + 1,
+            };
+            r.apply(call, &tracker, mem);
+            if respond {
+                r.apply(response(conn, 10 * i + 2), &tracker, mem);
+            }
+        };
+        warm(&mut r, &mut mem, 1, true); // ended before the pairing: waits
+        warm(&mut r, &mut mem, 2, false); // still open at the pairing
+        assert_eq!(r.parked_responses(), 1);
+        assert!(r.metrics.apps.is_empty(), "nothing counted under no app");
+        r.paired_late(&h1, "app1");
+        assert_eq!(r.parked_responses(), 0);
+        let key2 = 0x7f00_0000_0000u64 + 2 * 0x10000;
+        mem.0.insert(0x5555_0000_0000 + 2 + 536, key2);
+        r.apply(response(0x5555_0000_0000 + 2, 30), &tracker, &mem);
+        assert_eq!(r.metrics.apps["app1"].duration.count(), 2);
+        assert!(!r.metrics.apps.contains_key(""));
+        // A worker the tracker gave up pairing: its response goes under no app.
+        warm(&mut r, &mut mem, 3, true);
+        assert_eq!(r.parked_responses(), 1);
+        tracker.housekeeping(3 + crate::model::tracker::Config::default().pending_ttl_ns);
+        r.settle_parked(&tracker);
+        assert_eq!(r.parked_responses(), 0);
+        assert_eq!(r.metrics.apps[""].duration.count(), 1);
     }
 
     #[test]
