@@ -13,6 +13,7 @@ pub mod procs;
 pub mod resolve;
 pub mod snapshot;
 pub mod snapshots;
+pub mod sockets;
 pub mod symbols;
 pub mod target;
 

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::sockets::{StateFlags, TcpSocket};
 use observer_common::{role, MAX_PROCS};
 
 /// How long an instance with no process keeps its series (up = 0) before they are retired.
@@ -538,7 +539,13 @@ impl Watcher {
 }
 
 /// The host's procfs.
-pub struct ProcHost;
+/// The host as procfs and sock_diag show it.
+#[derive(Default)]
+pub struct ProcHost {
+    /// The sock_diag socket of the proxy's network namespace, made again when that changes.
+    diag: std::sync::Mutex<Option<crate::sockets::Diag>>,
+    diag_failure_logged: std::sync::atomic::AtomicBool,
+}
 
 fn process(pid: u32) -> Option<procfs::process::Process> {
     procfs::process::Process::new(i32::try_from(pid).ok()?).ok()
@@ -555,10 +562,69 @@ fn socket_inodes(p: &procfs::process::Process) -> HashSet<u64> {
     .collect()
 }
 
-fn tcp_table(p: &procfs::process::Process) -> Vec<procfs::net::TcpNetEntry> {
+/// The TCP sockets of `pid`'s network namespace as `/proc/<pid>/net/tcp{,6}` list them: every
+/// socket formatted as text (TIME_WAIT ones too), so only where sock_diag is unavailable.
+fn procfs_tcp(pid: u32, states: &StateFlags) -> Vec<TcpSocket> {
+    let Some(p) = process(pid) else {
+        return Vec::new();
+    };
     let mut all = p.tcp().unwrap_or_default();
     all.extend(p.tcp6().unwrap_or_default());
-    all
+    all.into_iter()
+        .filter(|e| {
+            let bit = match e.state {
+                procfs::net::TcpState::Established => StateFlags::ESTABLISHED,
+                procfs::net::TcpState::Listen => StateFlags::LISTEN,
+                _ => return false,
+            };
+            states.contains(bit)
+        })
+        .map(|e| TcpSocket {
+            local: e.local_address,
+            remote: e.remote_address,
+            inode: e.inode,
+        })
+        .collect()
+}
+
+impl ProcHost {
+    /// The TCP sockets in one of `states` of `pid`'s network namespace: from sock_diag, which
+    /// filters by state in the kernel (`crate::sockets`), else from procfs.
+    fn tcp(&self, pid: u32, states: StateFlags) -> Vec<TcpSocket> {
+        let netns = crate::sockets::netns_of(pid);
+        if netns == 0 {
+            return Vec::new(); // the process is gone
+        }
+        let mut diag = self.diag.lock().unwrap_or_else(|e| e.into_inner());
+        if diag.as_ref().is_none_or(|d| d.netns() != netns) {
+            *diag = match crate::sockets::Diag::open(pid) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.diag_failed(&e);
+                    None
+                }
+            };
+        }
+        if let Some(d) = diag.as_mut() {
+            match d.tcp(states.clone()) {
+                Ok(v) => return v,
+                Err(e) => {
+                    self.diag_failed(&e);
+                    *diag = None;
+                }
+            }
+        }
+        procfs_tcp(pid, &states)
+    }
+
+    fn diag_failed(&self, e: &crate::sockets::Error) {
+        use std::sync::atomic::Ordering;
+        if !self.diag_failure_logged.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "sock_diag: {e}; reading /proc/<pid>/net/tcp instead, which costs time in proportion to every socket of the namespace (TIME_WAIT ones too)"
+            );
+        }
+    }
 }
 
 impl Host for ProcHost {
@@ -624,10 +690,10 @@ impl Host for ProcHost {
             return Vec::new();
         };
         let mine = socket_inodes(&p);
-        tcp_table(&p)
+        self.tcp(pid, StateFlags::LISTEN)
             .into_iter()
-            .filter(|e| e.state == procfs::net::TcpState::Listen && mine.contains(&e.inode))
-            .map(|e| e.local_address)
+            .filter(|e| mine.contains(&e.inode))
+            .map(|e| e.local)
             .collect()
     }
 
@@ -636,10 +702,11 @@ impl Host for ProcHost {
             return Vec::new();
         };
         let mine = socket_inodes(&p);
-        let mut out: Vec<SocketAddr> = tcp_table(&p)
+        let mut out: Vec<SocketAddr> = self
+            .tcp(pid, StateFlags::ESTABLISHED)
             .into_iter()
-            .filter(|e| e.state == procfs::net::TcpState::Established && mine.contains(&e.inode))
-            .map(|e| e.remote_address)
+            .filter(|e| mine.contains(&e.inode))
+            .map(|e| e.remote)
             .collect();
         out.sort_unstable();
         out.dedup();
@@ -647,13 +714,9 @@ impl Host for ProcHost {
     }
 
     fn listening(&self, near: u32) -> Vec<(SocketAddr, u64)> {
-        let Some(p) = process(near) else {
-            return Vec::new();
-        };
-        tcp_table(&p)
+        self.tcp(near, StateFlags::LISTEN)
             .into_iter()
-            .filter(|e| e.state == procfs::net::TcpState::Listen)
-            .map(|e| (e.local_address, e.inode))
+            .map(|e| (e.local, e.inode))
             .collect()
     }
 
@@ -668,6 +731,38 @@ impl Host for ProcHost {
 mod tests {
     use super::*;
     use std::cell::RefCell;
+
+    /// sock_diag and procfs list the same sockets of this process's namespace (the ones of
+    /// this test: other tests open sockets meanwhile), and the host uses sock_diag.
+    #[test]
+    fn sock_diag_lists_what_procfs_lists() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let at = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(at).expect("connect");
+        let (_server, _) = listener.accept().expect("accept");
+        let host = ProcHost::default();
+        let pid = std::process::id();
+        let ours = |v: Vec<TcpSocket>| -> Vec<TcpSocket> {
+            let mut v: Vec<_> = v
+                .into_iter()
+                .filter(|s| s.local == at || s.remote == at)
+                .collect();
+            v.sort();
+            v
+        };
+        for (states, n) in [(StateFlags::LISTEN, 1), (StateFlags::ESTABLISHED, 2)] {
+            let diag = ours(host.tcp(pid, states.clone()));
+            assert_eq!(diag.len(), n, "{states:?}: {diag:?}");
+            assert_eq!(diag, ours(procfs_tcp(pid, &states)), "{states:?}");
+        }
+        assert!(
+            host.diag.lock().unwrap().is_some(),
+            "sock_diag answered (no fallback)"
+        );
+        assert!(host.listeners(pid).contains(&at));
+        assert!(host.peers(pid).contains(&at));
+        assert!(host.listening(pid).iter().any(|(a, _)| *a == at));
+    }
 
     #[derive(Clone)]
     struct Proc {

@@ -85,6 +85,7 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
         counters: counters.clone(),
         started: std::time::Instant::now(),
         snapshots: snaps.clone(),
+        host: procs::ProcHost::default(),
     };
     life.tick(&shared);
     if let Some(pid) = a.pid {

@@ -25,6 +25,7 @@ pub(crate) struct Lifecycle {
     pub(crate) counters: Arc<kernel::Counters>,
     pub(crate) started: std::time::Instant,
     pub(crate) snapshots: Snapshots,
+    pub(crate) host: procs::ProcHost,
 }
 
 impl Lifecycle {
@@ -34,7 +35,7 @@ impl Lifecycle {
         let t0 = std::time::Instant::now();
         let changes = {
             let mut s = shared.lock().unwrap();
-            let changes = s.watcher.tick(&procs::ProcHost, t0);
+            let changes = s.watcher.tick(&self.host, t0);
             s.procs_seconds = t0.elapsed().as_secs_f64();
             changes
         };
