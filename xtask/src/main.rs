@@ -470,7 +470,7 @@ fn main() -> anyhow::Result<()> {
             seconds,
             connections,
             rounds,
-        } => bench::run(seconds, connections, rounds.max(1)),
+        } => bench::run(seconds, connections, rounds),
         Task::BenchScale { apps } => {
             build_ebpf()?;
             run(cargo().args(["build", "--release", "--workspace"]))?;
