@@ -538,7 +538,6 @@ impl Watcher {
     }
 }
 
-/// The host's procfs.
 /// The host as procfs and sock_diag show it.
 #[derive(Default)]
 pub struct ProcHost {

@@ -95,6 +95,25 @@ impl Diag {
                 })
             })?
         };
+        // A dump that never ends must not hang the watcher (it holds the model's lock): a
+        // receive times out after a second, and the caller falls back to procfs.
+        let timeout = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        // SAFETY: SO_RCVTIMEO takes a timeval, passed by pointer with its size.
+        let set = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeout).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if set != 0 {
+            return Err(Error::Socket(std::io::Error::last_os_error()));
+        }
         Ok(Diag {
             netns,
             socket,
