@@ -653,7 +653,6 @@ impl Host for ProcHost {
     }
 
     fn sample(&self, pid: u32) -> Option<Sample> {
-        use std::os::unix::fs::MetadataExt as _;
         let p = process(pid)?;
         let stat = p.stat().ok()?;
         // /proc/<pid>/status counts the switches of the main thread only: add every thread's.
@@ -678,9 +677,7 @@ impl Host for ProcHost {
             threads: stat.num_threads.max(0) as u64,
             open_fds: p.fd_count().unwrap_or(0) as u64,
             start_time_seconds: boot + stat.starttime as f64 / tps,
-            netns: std::fs::metadata(format!("/proc/{pid}/ns/net"))
-                .map(|m| m.ino())
-                .unwrap_or(0),
+            netns: crate::sockets::netns_of(pid),
         })
     }
 

@@ -794,11 +794,10 @@ impl Tracker {
         }
         self.pending
             .retain(|p| now_ns.saturating_sub(p.ktime_ns) < ttl);
-        let (keep, gone): (Vec<Deferred>, Vec<Deferred>) = std::mem::take(&mut self.deferred)
+        let (keep, mut gone): (Vec<Deferred>, Vec<Deferred>) = std::mem::take(&mut self.deferred)
             .into_iter()
             .partition(|f| now_ns.saturating_sub(f.ktime_ns) < ttl);
         self.deferred = keep;
-        let mut gone = gone;
         if !self.deferred.is_empty() && self.pending.is_empty() {
             gone.append(&mut self.deferred);
         }
