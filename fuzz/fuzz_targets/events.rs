@@ -11,15 +11,14 @@ use observer_common::{event, Layout};
 use std::mem::size_of;
 
 /// The sizes the kernel sends: each record type's.
-const SIZES: [usize; 9] = [
+const SIZES: [usize; 8] = [
     size_of::<event::CacheOp>(),
     size_of::<event::RpcCall>(),
     size_of::<event::HttpRequest>(),
     size_of::<event::HttpResponse>(),
     size_of::<event::ConnSnapshot>(),
     size_of::<event::SchedError>(),
-    size_of::<event::RpcAnswer>(),
-    size_of::<event::RpcDone>(),
+    size_of::<event::WireFrame>(),
     size_of::<event::ServerCall>(),
 ];
 

@@ -63,10 +63,12 @@ kinds! {
     HttpResponse = 9,
     /// `SchedError::build_response` (`event::SchedError`).
     SchedError = 10,
-    /// A runtime's answer reached its caller's oneshot (`event::RpcAnswer`).
-    RpcAnswer = 11,
-    /// A call's response future is dropped (`event::RpcDone`).
-    RpcDone = 12,
+    /// The head of a tarpc frame on a connection between the proxy and a runtime
+    /// (`event::WireFrame`): a request or cancel the proxy sent, an answer it received.
+    WireFrame = 11,
+    /// Such a connection ended under the proxy: end of stream or an error on it
+    /// (`event::WireFrame`, no head).
+    WireEnd = 12,
     /// A runtime's tarpc method future ended (`event::ServerCall`).
     ServerCall = 13,
 }
@@ -102,7 +104,11 @@ pub mod stat {
     pub const READ_ERRORS: u32 = 1;
     /// A hook run that ended on an error (a failed read, a full ring buffer or map).
     pub const HOOK_ERRORS: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// A socket call on a tarpc connection the kernel could not follow frame by frame (a
+    /// buffer shape it does not read, more frames at once than it steps through): it starts
+    /// again at the next call, which on tarpc's framed transport begins a frame.
+    pub const WIRE_RESYNCS: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// What every record in the ring buffer starts with.
@@ -140,7 +146,7 @@ pub trait Record: Copy {
 
 /// The records, one type per hook family; the `Kind`s each carries are on `Kind`.
 pub mod event {
-    use super::{Header, Peer, Record, Str, CONN_WINDOW, MAX_STR};
+    use super::{Header, Peer, Record, Str, CONN_WINDOW, MAX_STR, WIRE_HEAD};
 
     /// `LruCache::{insert, remove}` (`observer-ebpf/src/app_cache.rs`).
     #[repr(C)]
@@ -173,7 +179,13 @@ pub mod event {
         pub header: Header,
         /// The client (`&mut Channel`).
         pub client: u64,
+        /// Its connection: the channel its cancellations go through (shared by every clone
+        /// of the client, one per connection to a runtime).
         pub conn: u64,
+        /// That channel's state word: its high bit is clear once tarpc's dispatch task for
+        /// the connection has ended (the call then fails without reaching the wire).
+        pub conn_state: u64,
+        /// Its context's trace id: which request frame on the wire is the call's.
         pub trace_id: [u64; 2],
         /// `RpcOther`: the method (`method::*`).
         pub method: u32,
@@ -183,7 +195,7 @@ pub mod event {
         pub arg: Str,
     }
 
-    const _: () = assert!(core::mem::size_of::<RpcCall>() == 16 + 5 * 8 + 16 + MAX_STR);
+    const _: () = assert!(core::mem::size_of::<RpcCall>() == 16 + 6 * 8 + 16 + MAX_STR);
 
     /// hyper took a request (`observer-ebpf/src/http.rs`).
     #[repr(C)]
@@ -237,37 +249,27 @@ pub mod event {
 
     const _: () = assert!(core::mem::size_of::<SchedError>() == 24);
 
-    /// A runtime's answer reached its caller's oneshot.
+    /// The head of one tarpc frame on a proxy <-> runtime connection (`observer-ebpf/src/wire.rs`).
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub struct RpcAnswer {
+    pub struct WireFrame {
         pub header: Header,
-        /// The oneshot (its `Arc`).
-        pub oneshot: u64,
-        /// The runtime, as the peer the thread last received from (`family` 0: unknown).
+        /// The connection (its `struct sock`): a key only.
+        pub sock: u64,
+        /// The frame's length (its 4-byte prefix; the head's bytes follow it).
+        pub frame_len: u32,
+        /// `wire::SENT` or `wire::RECEIVED`, from the proxy's side.
+        pub direction: u32,
+        /// The connection's peer: the runtime.
         pub peer: Peer,
-        /// The first bytes of the in-memory `tarpc::Response`.
-        pub raw: [u8; MAX_STR],
-        /// Its string, for an `Id` (the RuntimeId) or `SpawnWorker` (the handle) answer.
-        pub string: Str,
+        /// How many of `head` are the frame's (at most `WIRE_HEAD`).
+        pub head_len: u32,
+        pub _pad: u32,
+        /// The frame's first bytes: bincode of `tarpc::ClientMessage` or `tarpc::Response`.
+        pub head: [u8; WIRE_HEAD],
     }
 
-    const _: () =
-        assert!(core::mem::size_of::<RpcAnswer>() == 16 + 8 + 24 + MAX_STR + 16 + MAX_STR);
-
-    /// A call's response future is dropped, answered or not.
-    #[repr(C)]
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub struct RpcDone {
-        pub header: Header,
-        pub oneshot: u64,
-        pub conn: u64,
-        pub trace_id: [u64; 2],
-        /// 1 if it completed (its `complete` flag).
-        pub completed: u64,
-    }
-
-    const _: () = assert!(core::mem::size_of::<RpcDone>() == 16 + 5 * 8);
+    const _: () = assert!(core::mem::size_of::<WireFrame>() == 16 + 16 + 24 + 8 + WIRE_HEAD);
 
     /// A runtime's tarpc method future ended (`observer-ebpf/src/server.rs`).
     #[repr(C)]
@@ -301,8 +303,7 @@ pub mod event {
         HttpRequest,
         HttpResponse,
         SchedError,
-        RpcAnswer,
-        RpcDone,
+        WireFrame,
         ServerCall
     );
 
@@ -311,6 +312,18 @@ pub mod event {
             &mut self.head.header
         }
     }
+}
+
+/// Bytes of a tarpc frame the kernel copies past its length prefix: enough for the head of a
+/// request (message kind, context, request id, method: 56 bytes at most in bincode's varint
+/// encoding) and of an answer (request id, result, method, a 32-byte worker handle or a
+/// 36-byte runtime id with their lengths).
+pub const WIRE_HEAD: usize = 64;
+
+/// Directions of a tarpc frame, from the proxy's side (`event::WireFrame::direction`).
+pub mod wire {
+    pub const SENT: u32 = 0;
+    pub const RECEIVED: u32 = 1;
 }
 
 /// The largest plain record (a `ConnSnapshot` is larger), for sizing the ring buffer.
@@ -381,26 +394,18 @@ layout! {
     lru_list_len = 24,
     /// Size of the cache's key (`AppId` / `String`).
     lru_key_size = 24,
-    /// tarpc `Channel`: offset of its cancellation sender (an `Arc`, one per connection).
+    /// tarpc `Channel`: offset of its cancellation sender (`futures::channel::mpsc::
+    /// UnboundedSender`, whose first word is its `Arc<UnboundedInner>`: one per connection).
     chan_cancel = 0,
+    /// Offset of the `state` word in that `Arc`'s allocation (the `ArcInner` counts, then
+    /// `UnboundedInner` as rustc orders it: the message queue's two pointers first): its high
+    /// bit (`OPEN_MASK`) is set while the receiver, in tarpc's dispatch task, lives.
+    chan_state = 32,
     /// `tarpc::context::Context`: offset of its trace id (a `u128`).
     ctx_trace_id = 16,
-    /// tarpc `DispatchResponse`: offsets of its context, oneshot receiver, cancellation
-    /// sender and `complete` flag.
-    dr_ctx = 0,
-    dr_response = 64,
-    dr_cancel = 72,
-    dr_complete = 88,
-    /// `tarpc::Response<RuntimeServiceResponse>`: the niche base of its first word, the tags
-    /// of the `Id` and `SpawnWorker` answers, and where their strings are.
-    resp_niche_base = 0x8000_0000_0000_0000,
-    resp_tag_id = 1,
-    resp_tag_spawn = 2,
-    resp_id_string = 8,
-    resp_spawn_string = 16,
 }
 
-const _: () = assert!(core::mem::size_of::<Layout>() == 24 * 8);
+const _: () = assert!(core::mem::size_of::<Layout>() == 16 * 8);
 
 impl Layout {
     /// The RPC method of a request enum, from its tag word.

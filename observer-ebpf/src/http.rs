@@ -11,8 +11,8 @@
 //!   offset userspace learns, from copies of the connection's memory taken here, and sets in
 //!   `CONN_KEY`.
 //! - `rusty_workers_proxy::sched::SchedError::build_response(&self) -> Response<Body>`: the
-//!   proxy answers with one of its own errors (rdi = the sret slot, rsi = self); the enum is
-//!   fieldless, a byte.
+//!   proxy answers with one of its own errors (rdi = the sret slot, rsi = self, or under fat
+//!   LTO the byte itself); the enum is fieldless, a byte.
 
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP, cty::c_void, helpers::generated::bpf_probe_read_user,
@@ -109,12 +109,24 @@ fn send_snapshot(conn: u64) -> Result<(), i64> {
     Ok(())
 }
 
+/// Below this no user address is mapped (`vm.mmap_min_addr` is 4096 or more): an argument
+/// there is not a pointer.
+const MIN_USER_ADDR: u64 = 4096;
+
 fn try_sched_error(ctx: &ProbeContext) -> Result<(), i64> {
-    let err: u64 = ctx.arg(1).ok_or(1i64)?;
-    let mut b = [0u8; 1];
-    read::bytes(err, &mut b)?;
+    let arg: u64 = ctx.arg(1).ok_or(1i64)?;
+    let error = if arg < MIN_USER_ADDR {
+        // `self` passed by value: under fat LTO the fieldless enum's `&self` is promoted to
+        // its byte in esi (the test target's release-fat-lto build: `mov %esi,%ecx` at the
+        // function's start). A pointer is never this low.
+        arg & 0xff
+    } else {
+        let mut b = [0u8; 1];
+        read::bytes(arg, &mut b)?;
+        b[0] as u64
+    };
     send(Kind::SchedError, |rec: &mut SchedError| {
-        rec.error = b[0] as u64;
+        rec.error = error;
         Ok(())
     })
 }

@@ -9,17 +9,18 @@ mod net;
 mod read;
 mod rpc;
 mod server;
+mod wire;
 
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     EbpfContext,
 };
 use aya_log_ebpf::error;
 use observer_common::{
-    method, netstat, stat, ConnKey, HandleKey, Kind, Layout, Peer, Record, Watched, MAX_APP_SLOTS,
+    method, netstat, stat, ConnKey, HandleKey, Kind, Layout, Record, Watched, MAX_APP_SLOTS,
     MAX_PROCS,
 };
 
@@ -29,10 +30,6 @@ use observer_common::{
 /// starts come here.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
-
-/// Thread id -> the peer of the last socket it received from (`net.rs`).
-#[map]
-static LAST_PEER: LruHashMap<u32, Peer> = LruHashMap::with_max_entries(4096, 0);
 
 /// Where the response-head probe finds the request key (`http.rs`), learnt by userspace.
 #[map]

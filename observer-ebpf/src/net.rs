@@ -11,19 +11,17 @@
 //! program reads the event's arguments directly instead of the perf record the kernel would
 //! fill for a classic tracepoint.
 //!
-//! In the proxy, with request metrics on, the receive side also remembers, per thread, the
-//! peer of the last socket that delivered bytes. tarpc's dispatch task decodes and hands out
-//! an answer in the same poll that read it, on the same thread, so `rpc_response` reads its
-//! runtime here.
+//! In the proxy, with request metrics on, they also follow the tarpc frames on its
+//! connections to the runtimes (`wire.rs`): calls, cancels and answers without a uprobe.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use observer_common::{family, netstat, role, Peer, Watched};
+use observer_common::{family, netstat, role, wire, Peer, Watched};
 
-use crate::{add, check, request_metrics, LAST_PEER, PROC_NET, WATCHED};
+use crate::{add, check, request_metrics, PROC_NET, WATCHED};
 
 /// The events' arguments (include/trace/events/sock.h, `sock_msg_length`: `TP_PROTO(struct
 /// sock *sk, int ret, int flags)`; the BTF typedef `btf_trace_sock_send_length` has the same).
@@ -32,6 +30,9 @@ const ARG_RET: usize = 1;
 const ARG_FLAGS: usize = 2;
 /// include/linux/socket.h. A peek leaves the bytes in the socket: they are read again.
 const MSG_PEEK: i32 = 2;
+/// include/uapi/asm-generic/errno-base.h: a receive with nothing to read yet, or cut short.
+const EINTR: i32 = 4;
+const EAGAIN: i32 = 11;
 /// `struct sock_common` (include/net/sock.h; offsets read from this kernel's BTF):
 /// `skc_daddr` at 0, `skc_dport` at 12, `skc_family` at 16, `skc_v6_daddr` at 56.
 const SKC_DADDR: u64 = 0;
@@ -53,20 +54,22 @@ pub fn sock_recv(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-fn watched() -> Option<(u32, Watched)> {
+fn watched() -> Option<Watched> {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the map can change.
     let w = unsafe { WATCHED.get((id >> 32) as u32) }?;
-    Some((id as u32, *w))
+    Some(*w)
 }
 
-/// Counts one transfer of `ret` bytes into the counters at `first` (bytes) and `first + 1`
-/// (messages); returns the family when the socket is an Internet one and bytes moved.
-fn count(ctx: &BtfTracePointContext, w: &Watched, first: u32) -> Result<Option<u16>, i64> {
-    let ret: i32 = ctx.arg(ARG_RET);
-    if ret <= 0 {
-        return Ok(None);
-    }
+/// A socket call's outcome as the tracepoint reports it.
+struct Transfer {
+    sk: u64,
+    ret: i32,
+    /// `AF_INET` or `AF_INET6`; 0 for any other family.
+    family: u16,
+}
+
+fn transfer(ctx: &BtfTracePointContext) -> Result<Option<Transfer>, i64> {
     let flags: i32 = ctx.arg(ARG_FLAGS);
     if flags & MSG_PEEK != 0 {
         return Ok(None);
@@ -77,48 +80,97 @@ fn count(ctx: &BtfTracePointContext, w: &Watched, first: u32) -> Result<Option<u
     if fam != family::INET && fam != family::INET6 {
         return Ok(None);
     }
+    Ok(Some(Transfer {
+        sk,
+        ret: ctx.arg(ARG_RET),
+        family: fam,
+    }))
+}
+
+/// Counts one transfer of `t.ret` bytes into the counters at `first` (bytes) and `first + 1`
+/// (messages).
+fn count(t: &Transfer, w: &Watched, first: u32) {
+    if t.ret <= 0 {
+        return;
+    }
     let base = w.slot * netstat::COUNT + first;
-    add(&PROC_NET, base, ret as u64);
+    add(&PROC_NET, base, t.ret as u64);
     add(&PROC_NET, base + 1, 1);
-    Ok(Some(fam))
+}
+
+/// Whether the proxy's tarpc connections are followed (request metrics on).
+fn follows_wire(w: &Watched) -> bool {
+    w.role == role::PROXY && request_metrics()
 }
 
 fn try_sock_send(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    let Some((_, w)) = watched() else {
+    let Some(w) = watched() else {
         return Ok(());
     };
-    count(ctx, &w, netstat::BYTES_SENT)?;
-    Ok(())
+    let Some(t) = transfer(ctx)? else {
+        return Ok(());
+    };
+    count(&t, &w, netstat::BYTES_SENT);
+    if !follows_wire(&w) {
+        return Ok(());
+    }
+    if t.ret > 0 {
+        crate::wire::follow(t.sk, wire::SENT, t.ret as u32, || peer(&t))
+    } else if t.ret < 0 && t.ret != -EAGAIN && t.ret != -EINTR {
+        crate::wire::end(t.sk, peer(&t))
+    } else {
+        Ok(())
+    }
 }
 
 fn try_sock_recv(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    let Some((tid, w)) = watched() else {
+    let Some(w) = watched() else {
         return Ok(());
     };
-    let Some(fam) = count(ctx, &w, netstat::BYTES_RECEIVED)? else {
+    let Some(t) = transfer(ctx)? else {
         return Ok(());
     };
-    if w.role != role::PROXY || !request_metrics() {
+    count(&t, &w, netstat::BYTES_RECEIVED);
+    if !follows_wire(&w) {
         return Ok(());
     }
-    let sk: u64 = ctx.arg(ARG_SK);
+    if t.ret > 0 {
+        crate::wire::follow(t.sk, wire::RECEIVED, t.ret as u32, || peer(&t))
+    } else if t.ret != -EAGAIN && t.ret != -EINTR {
+        // End of stream (0) or an error: the connection is gone.
+        crate::wire::end(t.sk, peer(&t))
+    } else {
+        Ok(())
+    }
+}
+
+/// The connection's peer (`family` 0 if it cannot be read).
+fn peer(t: &Transfer) -> Peer {
     let mut peer = Peer {
         addr: [0; 16],
         port: 0,
-        family: fam,
+        family: 0,
         _pad: 0,
     };
-    // SAFETY: bpf_probe_read_kernel checks the address.
-    let port: u16 = unsafe { bpf_probe_read_kernel((sk + SKC_DPORT) as *const u16) }?;
-    peer.port = u16::from_be(port);
-    if fam == family::INET {
-        // SAFETY: as above.
-        let a: [u8; 4] = unsafe { bpf_probe_read_kernel((sk + SKC_DADDR) as *const [u8; 4]) }?;
-        peer.addr[..4].copy_from_slice(&a);
-    } else {
-        // SAFETY: as above.
-        peer.addr = unsafe { bpf_probe_read_kernel((sk + SKC_V6_DADDR) as *const [u8; 16]) }?;
+    let sk = t.sk;
+    // SAFETY: bpf_probe_read_kernel checks the addresses.
+    unsafe {
+        let Ok(port) = bpf_probe_read_kernel((sk + SKC_DPORT) as *const u16) else {
+            return peer;
+        };
+        peer.port = u16::from_be(port);
+        if t.family == family::INET {
+            let Ok(a) = bpf_probe_read_kernel((sk + SKC_DADDR) as *const [u8; 4]) else {
+                return peer;
+            };
+            peer.addr[..4].copy_from_slice(&a);
+        } else {
+            let Ok(a) = bpf_probe_read_kernel((sk + SKC_V6_DADDR) as *const [u8; 16]) else {
+                return peer;
+            };
+            peer.addr = a;
+        }
     }
-    LAST_PEER.insert(tid, peer, 0)?;
-    Ok(())
+    peer.family = t.family;
+    peer
 }

@@ -5,27 +5,17 @@
 //!   end in this one generic function, which receives the request enum by reference
 //!   (`call(&mut self, ctx, request)` with the returned future in the sret slot: rdi = sret,
 //!   rsi = self, rdx = &ctx, rcx = &request).
-//! - `futures_channel::oneshot::Sender<Response<_>>::send`: tarpc's dispatch task hands the
-//!   runtime's answer to the waiting call (`send(self, t) -> Result<(), T>`: rdi = the sret
-//!   slot, rsi = the oneshot's `Arc`, rdx = &t; measured with bpftrace on the test target).
-//! - `drop_in_place::<DispatchResponse<_>>` and `<DispatchResponse<_> as Drop>::drop`: the
-//!   call's response future ends, completed or not; it holds the oneshot, the connection and
-//!   the request id, which tie the two above. Which of the two runs depends on inlining at
-//!   each drop site, so both are probed; userspace drops the second sighting.
+//!
+//! The call's context trace id ties it to its request frame on the wire, and so to its
+//! answer, its cancel or its connection's end (`wire.rs`).
 //!
 //! With request metrics off (`REQUEST_METRICS` = 0), the fetch path stays one map lookup and one
 //! counter, and only spawns, terminations and the first fetch of new workers reach userspace.
 
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
-use observer_common::{
-    event::{RpcAnswer, RpcCall, RpcDone},
-    method, HandleKey, Kind, Layout, HANDLE_KEY_LEN,
-};
+use aya_ebpf::{macros::uprobe, programs::ProbeContext};
+use observer_common::{event::RpcCall, method, HandleKey, Kind, Layout, HANDLE_KEY_LEN};
 
-use crate::{
-    bump, check, layout, read, request_metrics, send, APP_REQUESTS, HANDLE_APP, LAST_PEER,
-    RPC_CALLS,
-};
+use crate::{bump, check, layout, read, request_metrics, send, APP_REQUESTS, HANDLE_APP, RPC_CALLS};
 
 #[uprobe]
 pub fn rpc_call(ctx: ProbeContext) -> u32 {
@@ -34,25 +24,19 @@ pub fn rpc_call(ctx: ProbeContext) -> u32 {
     0
 }
 
-#[uprobe]
-pub fn rpc_response(ctx: ProbeContext) -> u32 {
-    let r = try_rpc_response(&ctx);
-    check(&ctx, "rpc_response", r);
-    0
-}
-
-#[uprobe]
-pub fn rpc_done(ctx: ProbeContext) -> u32 {
-    let r = try_rpc_done(&ctx);
-    check(&ctx, "rpc_done", r);
-    0
-}
-
-/// The call's identity: its connection (the cancellation sender's `Arc`, one per runtime
-/// connection) and its context's trace id, which its `DispatchResponse` keeps.
+/// The call's identity: its client, its connection and its context's trace id, which its
+/// request frame carries on the wire (random per call: rusty-workers makes a
+/// `context::current()` for each); and whether the connection's dispatch task still runs (a
+/// call on a connection that ended fails before reaching the wire, tarpc 0.24
+/// `Channel::send`: the dispatch channel is closed).
 fn identify(rec: &mut RpcCall, call: &Call, lay: &Layout) {
     rec.client = call.channel;
     rec.conn = read::word(call.channel + lay.chan_cancel).unwrap_or(0);
+    // Unknown reads as open: a failure is only reported when the state says so.
+    rec.conn_state = u64::MAX;
+    if rec.conn != 0 {
+        rec.conn_state = read::word(rec.conn + lay.chan_state).unwrap_or(u64::MAX);
+    }
     rec.trace_id[0] = read::word(call.context + lay.ctx_trace_id).unwrap_or(0);
     rec.trace_id[1] = read::word(call.context + lay.ctx_trace_id + 8).unwrap_or(0);
 }
@@ -121,52 +105,5 @@ fn emit(k: Kind, call: &Call, string: u64, lay: &Layout) -> Result<(), i64> {
     send(k, |rec: &mut RpcCall| {
         identify(rec, call, lay);
         read::string(string, lay, &mut rec.arg)
-    })
-}
-
-fn try_rpc_response(ctx: &ProbeContext) -> Result<(), i64> {
-    let oneshot: u64 = ctx.arg(1).ok_or(1i64)?;
-    let response: u64 = ctx.arg(2).ok_or(1i64)?;
-    let lay = layout();
-    send(Kind::RpcAnswer, |rec: &mut RpcAnswer| {
-        rec.oneshot = oneshot;
-        read::bytes(response, &mut rec.raw)?;
-        let tag = u64::from_ne_bytes([
-            rec.raw[0], rec.raw[1], rec.raw[2], rec.raw[3], rec.raw[4], rec.raw[5], rec.raw[6],
-            rec.raw[7],
-        ]);
-        let string = if tag == lay.resp_niche_base.wrapping_add(lay.resp_tag_id) {
-            lay.resp_id_string
-        } else if tag == lay.resp_niche_base.wrapping_add(lay.resp_tag_spawn) {
-            lay.resp_spawn_string
-        } else {
-            0
-        };
-        if string != 0 {
-            // An error answer has no string there: userspace only uses it for an `Ok`.
-            let _ = read::string(response + string, &lay, &mut rec.string);
-        }
-        let tid = bpf_get_current_pid_tgid() as u32;
-        // SAFETY: a copy out of a per-thread entry; a stale one is harmless (a wrong name is
-        // not possible: it is the last peer this thread received from).
-        if let Some(p) = unsafe { LAST_PEER.get(tid) } {
-            rec.peer = *p;
-        }
-        Ok(())
-    })
-}
-
-fn try_rpc_done(ctx: &ProbeContext) -> Result<(), i64> {
-    let dr: u64 = ctx.arg(0).ok_or(1i64)?;
-    let lay = layout();
-    let oneshot = read::word(dr + lay.dr_response)?;
-    send(Kind::RpcDone, |rec: &mut RpcDone| {
-        rec.oneshot = oneshot;
-        rec.conn = read::word(dr + lay.dr_cancel)?;
-        let trace = dr + lay.dr_ctx + lay.ctx_trace_id;
-        rec.trace_id[0] = read::word(trace)?;
-        rec.trace_id[1] = read::word(trace + 8)?;
-        rec.completed = read::word(dr + lay.dr_complete)? & 0xff;
-        Ok(())
     })
 }

@@ -17,8 +17,6 @@ pub const PROGRAMS: &[&str] = &[
     "lru_insert",
     "lru_remove",
     "rpc_call",
-    "rpc_response",
-    "rpc_done",
     "http_request",
     "http_response",
     "sched_error",
@@ -352,7 +350,7 @@ mod tests {
     #[test]
     fn builtin_catalog_parses() {
         let c = Catalog::builtin_proxy();
-        assert_eq!(c.probes.len(), 9);
+        assert_eq!(c.probes.len(), 6);
         // Without request metrics the request path keeps a budget of 2 uprobes.
         let without = c
             .probes

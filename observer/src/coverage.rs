@@ -1,7 +1,7 @@
 //! Which probes each metric family is made from.
 //!
 //! A build of the proxy may lack a probed function: inlined away (fat LTO keeps `Channel::call`
-//! but loses `LruCache::insert` and `oneshot::Sender::send`), or a probe may fail to load or
+//! but loses `LruCache::insert`), or a probe may fail to load or
 //! attach. A family made from a missing probe would not be merely incomplete but wrong (every
 //! fetch without its answer looks failed: a success reported as an error), so it is not
 //! exported at all: absent beats wrong. `rusty_workers_observer_metric_unavailable{metric,needs}`
@@ -17,8 +17,6 @@ const RPC: &str = "runtime_rpc";
 const REQUEST: &str = "http_request";
 const RESPONSE: &str = "http_response";
 const SCHED_ERROR: &str = "sched_error";
-const ANSWER: &str = "rpc_response";
-const DONE: &str = "rpc_done";
 const SEND: &str = "net_send";
 const RECV: &str = "net_recv";
 /// Relations of the target's memory the request joins learn (`requests::Requests::learnt`):
@@ -33,25 +31,26 @@ const RESPONSE_CONNECTION: &str = "response_connection";
 ///   only by the loads that went into it.
 /// - Instances leave their app by termination, eviction (the app cache's probes) and, with
 ///   request metrics, by being discarded after a failed fetch, which only the fetch's answer
-///   tells (`rpc_response`, joined to its call at `rpc_done`).
+///   tells: its frame on the wire, which the socket tracepoints follow (`net_send` for the
+///   call's request, `net_recv` for its answer).
 /// - A request's outcome needs the proxy's own error and the last fetch's answer; its
 ///   duration and start only its two ends and its calls, tied to it through two learnt
 ///   relations (listed with the probes, missing as `not_learnt` until learnt).
-/// - A runtime's name on an RPC is the peer the answering thread last read from (`net_recv`).
+/// - A runtime's name on an RPC is the peer of the connection its request went out on.
 pub const NEEDS: &[(&str, &[&str])] = &[
     ("apps_loaded", &[INSERT, REMOVE]),
     ("app_loaded_seconds", &[INSERT, REMOVE]),
     ("app_loads_total", &[INSERT]),
     ("app_evictions_total", &[INSERT, REMOVE]),
-    ("app_instances", &[RPC, INSERT, REMOVE, ANSWER, DONE]),
+    ("app_instances", &[RPC, INSERT, REMOVE, SEND, RECV]),
     ("app_instance_spawns_total", &[RPC]),
     ("app_instance_terminations_total", &[RPC]),
     ("app_instances_dropped_total", &[RPC, INSERT, REMOVE]),
     (
         "app_instances_dropped_ended_total",
-        &[RPC, INSERT, REMOVE, ANSWER, DONE],
+        &[RPC, INSERT, REMOVE, SEND, RECV],
     ),
-    ("app_instances_discarded_total", &[RPC, ANSWER, DONE]),
+    ("app_instances_discarded_total", &[RPC, SEND, RECV]),
     ("app_requests_total", &[RPC]),
     ("runtime_rpcs_total", &[RPC]),
     (
@@ -65,8 +64,8 @@ pub const NEEDS: &[(&str, &[&str])] = &[
             RESPONSE,
             RPC,
             SCHED_ERROR,
-            ANSWER,
-            DONE,
+            SEND,
+            RECV,
             FETCH_CALL,
             RESPONSE_CONNECTION,
         ],
@@ -75,21 +74,14 @@ pub const NEEDS: &[(&str, &[&str])] = &[
         "app_request_starts_total",
         &[REQUEST, RESPONSE, RPC, FETCH_CALL, RESPONSE_CONNECTION],
     ),
-    ("app_spawn_duration_seconds", &[RPC, ANSWER, DONE]),
-    ("runtime_rpc_duration_seconds", &[RPC, ANSWER, DONE, RECV]),
-    ("runtime_rpc_failures_total", &[RPC, ANSWER, DONE, RECV]),
-    (
-        "runtime_instances",
-        &[RPC, INSERT, REMOVE, ANSWER, DONE, RECV],
-    ),
-    ("runtime_info", &[RPC, ANSWER, DONE, RECV]),
+    ("app_spawn_duration_seconds", &[RPC, SEND, RECV]),
+    ("runtime_rpc_duration_seconds", &[RPC, SEND, RECV]),
+    ("runtime_rpc_failures_total", &[RPC, SEND, RECV]),
+    ("runtime_instances", &[RPC, INSERT, REMOVE, SEND, RECV]),
+    ("runtime_info", &[RPC, SEND, RECV]),
     ("process_network_bytes_total", &[SEND, RECV]),
     ("process_network_messages_total", &[SEND, RECV]),
 ];
-
-/// The probes a call's answer is seen by: without them a call's end says nothing of how it went
-/// (`requests::Requests::set_answers_probed`).
-pub const ANSWER_PROBES: &[&str] = &[ANSWER, DONE];
 
 /// A learnt relation not learnt (yet): the families that need it wait for it.
 pub const NOT_LEARNT: &str = "not_learnt";
@@ -169,14 +161,13 @@ mod tests {
     }
 
     /// The probes the real proxy loses under fat LTO (issue: "another build of the same proxy
-    /// gives false numbers"), and what survives of them.
+    /// gives false numbers"), and what survives of them: answers come from the wire, which
+    /// no build can inline away.
     #[test]
     fn fat_lto_losses_take_exactly_their_families() {
         let lost = families(&[
             ("app_cache_insert", "unresolved"),
-            ("rpc_response", "unresolved"),
             ("sched_error", "unresolved"),
-            ("rpc_done_direct", "unresolved"),
             ("runtime_rpc", ""),
         ]);
         for gone in [
@@ -184,8 +175,6 @@ mod tests {
             "app_loads_total",
             "app_instances",
             "app_responses_total",
-            "runtime_rpc_duration_seconds",
-            "runtime_info",
         ] {
             assert!(lost.contains(&gone), "{gone} must be withheld: {lost:?}");
         }
@@ -196,6 +185,10 @@ mod tests {
             "runtime_rpcs_total",
             "app_request_duration_seconds",
             "app_request_starts_total",
+            "app_instances_discarded_total",
+            "runtime_rpc_duration_seconds",
+            "runtime_rpc_failures_total",
+            "runtime_info",
             "process_network_bytes_total",
         ] {
             assert!(!lost.contains(&kept), "{kept} is still exact: {lost:?}");
@@ -206,7 +199,7 @@ mod tests {
     fn the_first_missing_probe_names_the_loss() {
         let u = unavailable([
             ("net_recv", "load_failed"),
-            ("rpc_response", "attach_failed"),
+            ("runtime_rpc", "attach_failed"),
         ]);
         let rpc = u
             .iter()
@@ -214,7 +207,7 @@ mod tests {
             .expect("lost");
         assert_eq!(
             (rpc.needs.as_str(), rpc.reason.as_str()),
-            ("rpc_response", "attach_failed")
+            ("runtime_rpc", "attach_failed")
         );
         let net = u
             .iter()

@@ -1,7 +1,7 @@
 //! Pure decoders of what the probes send: ring buffer records and strings read from the
 //! target's memory, which are untrusted until validated here.
 
-use observer_common::{event, Header, Kind, Peer, Str, CONN_WINDOW, MAX_STR};
+use observer_common::{event, Header, Kind, Peer, Str, CONN_WINDOW, MAX_STR, WIRE_HEAD};
 
 /// A ring buffer record, decoded for the app tracker (`crate::model::tracker`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,8 +83,8 @@ pub enum Record {
     /// With the memory around the connection while userspace learns (`event::ConnSnapshot`).
     HttpResponse(event::HttpResponse, Option<Snapshot>),
     SchedError(event::SchedError),
-    Answer(event::RpcAnswer),
-    Done(event::RpcDone),
+    /// `Kind::WireFrame` or `Kind::WireEnd`.
+    Wire(Kind, event::WireFrame),
     ServerCall(event::ServerCall),
 }
 
@@ -101,8 +101,7 @@ impl Record {
             Record::HttpRequest(r) => &r.header,
             Record::HttpResponse(r, _) => &r.header,
             Record::SchedError(r) => &r.header,
-            Record::Answer(r) => &r.header,
-            Record::Done(r) => &r.header,
+            Record::Wire(_, r) => &r.header,
             Record::ServerCall(r) => &r.header,
         }
     }
@@ -153,12 +152,13 @@ pub fn record(rec: &[u8]) -> Result<Record, DecodeError> {
             Record::HttpResponse(head, snap)
         }
         Kind::SchedError => Record::SchedError(read(rec)?),
-        Kind::RpcAnswer => {
-            let r: event::RpcAnswer = read(rec)?;
-            checked(&r.string)?;
-            Record::Answer(r)
+        Kind::WireFrame | Kind::WireEnd => {
+            let r: event::WireFrame = read(rec)?;
+            if r.head_len as usize > WIRE_HEAD {
+                return Err(DecodeError::StrLen(r.head_len));
+            }
+            Record::Wire(k, r)
         }
-        Kind::RpcDone => Record::Done(read(rec)?),
         Kind::ServerCall => Record::ServerCall(read(rec)?),
     })
 }
@@ -243,9 +243,9 @@ pub fn decode_event(r: &Record) -> Option<Decoded> {
     })
 }
 
-/// A runtime RPC's identity: its connection (the cancellation sender's `Arc`, one per runtime
-/// connection) and its context's trace id, which the call and its end both carry.
-pub type CallId = (u64, u64, u64);
+/// A runtime RPC's identity: its context's trace id (a random `u128` per call), which the call
+/// and its request frame on the wire both carry.
+pub type CallId = u128;
 
 /// What a sent RPC carries, by kind (`observer-ebpf/src/rpc.rs`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,30 +268,30 @@ pub enum CallKind {
 pub enum RequestEvent {
     /// hyper hands a parsed request to the proxy's service; `key`: its service future.
     Start { key: u64, ktime_ns: u64 },
-    /// A runtime RPC is sent on the client at `client`.
+    /// A runtime RPC is sent on the client at `client`, on the connection `conn`; `conn_open`:
+    /// whether that connection's dispatch task still ran.
     Call {
         call: CallKind,
         client: u64,
+        conn: u64,
+        conn_open: bool,
         id: CallId,
         ktime_ns: u64,
     },
-    /// A runtime's answer is handed to its call's oneshot: the answer's first bytes (decoded
-    /// with the layout: `crate::model::requests::decode_answer`), its string (an `Id`'s RuntimeId, a
-    /// spawn's handle) and the peer the thread last read from (`crate::model::requests::peer_name`).
-    Answer {
-        oneshot: u64,
-        raw: [u8; MAX_STR],
-        string: Bytes,
+    /// A tarpc frame on the connection `sock` to a runtime (`peer`): sent by the proxy (a
+    /// request or a cancel) or received (an answer); `head`: its first bytes
+    /// (`crate::model::requests::wire` decodes them).
+    Frame {
+        sock: u64,
+        direction: u32,
+        /// Inline, not a `Vec`: one frame per call and answer, no allocation per event.
+        head: [u8; WIRE_HEAD],
+        head_len: usize,
         peer: Peer,
         ktime_ns: u64,
     },
-    /// A call's response future ends, answered (on `oneshot`) or not; `completed`: its
-    /// `complete` flag.
-    Done {
-        oneshot: u64,
-        id: CallId,
-        completed: bool,
-    },
+    /// The connection `sock` to a runtime ended under the proxy.
+    WireEnd { sock: u64 },
     /// The proxy builds the response of one of its own errors (`SchedError`'s discriminant).
     SchedError { tid: u32, error: u64, ktime_ns: u64 },
     /// A response head is encoded on the connection at `conn`; `key`: the request key the
@@ -302,6 +302,14 @@ pub enum RequestEvent {
         tid: u32,
         ktime_ns: u64,
     },
+}
+
+/// futures-channel 0.3 `mpsc`'s `OPEN_MASK`: the high bit of a channel's state.
+const CONN_OPEN: u64 = 1 << 63;
+
+/// A trace id from its two words in memory (a little-endian `u128`).
+pub fn trace_id(words: [u64; 2]) -> CallId {
+    u128::from(words[0]) | (u128::from(words[1]) << 64)
 }
 
 /// The request-path event a record is, if it is one.
@@ -328,20 +336,19 @@ pub fn request_event(r: &Record) -> Option<RequestEvent> {
                 _ => CallKind::Other { method: c.method },
             },
             client: c.client,
-            id: (c.conn, c.trace_id[0], c.trace_id[1]),
+            conn: c.conn,
+            conn_open: c.conn_state & CONN_OPEN != 0,
+            id: trace_id(c.trace_id),
             ktime_ns: t,
         },
-        Record::Answer(a) => RequestEvent::Answer {
-            oneshot: a.oneshot,
-            raw: a.raw,
-            string: Bytes::of(&a.string),
-            peer: a.peer,
+        Record::Wire(Kind::WireEnd, w) => RequestEvent::WireEnd { sock: w.sock },
+        Record::Wire(_, w) => RequestEvent::Frame {
+            sock: w.sock,
+            direction: w.direction,
+            head: w.head,
+            head_len: w.head_len as usize,
+            peer: w.peer,
             ktime_ns: t,
-        },
-        Record::Done(d) => RequestEvent::Done {
-            oneshot: d.oneshot,
-            id: (d.conn, d.trace_id[0], d.trace_id[1]),
-            completed: d.completed != 0,
         },
         Record::SchedError(e) => RequestEvent::SchedError {
             tid: e.header.tid,
@@ -514,6 +521,7 @@ mod tests {
             c.header.tid = 9;
             c.client = 0xa;
             c.conn = 0xb;
+            c.conn_state = 1 << 63;
             c.trace_id = [0xc, 0xd];
             c.method = 3;
             c.slot = 3;
@@ -528,7 +536,9 @@ mod tests {
             Some(RequestEvent::Call {
                 call,
                 client: 0xa,
-                id: (0xb, 0xc, 0xd),
+                conn: 0xb,
+                conn_open: true,
+                id: 0xc | (0xd << 64),
                 ktime_ns: 7,
             })
         };
@@ -571,20 +581,6 @@ mod tests {
                 "another method",
                 call(Kind::RpcOther),
                 sent(CallKind::Other { method: 3 }),
-            ),
-            (
-                "a call's end",
-                bytes(&rec(Kind::RpcDone, 7, |d: &mut RpcDone| {
-                    d.oneshot = 0xa;
-                    d.conn = 0xb;
-                    d.trace_id = [0xc, 0xd];
-                    d.completed = 1;
-                })),
-                Some(RequestEvent::Done {
-                    oneshot: 0xa,
-                    id: (0xb, 0xc, 0xd),
-                    completed: true,
-                }),
             ),
             (
                 "the proxy's own error",
@@ -632,22 +628,37 @@ mod tests {
             family: observer_common::family::INET,
             _pad: 0,
         };
-        let answer = rec(Kind::RpcAnswer, 7, |a: &mut RpcAnswer| {
-            a.oneshot = 0xa;
-            a.peer = peer;
-            a.raw[..2].copy_from_slice(b"h1");
-            a.string = string(b"rt", 2);
+        let frame = rec(Kind::WireFrame, 7, |w: &mut WireFrame| {
+            w.sock = 0xa;
+            w.direction = observer_common::wire::RECEIVED;
+            w.frame_len = 90;
+            w.peer = peer;
+            w.head[..2].copy_from_slice(b"h1");
+            w.head_len = 2;
         });
         assert_eq!(
-            of(bytes(&answer)),
-            Some(RequestEvent::Answer {
-                oneshot: 0xa,
-                raw: answer.raw,
-                string: Bytes::new("rt"),
+            of(bytes(&frame)),
+            Some(RequestEvent::Frame {
+                sock: 0xa,
+                direction: observer_common::wire::RECEIVED,
+                head: frame.head,
+                head_len: 2,
                 peer,
                 ktime_ns: 7,
             }),
-            "an answer names its oneshot, bytes, string and peer"
+            "a frame names its connection, direction, head and peer"
+        );
+        let end = rec(Kind::WireEnd, 7, |w: &mut WireFrame| w.sock = 0xa);
+        assert_eq!(
+            of(bytes(&end)),
+            Some(RequestEvent::WireEnd { sock: 0xa }),
+            "a connection's end"
+        );
+        let mut long = frame;
+        long.head_len = observer_common::WIRE_HEAD as u32 + 1;
+        assert!(
+            record(&bytes(&long)).is_err(),
+            "a head longer than the kernel copies is refused"
         );
     }
 

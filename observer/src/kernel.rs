@@ -74,6 +74,10 @@ impl Counters {
     pub fn hook_errors(&self) -> Result<u64, aya::maps::MapError> {
         sum(&self.stats, stat::HOOK_ERRORS)
     }
+
+    pub fn wire_resyncs(&self) -> Result<u64, aya::maps::MapError> {
+        sum(&self.stats, stat::WIRE_RESYNCS)
+    }
 }
 
 /// The maps userspace works with: events in, handle -> app slots out, counters to scrape.

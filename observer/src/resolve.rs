@@ -174,9 +174,6 @@ mod tests {
             ("http_request", &[(0x3c8df0, "24735100003796a8")]),
             ("http_response", &[(0x3c18c0, "f9d52c04d6175867")]),
             ("sched_error", &[(0x363f80, "d093c5a92c9d2b15")]),
-            ("rpc_response", &[(0x363dd0, "553794ec4516f307")]),
-            ("rpc_done", &[(0x389cd0, "91f7722b250114bc")]),
-            ("rpc_done_direct", &[(0x38d0a0, "642ac1b2c2f73976")]),
         ];
         let res = resolve(&Catalog::builtin_proxy(), &table);
         assert_eq!(res.len(), want.len());

@@ -1,7 +1,7 @@
 //! The memory layout the probes assume (`observer_common::Layout::DEFAULT`) checked against
 //! real values of the RPC types, compiled by this compiler: the request enum rusty-workers'
-//! proxy hands to tarpc's `Channel::call`, `String`, the LRU cache, tarpc's answers and the
-//! client types the request probes read.
+//! proxy hands to tarpc's `Channel::call`, `String`, the LRU cache and tarpc's context; and
+//! the wire encoding of tarpc's frames that userspace decodes.
 
 use observer_common::{method, Layout};
 use rusty_workers::rpc::RuntimeServiceRequest as Req;
@@ -136,14 +136,15 @@ fn lru_cache_capacity_and_lru_order_read_as_the_probe_reads_them() {
     assert_eq!(std::mem::size_of::<AppId>() as u64, lay.lru_key_size);
 }
 
-/// `tarpc::Response<RuntimeServiceResponse>` as `rpc_response` copies it and userspace decodes
-/// it: every answer kind, built as tarpc's dispatch task builds it (deserialized).
+/// The tarpc frames the socket tracepoints copy, decoded as userspace decodes them
+/// (`observer::model::requests::wire`), from real values encoded by the codec tarpc's
+/// transport uses (tokio-serde's `Bincode`, as the proxy and the runtimes build it): every
+/// answer kind, built as a runtime's server builds it, cut to the head the kernel copies.
 #[test]
-fn runtime_answers_decode_as_the_probe_reads_them() {
+fn runtime_answers_decode_from_the_wire() {
     use observer::model::requests::{decode_answer, AnswerResult};
     use rusty_workers::rpc::RuntimeServiceResponse as R;
     type Resp = tarpc::Response<R>;
-    let lay = Layout::DEFAULT;
     let handle = "0123456789abcdef0123456789abcdef";
     let ok_fetch = serde_json::json!({"headers": {}, "status": 200, "body": {"Binary": [1, 2]}});
     let cases: Vec<(serde_json::Value, u32, AnswerResult, Option<&str>)> = vec![
@@ -234,63 +235,143 @@ fn runtime_answers_decode_as_the_probe_reads_them() {
         let r: Resp =
             serde_json::from_value(serde_json::json!({"request_id": 4242, "message": message}))
                 .expect("a valid answer");
-        let base = &r as *const Resp as usize;
-        let mut raw = [0u8; observer_common::MAX_STR];
-        // SAFETY: reading the first bytes of a live value, as the probe does.
-        raw.copy_from_slice(unsafe {
-            std::slice::from_raw_parts(base as *const u8, observer_common::MAX_STR)
-        });
-        let a = decode_answer(&raw, &lay);
+        let bytes = encode::<Resp, tarpc::ClientMessage<Req>>(&r);
+        let head = &bytes[..bytes.len().min(observer_common::WIRE_HEAD)];
+        let a = decode_answer(head).unwrap_or_else(|| panic!("{r:?} does not decode: {bytes:?}"));
         assert_eq!(
             (a.request_id, a.method, &a.result),
             (4242, m, &result),
             "{r:?}"
         );
-        if let Some(text) = text {
-            let off = if m == method::ID {
-                lay.resp_id_string
-            } else {
-                lay.resp_spawn_string
-            };
-            assert_eq!(
-                lay.resp_niche_base
-                    + if m == method::ID {
-                        lay.resp_tag_id
-                    } else {
-                        lay.resp_tag_spawn
-                    },
-                word(base),
-                "tag of {r:?}"
-            );
-            assert_eq!(
-                string_at(base + off as usize, &lay),
-                text,
-                "string in {r:?}"
-            );
-        }
+        assert_eq!(a.string, text.unwrap_or("").as_bytes(), "string in {r:?}");
     }
 }
 
-/// What `rpc_call` and `rpc_done` read of tarpc's client types, on replicas of their private
-/// structs (same field types, so the same layout from the same compiler) and on the public
-/// `context::Context`.
-#[test]
-fn tarpc_client_layouts_match_the_probes() {
-    use futures::channel::{mpsc, oneshot};
-    use rusty_workers::rpc::{RuntimeServiceRequest as Req, RuntimeServiceResponse as Resp};
-    let lay = Layout::DEFAULT;
-    // tarpc::context::Context and its trace context are public.
-    let trace = std::mem::offset_of!(tarpc::context::Context, trace_context)
-        + std::mem::offset_of!(tarpc::trace::Context, trace_id);
-    assert_eq!(trace as u64, lay.ctx_trace_id, "trace id in a Context");
-    let ctx = tarpc::context::current();
-    let base = &ctx as *const _ as usize;
-    let id = ctx.trace_context.trace_id;
-    // SAFETY: a live value; TraceId is a u128 newtype.
-    let raw: u128 = unsafe { std::ptr::read_unaligned((base + trace) as *const u128) };
-    assert_eq!(format!("{id}"), format!("{raw:02x}"), "trace id bytes");
+/// `item` as tarpc's TCP transport frames it, past the length prefix: tokio-serde's
+/// `Bincode` with its default options, which `testbed-common`'s transport and rusty-workers'
+/// use.
+fn encode<T: serde::Serialize, U: for<'a> serde::Deserialize<'a>>(item: &T) -> Vec<u8> {
+    use tokio_serde::Serializer;
+    let codec = std::pin::pin!(rusty_workers::SerdeFormat::<U, T>::default());
+    codec.serialize(item).expect("encodes").to_vec()
+}
 
-    // tarpc 0.24 src/rpc/client/channel.rs: Channel and DispatchResponse.
+/// What the proxy sends: a call's request (its trace id, request id and method, which join it
+/// to its answer) and a cancel, from real `ClientMessage`s encoded as the transport does.
+#[test]
+fn calls_and_cancels_decode_from_the_wire() {
+    use observer::model::requests::{decode_sent, Sent};
+    type Msg = tarpc::ClientMessage<Req>;
+    type Resp = tarpc::Response<rusty_workers::rpc::RuntimeServiceResponse>;
+    let handle = WorkerHandle {
+        id: "0123456789abcdef0123456789abcdef".into(),
+    };
+    let requests: Vec<(Req, u32)> = vec![
+        (Req::Id {}, method::ID),
+        (
+            Req::SpawnWorker {
+                appid: "afb38b70-d0bb-4102-8248-765e6c1d7dde".into(),
+                configuration: cfg(),
+                bundle: vec![7; 300],
+            },
+            method::SPAWN_WORKER,
+        ),
+        (
+            Req::TerminateWorker {
+                handle: handle.clone(),
+            },
+            method::TERMINATE_WORKER,
+        ),
+        (Req::ListWorkers {}, method::LIST_WORKERS),
+        (
+            Req::Fetch {
+                handle,
+                req: RequestObject::default(),
+            },
+            method::FETCH,
+        ),
+        (Req::Load {}, method::LOAD),
+    ];
+    for (i, (message, m)) in requests.into_iter().enumerate() {
+        let ctx = tarpc::context::current();
+        let trace_id = trace_of(&ctx);
+        let request_id = [3u64, 300, 70_000, 5_000_000_000][i % 4];
+        let msg: Msg = real(&Mirror::Request {
+            context: ctx,
+            id: request_id,
+            message,
+        });
+        let bytes = encode::<Msg, Resp>(&msg);
+        let head = &bytes[..bytes.len().min(observer_common::WIRE_HEAD)];
+        assert_eq!(
+            decode_sent(head),
+            Some(Sent::Request {
+                trace_id,
+                request_id,
+                method: m
+            }),
+            "{msg:?}"
+        );
+    }
+    let ctx = tarpc::context::current();
+    let cancel: Msg = real(&Mirror::Cancel {
+        trace_context: ctx.trace_context,
+        request_id: 9,
+    });
+    assert_eq!(
+        decode_sent(&encode::<Msg, Resp>(&cancel)),
+        Some(Sent::Cancel {
+            trace_id: trace_of(&ctx),
+            request_id: 9
+        })
+    );
+}
+
+/// tarpc's `ClientMessage` and `Request`, whose fields are not public (`non_exhaustive`):
+/// encoded in their shape (a newtype variant of a struct encodes as the struct variant does)
+/// and decoded by the codec into the real type, which is then what the tests encode.
+#[derive(serde::Serialize)]
+enum Mirror {
+    Request {
+        context: tarpc::context::Context,
+        id: u64,
+        message: Req,
+    },
+    Cancel {
+        trace_context: tarpc::trace::Context,
+        request_id: u64,
+    },
+}
+
+fn real(m: &Mirror) -> tarpc::ClientMessage<Req> {
+    use tokio_serde::Deserializer;
+    type Msg = tarpc::ClientMessage<Req>;
+    let bytes = encode::<Mirror, Msg>(m);
+    let codec = std::pin::pin!(rusty_workers::SerdeFormat::<Msg, Mirror>::default());
+    codec
+        .deserialize(&bytes::BytesMut::from(&bytes[..]))
+        .expect("the mirror has tarpc's shape")
+}
+
+/// A context's trace id as the `rpc_call` probe reads it from memory (two little-endian
+/// words at `Layout::ctx_trace_id`), which must be the one its request frame carries.
+fn trace_of(ctx: &tarpc::context::Context) -> u128 {
+    let lay = Layout::DEFAULT;
+    let base = ctx as *const _ as usize + lay.ctx_trace_id as usize;
+    observer::decode::trace_id([word(base), word(base + 8)])
+}
+
+/// Where `rpc_call` reads a call's connection and whether its dispatch task still runs: the
+/// cancellation sender of tarpc's `Channel` (a replica of the private struct: same field
+/// types, so the same layout from the same compiler) and the state word of the real
+/// `futures::channel::mpsc` channel behind it, open until its receiver (the dispatch task's)
+/// is dropped.
+#[test]
+fn a_call_reads_its_connection_open_until_the_dispatch_task_ends() {
+    use futures::channel::{mpsc, oneshot};
+    use rusty_workers::rpc::RuntimeServiceResponse as Resp;
+    let lay = Layout::DEFAULT;
+    // tarpc 0.24 src/rpc/client/channel.rs.
     #[allow(dead_code)]
     struct RequestCancellation(mpsc::UnboundedSender<u64>);
     #[allow(dead_code)]
@@ -306,28 +387,45 @@ fn tarpc_client_layouts_match_the_probes() {
         cancellation: RequestCancellation,
         next_request_id: std::sync::Arc<std::sync::atomic::AtomicU64>,
     }
-    #[allow(dead_code)]
-    struct DispatchResponse {
-        response: oneshot::Receiver<tarpc::Response<Resp>>,
-        ctx: tarpc::context::Context,
-        complete: bool,
-        cancellation: RequestCancellation,
-        request_id: u64,
-    }
-    use std::mem::offset_of;
-    assert_eq!(offset_of!(Channel, cancellation) as u64, lay.chan_cancel);
-    assert_eq!(offset_of!(DispatchResponse, ctx) as u64, lay.dr_ctx);
+    let (to_dispatch, pending) = mpsc::channel(100);
+    let (cancel, canceled) = mpsc::unbounded();
+    let chan = Channel {
+        to_dispatch,
+        cancellation: RequestCancellation(cancel),
+        next_request_id: Default::default(),
+    };
+    let clone = RequestCancellation(chan.cancellation.0.clone());
     assert_eq!(
-        offset_of!(DispatchResponse, response) as u64,
-        lay.dr_response
+        std::mem::offset_of!(Channel, cancellation) as u64,
+        lay.chan_cancel
     );
+    let base = &chan as *const Channel as usize;
+    let conn = word(base + lay.chan_cancel as usize);
     assert_eq!(
-        offset_of!(DispatchResponse, cancellation) as u64,
-        lay.dr_cancel
+        conn,
+        word(&clone as *const _ as usize),
+        "clones of a client name one connection"
     );
+    let open = || word(conn as usize + lay.chan_state as usize) >> 63 == 1;
+    assert!(open(), "open while the dispatch task lives");
+    drop(canceled);
+    drop(pending);
+    assert!(!open(), "closed once it ended");
+}
+
+/// Where `rpc_call` reads the trace id of tarpc's public `context::Context`.
+#[test]
+fn the_call_reads_its_trace_id_where_tarpc_keeps_it() {
+    let lay = Layout::DEFAULT;
+    let trace = std::mem::offset_of!(tarpc::context::Context, trace_context)
+        + std::mem::offset_of!(tarpc::trace::Context, trace_id);
+    assert_eq!(trace as u64, lay.ctx_trace_id, "trace id in a Context");
+    let ctx = tarpc::context::current();
+    let id = ctx.trace_context.trace_id;
     assert_eq!(
-        offset_of!(DispatchResponse, complete) as u64,
-        lay.dr_complete
+        format!("{id}"),
+        format!("{:02x}", trace_of(&ctx)),
+        "trace id bytes"
     );
 }
 

@@ -46,7 +46,7 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
-    /// Run each fuzz target (fuzz/: ring buffer records, runtime answers, catalogs, ELF files, memory images)
+    /// Run each fuzz target (fuzz/: ring buffer records, tarpc frame heads, catalogs, ELF files, memory images)
     /// for a bounded time with cargo-fuzz; fails on the first crash, its input kept.
     Fuzz {
         /// Seconds per target.
@@ -191,7 +191,7 @@ const FUZZ_SECONDS_IN_TEST: u64 = 20;
 const FUZZ_TARGETS: &[(&str, Option<&str>, usize)] = &[
     // Up to a few records, with and without the 4 KiB snapshot of a response head.
     ("events", None, 16 * 1024),
-    ("answer", None, 256),
+    ("wire", None, 256),
     ("catalog", Some("catalog"), 8 * 1024),
     ("elf", None, 4096),
     // A memory image the snapshot walker reads as the proxy's (issue 14).

@@ -88,6 +88,11 @@ pub(super) fn collect(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()>
         i.counters.hook_errors()?,
     );
     r.total(
+        "observer_wire_resyncs_total",
+        "Socket calls on a tarpc connection to a runtime the kernel could not follow frame by frame (it starts again at the next call).",
+        i.counters.wire_resyncs()?,
+    );
+    r.total(
         "observer_decode_errors_total",
         "Events that did not decode.",
         i.model.decode_errors,

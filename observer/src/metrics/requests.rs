@@ -32,7 +32,7 @@ pub(super) fn collect(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()>
     let c = &q.counters;
     r.total(
         "observer_unmatched_rpc_calls_total",
-        "RPC ends whose call was not seen (in flight at attach) or not matched.",
+        "RPC answers and cancels whose call was not seen (in flight at attach) or not matched.",
         c.unmatched_calls,
     );
     r.total(
@@ -44,6 +44,11 @@ pub(super) fn collect(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()>
         "observer_unattributed_calls_total",
         "fetch and spawn_worker RPCs not tied to a request (while the call distance was being learnt).",
         c.unattributed_calls,
+    );
+    r.total(
+        "observer_undecoded_frames_total",
+        "Frames on a runtime connection whose head did not decode as tarpc's.",
+        c.undecoded_frames,
     );
     r.total(
         "observer_abandoned_requests_total",

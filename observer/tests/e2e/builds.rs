@@ -113,7 +113,12 @@ fn a_release_profile_exports_only_exact_series(profile: &'static str) {
         // A zero is not written for every pair of labels, but a count is.
         assert!(
             want == 0 || m1.contains_key(&series),
-            "{profile}: {series} is not exported, though nothing it needs is missing"
+            "{profile}: {series} is not exported, though nothing it needs is missing\n{}{}",
+            m1.iter()
+                .filter(|(k, _)| k.starts_with(series.split('{').next().unwrap_or("")))
+                .map(|(k, v)| format!("{k} {v}\n"))
+                .collect::<String>(),
+            observer_self(&m1)
         );
         assert_eq!(
             got,

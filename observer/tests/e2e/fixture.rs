@@ -19,14 +19,7 @@ pub(crate) const BASE_PROBES: &[&str] = &[
     "net_send",
     "net_recv",
 ];
-pub(crate) const REQUEST_PROBES: &[&str] = &[
-    "http_request",
-    "http_response",
-    "sched_error",
-    "rpc_response",
-    "rpc_done",
-    "rpc_done_direct",
-];
+pub(crate) const REQUEST_PROBES: &[&str] = &["http_request", "http_response", "sched_error"];
 
 pub(crate) fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -250,8 +243,6 @@ pub(crate) const OUR_PROGRAMS: &[&str] = &[
     "rpc_call",
     "lru_insert",
     "lru_remove",
-    "rpc_response",
-    "rpc_done",
     "http_request",
     "http_response",
     "sched_error",

@@ -160,7 +160,17 @@ fn request_metrics_equal_ground_truth() {
                 a.id
             ),
         );
-        assert_eq!(got, want, "{}: instances discarded", a.id);
+        assert_eq!(
+            got,
+            want,
+            "{}: instances discarded\n{}{}",
+            a.id,
+            m1.iter()
+                .filter(|(k, _)| k.starts_with("rusty_workers_runtime_rpc_failures_total"))
+                .map(|(k, v)| format!("{k} {v}\n"))
+                .collect::<String>(),
+            observer_self(&m1)
+        );
         let alive = truth_u64(&t1, &["apps", &a.id, "instances_alive"]) as f64;
         let got = m1[&format!("rusty_workers_app_instances{{app=\"{}\"}}", a.id)];
         assert_eq!(got, alive, "{}: instances", a.id);

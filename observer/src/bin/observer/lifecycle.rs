@@ -208,7 +208,7 @@ impl Lifecycle {
                 target.exe_path.display()
             );
         }
-        let (attached, old, answers) = {
+        let (attached, old) = {
             let mut k = self.kernel.lock().unwrap();
             let Some(k) = k.as_mut() else { return };
             let old = k.detach(pid);
@@ -230,10 +230,7 @@ impl Lifecycle {
                     u.reason
                 );
             }
-            let answers = !statuses.iter().any(|p| {
-                coverage::ANSWER_PROBES.contains(&p.name.as_str()) && coverage::is_missing(p.reason)
-            });
-            (k.uprobes_attached(pid), old, answers)
+            (k.uprobes_attached(pid), old)
         };
         self.drop_links(old);
         // The proxy's state, read from its memory: a first snapshot now, merged after the
@@ -263,9 +260,6 @@ impl Lifecycle {
             if let Some(q) = s.requests.as_mut() {
                 q.target_restarted();
             }
-        }
-        if let Some(q) = s.requests.as_mut() {
-            q.set_answers_probed(answers);
         }
         log::info!(
             "[{:.3}s] proxy PID {pid} ({}): {attached} uprobe sites attached",

@@ -8,32 +8,32 @@
 //!   future's layout: learnt from the calls of lone requests, then exact. Spawn and fetch are
 //!   called from different frames (`get_instance` is inlined into `handle_request`), so each
 //!   has its own distance.
-//! - A call's answer arrives on its oneshot (`rpc_response`); the call's response future then
-//!   ends (`rpc_done`), naming its oneshot, connection and request id: that joins answer and
-//!   call. A future that ends without an answer failed on the transport (timeout, reset,
-//!   cancelled).
+//! - A call's request frame on the wire (`wire`) carries its trace id and its request id on
+//!   that connection; the answer frame names the request id: that joins answer and call. A
+//!   call cancelled on the wire (its deadline passed, or its caller gave up), or whose
+//!   connection ended before its answer, failed on the transport.
 //! - The response's connection holds the request key at an offset hyper's dispatcher layout
 //!   fixes: learnt by finding an open request's key in the connection's memory, then handed to
 //!   the kernel (`CONN_KEY`), which reads it in the probe from then on.
 //! - `SchedError::build_response` runs on the thread that then encodes the response head: the
 //!   proxy's own error is the next head's on that thread.
 
-mod answer;
 mod learner;
 mod metrics;
 mod outcome;
+pub mod wire;
 
-pub use answer::{decode_answer, peer_name, Answer, AnswerResult};
 pub use learner::Learner;
 #[cfg(test)]
 use learner::MIN_VOTES;
 pub use metrics::{AppRequests, Metrics, STARTS};
 pub use outcome::{outcome_of, FetchEnd, OUTCOMES};
+pub use wire::{decode_answer, decode_sent, peer_name, Answer, AnswerResult, Sent};
 
 use crate::decode::{Bytes, CallId, CallKind, RequestEvent};
 use crate::model::tracker::Tracker;
-use observer_common::{conn_key, method, ConnKey, Layout};
-use std::collections::{BTreeMap, HashMap};
+use observer_common::{conn_key, method, ConnKey, Layout, Peer};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Calls farther than this from a request key are not its (a service future is smaller).
 const MAX_CALL_DISTANCE: u64 = 64 * 1024;
@@ -96,15 +96,12 @@ struct Call {
     request: Option<u64>,
     /// A fetch's worker handle.
     handle: Option<Bytes>,
-}
-
-#[derive(Debug, Clone)]
-struct Pending {
-    answer: Answer,
-    ktime_ns: u64,
-    peer: Option<String>,
-    /// The string of an `Id` answer (the RuntimeId).
-    string: Bytes,
+    /// The runtime its request frame went to (or, before, its connection's).
+    runtime: Option<String>,
+    /// Its connection (`RequestEvent::Call::conn`).
+    conn: u64,
+    /// Whether its request frame was seen.
+    framed: bool,
 }
 
 /// The observer's own counts of what it could not join.
@@ -119,15 +116,18 @@ pub struct JoinCounters {
     pub unattributed_calls: u64,
     /// Requests that never saw their response (lost events, or in flight at exit).
     pub abandoned_requests: u64,
+    /// Frames on a runtime connection whose head did not decode as tarpc's.
+    pub undecoded_frames: u64,
 }
 
 /// Open requests, calls and answers, joined into metrics.
 pub struct Requests {
     layout: Layout,
     open: HashMap<u64, Open>,
-    /// (connection, trace id low, trace id high) -> call.
-    calls: HashMap<(u64, u64, u64), Call>,
-    answers: HashMap<u64, Pending>,
+    /// Trace id -> call.
+    calls: HashMap<CallId, Call>,
+    /// (connection, request id) -> the call its request frame was: awaiting its answer.
+    in_flight: HashMap<(u64, u64), CallId>,
     sched_errors: HashMap<u32, (u64, u64)>,
     fetch_distance: Learner,
     spawn_distance: Learner,
@@ -138,13 +138,19 @@ pub struct Requests {
     conn_hits: u32,
     conn_misses: u32,
     conn_key_update: Option<ConnKey>,
-    /// Calls ended lately, oldest first: a call's end can be seen twice (`rpc_done`).
-    ended: std::collections::VecDeque<(u64, u64, u64)>,
-    ended_set: std::collections::HashSet<(u64, u64, u64)>,
+    /// Calls ended lately, oldest first: a call answered can still be cancelled (its caller
+    /// dropped it before taking the answer: tarpc's `DispatchResponse` then sends a cancel).
+    ended: std::collections::VecDeque<CallId>,
+    ended_set: std::collections::HashSet<CallId>,
     /// Workers the proxy let go after a failed fetch, for the tracker (`take_discarded`).
     discarded: Vec<Bytes>,
-    /// Connection (the cancellation sender's Arc) -> runtime name.
-    runtimes: HashMap<u64, String>,
+    /// Runtime connection (its socket) -> runtime name (its address), and the tarpc channel
+    /// its calls name (`RequestEvent::Call::conn`).
+    connections: HashMap<u64, (String, u64)>,
+    /// tarpc channel -> the runtime it connects to, from its calls' request frames.
+    conn_runtimes: HashMap<u64, String>,
+    /// Every runtime a call went to.
+    runtimes: BTreeSet<String>,
     /// Runtime name -> its RuntimeId, from `id` answers.
     pub runtime_ids: BTreeMap<String, String>,
     /// Worker handle -> the runtime that spawned it and when (from `spawn_worker` answers).
@@ -152,10 +158,6 @@ pub struct Requests {
     pub counters: JoinCounters,
     pub metrics: Metrics,
     parked: Vec<Parked>,
-    /// Whether the proxy's build has the answer probes (`rpc_response`, `rpc_done`). Without
-    /// them no call has an answer, which must not read as a failed call: a fetch would count
-    /// as failed and its worker as discarded, and the worker's later fetches as unattributed.
-    answers_probed: bool,
 }
 
 /// Ended calls remembered to recognise a second sighting of their end.
@@ -177,7 +179,7 @@ impl Requests {
             layout,
             open: HashMap::new(),
             calls: HashMap::new(),
-            answers: HashMap::new(),
+            in_flight: HashMap::new(),
             sched_errors: HashMap::new(),
             fetch_distance: Learner::default(),
             spawn_distance: Learner::default(),
@@ -189,19 +191,15 @@ impl Requests {
             ended: Default::default(),
             ended_set: Default::default(),
             discarded: Vec::new(),
-            runtimes: HashMap::new(),
+            connections: HashMap::new(),
+            conn_runtimes: HashMap::new(),
+            runtimes: BTreeSet::new(),
             runtime_ids: BTreeMap::new(),
             placed: HashMap::new(),
             counters: JoinCounters::default(),
             metrics: Metrics::new(),
             parked: Vec::new(),
-            answers_probed: true,
         }
-    }
-
-    /// Whether answers can be seen on the proxy's build (set at each attach).
-    pub fn set_answers_probed(&mut self, yes: bool) {
-        self.answers_probed = yes;
     }
 
     /// The proxy was replaced by a new process: what was in flight ended with the old one
@@ -277,32 +275,35 @@ impl Requests {
             RequestEvent::Call {
                 call,
                 client,
+                conn,
+                conn_open,
                 id,
                 ktime_ns,
-            } => self.call(call, client, id, ktime_ns, tracker),
-            RequestEvent::Answer {
-                oneshot,
-                raw,
-                string,
+            } => {
+                self.call(call, client, conn, id, ktime_ns, tracker);
+                if !conn_open {
+                    // tarpc fails it at once: its connection's dispatch task has ended
+                    // (`Channel::send` finds the dispatch channel closed). Nothing reaches
+                    // the wire.
+                    self.end(id, None, "no_answer", ktime_ns);
+                }
+            }
+            RequestEvent::Frame {
+                sock,
+                direction,
+                head,
+                head_len,
                 peer,
                 ktime_ns,
             } => {
-                let answer = decode_answer(&raw, &self.layout);
-                self.answers.insert(
-                    oneshot,
-                    Pending {
-                        answer,
-                        ktime_ns,
-                        peer: peer_name(&peer),
-                        string,
-                    },
-                );
+                let head = &head[..head_len.min(head.len())];
+                if direction == observer_common::wire::SENT {
+                    self.sent(sock, head, &peer, ktime_ns)
+                } else {
+                    self.received(sock, head, ktime_ns)
+                }
             }
-            RequestEvent::Done {
-                oneshot,
-                id,
-                completed,
-            } => self.done(oneshot, id, completed),
+            RequestEvent::WireEnd { sock } => self.connection_ended(sock),
             RequestEvent::SchedError {
                 tid,
                 error,
@@ -358,7 +359,15 @@ impl Requests {
         }
     }
 
-    fn call(&mut self, call: CallKind, client: u64, id: CallId, t: u64, tracker: &Tracker) {
+    fn call(
+        &mut self,
+        call: CallKind,
+        client: u64,
+        conn: u64,
+        id: CallId,
+        t: u64,
+        tracker: &Tracker,
+    ) {
         let (m, app, handle) = match call {
             CallKind::Spawn { app } => (method::SPAWN_WORKER, Some(tracker.label_of(&app)), None),
             CallKind::Terminate => (method::TERMINATE_WORKER, None, None),
@@ -398,6 +407,9 @@ impl Requests {
                 app,
                 request,
                 handle,
+                runtime: self.conn_runtimes.get(&conn).cloned(),
+                conn,
+                framed: false,
             },
         );
     }
@@ -441,19 +453,94 @@ impl Requests {
         }
     }
 
-    fn runtime(&self, conn: u64) -> String {
-        self.runtimes
-            .get(&conn)
-            .cloned()
-            .unwrap_or_else(|| "unknown".to_string())
+    /// A frame the proxy sent on the runtime connection `sock`: a call's request (which
+    /// connection and request id answer it) or its cancel (it failed on the transport).
+    fn sent(&mut self, sock: u64, head: &[u8], peer: &Peer, t: u64) {
+        let Some(sent) = decode_sent(head) else {
+            self.counters.undecoded_frames += 1;
+            return;
+        };
+        match sent {
+            Sent::Request {
+                trace_id,
+                request_id,
+                ..
+            } => {
+                let Some(call) = self.calls.get_mut(&trace_id) else {
+                    // Its call was not seen (lost, or sent before the attach): its answer
+                    // will find nothing either.
+                    return;
+                };
+                let runtime = match self.connections.get(&sock) {
+                    Some((rt, _)) => rt.clone(),
+                    None => {
+                        let rt = peer_name(peer).unwrap_or_else(|| "unknown".to_string());
+                        self.runtimes.insert(rt.clone());
+                        self.connections.insert(sock, (rt.clone(), call.conn));
+                        if self.conn_runtimes.len() < MAX_PENDING {
+                            self.conn_runtimes.insert(call.conn, rt.clone());
+                        }
+                        rt
+                    }
+                };
+                call.runtime = Some(runtime);
+                call.framed = true;
+                self.in_flight.insert((sock, request_id), trace_id);
+            }
+            Sent::Cancel {
+                trace_id,
+                request_id,
+            } => {
+                self.in_flight.remove(&(sock, request_id));
+                self.end(trace_id, None, "no_answer", t);
+            }
+        }
     }
 
-    fn done(&mut self, oneshot: u64, id: CallId, completed: bool) {
-        let answer = self.answers.remove(&oneshot);
-        let conn = id.0;
-        if let Some(peer) = answer.as_ref().and_then(|a| a.peer.clone()) {
-            self.runtimes.insert(conn, peer);
+    /// A frame the proxy received on the runtime connection `sock`: an answer.
+    fn received(&mut self, sock: u64, head: &[u8], t: u64) {
+        let Some(answer) = decode_answer(head) else {
+            self.counters.undecoded_frames += 1;
+            return;
+        };
+        match self.in_flight.remove(&(sock, answer.request_id)) {
+            Some(id) => self.end(id, Some(answer), "", t),
+            // Its request was sent before the attach, or its call was not seen.
+            None => self.counters.unmatched_calls += 1,
         }
+    }
+
+    /// A runtime connection ended under the proxy: what was in flight on it failed (tarpc
+    /// fails every call waiting on a dispatch task that ends), and so did the calls on its
+    /// channel not yet written (queued for the dispatch task, dropped with it).
+    fn connection_ended(&mut self, sock: u64) {
+        let mut gone: Vec<(u64, CallId)> = self
+            .in_flight
+            .iter()
+            .filter(|((s, _), _)| *s == sock)
+            .map(|((_, rid), id)| (*rid, *id))
+            .collect();
+        gone.sort_unstable();
+        for (rid, id) in gone {
+            self.in_flight.remove(&(sock, rid));
+            self.end(id, None, "connection_reset", 0);
+        }
+        if let Some((_, conn)) = self.connections.remove(&sock) {
+            let mut queued: Vec<CallId> = self
+                .calls
+                .iter()
+                .filter(|(_, c)| c.conn == conn && !c.framed)
+                .map(|(id, _)| *id)
+                .collect();
+            queued.sort_unstable();
+            for id in queued {
+                self.end(id, None, "connection_reset", 0);
+            }
+        }
+    }
+
+    /// A call ended: with its answer, or on the transport (`reason`); `t`: when (0: not known).
+    fn end(&mut self, id: CallId, answer: Option<Answer>, reason: &str, t: u64) {
         let Some(call) = self.calls.remove(&id) else {
             if !self.ended_set.contains(&id) {
                 self.counters.unmatched_calls += 1;
@@ -467,15 +554,11 @@ impl Requests {
         }
         self.ended.push_back(id);
         self.ended_set.insert(id);
-        if answer.is_none() && !self.answers_probed {
-            // How the call went is not known: neither a failure nor a discarded worker.
-            return;
-        }
-        let rt = self.runtime(conn);
+        let rt = call.runtime.unwrap_or_else(|| "unknown".to_string());
         let mname = method::NAMES[call.method.min(method::UNKNOWN) as usize];
         let end = match &answer {
             Some(a) => {
-                let secs = a.ktime_ns.saturating_sub(call.ktime_ns) as f64 / 1e9;
+                let secs = t.saturating_sub(call.ktime_ns) as f64 / 1e9;
                 self.metrics
                     .rpc_duration
                     .with_label_values(&[&rt, mname])
@@ -486,20 +569,29 @@ impl Requests {
                     }
                 }
                 if call.method == method::SPAWN_WORKER
-                    && a.answer.result == AnswerResult::Ok
-                    && !a.string.data.is_empty()
+                    && a.result == AnswerResult::Ok
+                    && !a.string.is_empty()
                     && self.placed.len() < MAX_PENDING
                 {
-                    self.placed
-                        .insert(a.string.clone(), (rt.clone(), a.ktime_ns));
+                    self.placed.insert(
+                        Bytes {
+                            full_len: a.string.len() as u64,
+                            data: a.string.clone(),
+                        },
+                        (rt.clone(), t),
+                    );
                 }
-                if call.method == method::ID && a.answer.result == AnswerResult::Ok {
+                if call.method == method::ID && a.result == AnswerResult::Ok {
                     // A RuntimeId becomes a label value: validated as app ids are.
-                    if let Ok(id) = crate::decode::app_label(&a.string) {
+                    let string = Bytes {
+                        full_len: a.string.len() as u64,
+                        data: a.string.clone(),
+                    };
+                    if let Ok(id) = crate::decode::app_label(&string) {
                         self.runtime_ids.insert(rt.clone(), id);
                     }
                 }
-                match a.answer.result {
+                match a.result {
                     AnswerResult::Ok => FetchEnd::Ok,
                     AnswerResult::Error(kind) => {
                         self.fail(&rt, mname, "error_answer");
@@ -516,11 +608,6 @@ impl Requests {
                 }
             }
             None => {
-                let reason = if completed {
-                    "connection_reset"
-                } else {
-                    "no_answer"
-                };
                 self.fail(&rt, mname, reason);
                 FetchEnd::Transport
             }
@@ -532,7 +619,7 @@ impl Requests {
             // A script exception keeps the worker (the proxy pools it back); any other failure
             // loses it.
             let kept = matches!(
-                answer.as_ref().map(|a| &a.answer.result),
+                answer.as_ref().map(|a| &a.result),
                 Some(AnswerResult::Ok) | Some(AnswerResult::Error("script_throws"))
             );
             if let (false, Some(h)) = (kept, call.handle) {
@@ -736,8 +823,7 @@ impl Requests {
     /// Live instances per runtime: the tracker's live workers, by the runtime that spawned
     /// them. Workers whose spawn was not seen (before the attach) are not counted.
     pub fn instances_by_runtime(&self, tracker: &Tracker) -> BTreeMap<String, u64> {
-        let mut out: BTreeMap<String, u64> =
-            self.runtimes.values().map(|r| (r.clone(), 0)).collect();
+        let mut out: BTreeMap<String, u64> = self.runtimes.iter().map(|r| (r.clone(), 0)).collect();
         for (h, (rt, _)) in &self.placed {
             if tracker.is_alive(h) {
                 *out.entry(rt.clone()).or_default() += 1;
@@ -770,9 +856,9 @@ impl Requests {
         self.calls
             .retain(|_, c| now_ns.saturating_sub(c.ktime_ns) < max_age);
         self.counters.unmatched_calls += (before - self.calls.len()) as u64;
-        let max_age = ttl(self.answers.len(), ANSWER_TTL_NS);
-        self.answers
-            .retain(|_, a| now_ns.saturating_sub(a.ktime_ns) < max_age);
+        // A request frame's call gone (aged out above) leaves nothing to answer.
+        let calls = &self.calls;
+        self.in_flight.retain(|_, id| calls.contains_key(id));
         self.sched_errors
             .retain(|_, (_, t)| now_ns.saturating_sub(*t) < SCHED_ERROR_TTL_NS);
     }
@@ -780,88 +866,220 @@ impl Requests {
 
 #[cfg(test)]
 mod tests {
+    use super::wire::encode::{answer, cancel, request};
     use super::*;
-    use observer_common::{family, Peer, MAX_STR};
+    use observer_common::wire::{RECEIVED, SENT};
+    use observer_common::{family, Peer, WIRE_HEAD};
 
-    fn raw(words: &[u64], request_id: u64) -> [u8; MAX_STR] {
-        let mut r = [0u8; MAX_STR];
-        for (i, w) in words.iter().enumerate() {
-            r[i * 8..i * 8 + 8].copy_from_slice(&w.to_ne_bytes());
+    /// The runtime connection of the tests: its socket and peer.
+    const SOCK: u64 = 0xffff_8880_0000_1000;
+
+    fn frame(direction: u32, bytes: Vec<u8>, t: u64) -> RequestEvent {
+        let mut head = [0u8; WIRE_HEAD];
+        let n = bytes.len().min(WIRE_HEAD);
+        head[..n].copy_from_slice(&bytes[..n]);
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        RequestEvent::Frame {
+            sock: SOCK,
+            direction,
+            head,
+            head_len: n,
+            peer: Peer {
+                addr,
+                port: 9000,
+                family: family::INET,
+                _pad: 0,
+            },
+            ktime_ns: t,
         }
-        r[56..64].copy_from_slice(&request_id.to_ne_bytes());
-        r
     }
 
-    const N: u64 = 0x8000_0000_0000_0000;
+    fn failures(r: &Requests, method: &str, reason: &str) -> u64 {
+        r.metrics
+            .rpc_failures
+            .with_label_values(&["127.0.0.1:9000", method, reason])
+            .get()
+    }
 
+    /// Calls end on the wire three ways besides an answer: cancelled (deadline or caller gone),
+    /// their connection ended, or answered and then cancelled (the caller dropped the answer),
+    /// which is one end, not two.
     #[test]
-    fn answers_decode() {
-        let lay = Layout::DEFAULT;
-        // Words as rustc 1.95 lays the answers out (tests/layout.rs checks them on real values).
-        let cases: Vec<(Vec<u64>, u32, AnswerResult)> = vec![
-            (vec![N + 1, 4, 0x7f00, 4], method::ID, AnswerResult::Ok),
-            (
-                vec![N + 2, 11, 32, 0x7f00, 32],
-                method::SPAWN_WORKER,
-                AnswerResult::Ok,
-            ),
-            (
-                vec![N + 2, 3, N + 8],
-                method::SPAWN_WORKER,
-                AnswerResult::Error("generic_error"),
-            ),
-            (
-                vec![N + 3, 0x7f01],
-                method::TERMINATE_WORKER,
-                AnswerResult::Ok,
-            ),
-            (vec![N + 4, 11], method::LIST_WORKERS, AnswerResult::Ok),
-            (vec![2, 0x7f00, 2, 0], method::FETCH, AnswerResult::Ok),
-            (
-                vec![N, N],
-                method::FETCH,
-                AnswerResult::Error("no_such_worker"),
-            ),
-            (
-                vec![N, N + 1],
-                method::FETCH,
-                AnswerResult::Error("runtime_throws"),
-            ),
-            (
-                vec![N, N + 4],
-                method::FETCH,
-                AnswerResult::Error("io_timeout"),
-            ),
-            (
-                vec![N, 4, 0x7f00],
-                method::FETCH,
-                AnswerResult::Error("script_throws"),
-            ),
-            (vec![N + 6, 11, 5], method::LOAD, AnswerResult::Ok),
-            (
-                vec![N + 6, 3],
-                method::LOAD,
-                AnswerResult::Error("generic_error"),
-            ),
-            (vec![N + 7, 1], method::UNKNOWN, AnswerResult::ServerError),
-            (
-                vec![N + 9],
-                method::UNKNOWN,
-                AnswerResult::Error("undecoded"),
-            ),
-        ];
-        for (words, m, result) in cases {
-            let a = decode_answer(&raw(&words, 77), &lay);
-            assert_eq!(
-                a,
-                Answer {
-                    request_id: 77,
-                    method: m,
-                    result
-                },
-                "{words:x?}"
+    fn calls_end_by_answer_cancel_or_connection_end() {
+        let tracker = Tracker::new(Default::default());
+        let mut r = Requests::new(Layout::DEFAULT);
+        let other = |m| RequestEvent::Call {
+            call: CallKind::Other { method: m },
+            client: 0x10,
+            conn: 0x77,
+            conn_open: true,
+            id: 0,
+            ktime_ns: 0,
+        };
+        let call = |r: &mut Requests, id: CallId, m: u32, t: u64| {
+            let mut c = other(m);
+            if let RequestEvent::Call {
+                id: i, ktime_ns, ..
+            } = &mut c
+            {
+                *i = id;
+                *ktime_ns = t;
+            }
+            r.apply(c, &tracker, &NoMemory);
+            r.apply(
+                frame(SENT, request(id, id as u64, m, None), t + 1),
+                &tracker,
+                &NoMemory,
             );
-        }
+        };
+        call(&mut r, 1, method::LOAD, 10);
+        r.apply(
+            frame(RECEIVED, answer(1, method::LOAD, &[0, 3]), 2_000_010),
+            &tracker,
+            &NoMemory,
+        );
+        r.apply(frame(SENT, cancel(1, 1), 2_000_020), &tracker, &NoMemory);
+        call(&mut r, 2, method::LOAD, 20);
+        r.apply(frame(SENT, cancel(2, 2), 30), &tracker, &NoMemory);
+        call(&mut r, 3, method::ID, 40);
+        call(&mut r, 4, method::LOAD, 50);
+        r.apply(RequestEvent::WireEnd { sock: SOCK }, &tracker, &NoMemory);
+        // An answer to a request sent before the attach.
+        r.apply(
+            frame(RECEIVED, answer(77, method::LOAD, &[0, 3]), 60),
+            &tracker,
+            &NoMemory,
+        );
+        let d = r
+            .metrics
+            .rpc_duration
+            .with_label_values(&["127.0.0.1:9000", "load"]);
+        assert_eq!(d.get_sample_count(), 1, "one answered");
+        assert!(
+            (d.get_sample_sum() - 0.002).abs() < 1e-9,
+            "from the call to its answer"
+        );
+        assert_eq!(failures(&r, "load", "no_answer"), 1, "one cancelled");
+        assert_eq!(failures(&r, "load", "connection_reset"), 1);
+        assert_eq!(failures(&r, "id", "connection_reset"), 1);
+        assert_eq!(r.open_calls(), 0);
+        assert_eq!(
+            r.counters.unmatched_calls, 1,
+            "only the answer from before the attach"
+        );
+        assert_eq!(r.instances_by_runtime(&tracker).len(), 1);
+        // Frames that are not tarpc's are counted, never joined.
+        r.apply(
+            frame(RECEIVED, b"HTTP/1.1 200 OK".to_vec(), 70),
+            &tracker,
+            &NoMemory,
+        );
+        r.apply(frame(SENT, vec![9, 9], 70), &tracker, &NoMemory);
+        assert_eq!(r.counters.undecoded_frames, 2);
+    }
+
+    /// A call on a connection whose dispatch task has ended never reaches the wire: it fails
+    /// at once, under the runtime its connection went to. Calls queued for the dispatch task
+    /// when the connection ends fail with it.
+    #[test]
+    fn calls_on_an_ended_connection_fail_without_a_frame() {
+        let tracker = Tracker::new(Default::default());
+        let mut r = Requests::new(Layout::DEFAULT);
+        let call = |id: CallId, open: bool, t: u64| RequestEvent::Call {
+            call: CallKind::Other {
+                method: method::LOAD,
+            },
+            client: 0x10,
+            conn: 0x77,
+            conn_open: open,
+            id,
+            ktime_ns: t,
+        };
+        r.apply(call(1, true, 1), &tracker, &NoMemory);
+        r.apply(
+            frame(SENT, request(1, 1, method::LOAD, None), 2),
+            &tracker,
+            &NoMemory,
+        );
+        r.apply(call(2, true, 3), &tracker, &NoMemory);
+        r.apply(RequestEvent::WireEnd { sock: SOCK }, &tracker, &NoMemory);
+        assert_eq!(
+            failures(&r, "load", "connection_reset"),
+            2,
+            "in flight and queued"
+        );
+        r.apply(call(3, false, 4), &tracker, &NoMemory);
+        assert_eq!(failures(&r, "load", "no_answer"), 1, "a call after the end");
+        assert_eq!(r.open_calls(), 0);
+        assert_eq!(r.counters.unmatched_calls, 0);
+    }
+
+    /// A spawn's answer places the worker on the runtime it went to; an `id` answer names the
+    /// runtime's id.
+    #[test]
+    fn answers_place_workers_and_name_runtimes() {
+        let tracker = Tracker::new(Default::default());
+        let mut r = Requests::new(Layout::DEFAULT);
+        let handle = b"0123456789abcdef0123456789abcdef";
+        r.apply(
+            RequestEvent::Call {
+                call: CallKind::Spawn {
+                    app: Bytes::new("app1"),
+                },
+                client: 0x10,
+                conn: 0x77,
+                conn_open: true,
+                id: 5,
+                ktime_ns: 1,
+            },
+            &tracker,
+            &NoMemory,
+        );
+        r.apply(
+            frame(SENT, request(5, 0, method::SPAWN_WORKER, None), 2),
+            &tracker,
+            &NoMemory,
+        );
+        let spawned = [[0u8].as_slice(), &super::wire::encode::string(handle)].concat();
+        r.apply(
+            frame(RECEIVED, answer(0, method::SPAWN_WORKER, &spawned), 3),
+            &tracker,
+            &NoMemory,
+        );
+        assert_eq!(
+            r.placed
+                .get(&Bytes::new(std::str::from_utf8(handle).unwrap()))
+                .map(|p| p.0.as_str()),
+            Some("127.0.0.1:9000")
+        );
+        r.apply(
+            RequestEvent::Call {
+                call: CallKind::Other { method: method::ID },
+                client: 0x10,
+                conn: 0x77,
+                conn_open: true,
+                id: 6,
+                ktime_ns: 4,
+            },
+            &tracker,
+            &NoMemory,
+        );
+        r.apply(
+            frame(SENT, request(6, 1, method::ID, None), 5),
+            &tracker,
+            &NoMemory,
+        );
+        let id = super::wire::encode::string(b"rt-one");
+        r.apply(
+            frame(RECEIVED, answer(1, method::ID, &id), 6),
+            &tracker,
+            &NoMemory,
+        );
+        assert_eq!(
+            r.runtime_ids.get("127.0.0.1:9000").map(String::as_str),
+            Some("rt-one")
+        );
     }
 
     #[test]
@@ -886,37 +1104,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn peers_name_runtimes() {
-        let peer = |addr: [u8; 16], port: u16, family: u16| Peer {
-            addr,
-            port,
-            family,
-            _pad: 0,
-        };
-        let mut v4 = [0u8; 16];
-        v4[..4].copy_from_slice(&[127, 0, 0, 1]);
-        let mut mapped = [0u8; 16];
-        mapped[10] = 0xff;
-        mapped[11] = 0xff;
-        mapped[12..].copy_from_slice(&[10, 0, 0, 7]);
-        let mut v6 = [0u8; 16];
-        v6[15] = 1;
-        let cases = [
-            ("IPv4", peer(v4, 9000, family::INET), Some("127.0.0.1:9000")),
-            (
-                "IPv4 mapped into IPv6",
-                peer(mapped, 7000, family::INET6),
-                Some("10.0.0.7:7000"),
-            ),
-            ("IPv6", peer(v6, 80, family::INET6), Some("[::1]:80")),
-            ("no peer", peer(v4, 0, 0), None),
-        ];
-        for (what, p, want) in cases {
-            assert_eq!(peer_name(&p).as_deref(), want, "{what}");
-        }
-    }
-
     /// Before the call distance is known, a call with two requests in flight belongs to one of
     /// them: neither is counted (rather than one wrongly as an internal error).
     #[test]
@@ -928,7 +1115,7 @@ mod tests {
             mem.0.insert(0x50_0000 + 0x2000 * i as u64 + 536, key);
             r.apply(start(key, 1), &tracker, &mem);
         }
-        r.apply(fetch(0x1000 + 0x608, (0, 0, 0), 2), &tracker, &mem);
+        r.apply(fetch(0x1000 + 0x608, 0, 2), &tracker, &mem);
         assert_eq!(r.counters.unattributed_calls, 1);
         for i in 0..2u64 {
             let conn = 0x50_0000 + 0x2000 * i;
@@ -969,7 +1156,9 @@ mod tests {
             let call = RequestEvent::Call {
                 call: CallKind::FetchUnknown { handle: h1.clone() },
                 client: key + 0x608,
-                id: (0xc0, i, 0),
+                conn: 0x77,
+                conn_open: true,
+                id: i.into(),
                 ktime_ns: 10 * i + 1,
             };
             r.apply(call, &tracker, mem);
@@ -1122,6 +1311,8 @@ mod tests {
                 handle: Bytes::new(""),
             },
             client,
+            conn: 0x77,
+            conn_open: true,
             id,
             ktime_ns: t,
         }
@@ -1152,29 +1343,20 @@ mod tests {
             mem.0.insert(conn + 536, key);
             let t = i * 1_000_000_000;
             r.apply(start(key, t), &tracker, &mem);
-            r.apply(fetch(key + 0x608, (0xc0, i, 0), t + 1000), &tracker, &mem);
+            r.apply(fetch(key + 0x608, i.into(), t + 1000), &tracker, &mem);
             let fail = i % 2 == 1;
-            let mut addr = [0u8; 16];
-            addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-            let answer = RequestEvent::Answer {
-                oneshot: 0x0e0 + i,
-                raw: raw(&if fail { vec![N, N + 1] } else { vec![2] }, i),
-                string: Bytes::new(""),
-                peer: Peer {
-                    addr,
-                    port: 9000,
-                    family: family::INET,
-                    _pad: 0,
-                },
-                ktime_ns: t + 5_000_000,
-            };
-            r.apply(answer, &tracker, &mem);
-            let done = RequestEvent::Done {
-                oneshot: 0x0e0 + i,
-                id: (0xc0, i, 0),
-                completed: true,
-            };
-            r.apply(done, &tracker, &mem);
+            r.apply(
+                frame(SENT, request(i.into(), i, method::FETCH, None), t + 2000),
+                &tracker,
+                &mem,
+            );
+            // A fetch's `Ok(ResponseObject)`, or `Err(ExecutionError::RuntimeThrowsException)`.
+            let result: &[u8] = if fail { &[1, 1] } else { &[0] };
+            r.apply(
+                frame(RECEIVED, answer(i, method::FETCH, result), t + 5_000_000),
+                &tracker,
+                &mem,
+            );
             if fail {
                 let error = RequestEvent::SchedError {
                     tid: 1,

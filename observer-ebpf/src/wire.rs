@@ -1,0 +1,389 @@
+//! The tarpc wire between the proxy and its runtimes, followed frame by frame in the socket
+//! tracepoints (`net.rs`): the head of every frame goes to userspace, which decodes it
+//! (`observer/src/model/requests/wire.rs`) and joins calls to their answers. No uprobe: the socket
+//! tracepoints already run on every send and receive.
+//!
+//! tarpc 0.24's TCP transport is `tokio_util::codec::LengthDelimitedCodec` (a 4-byte
+//! big-endian length, then the frame) around bincode (tokio-serde 0.8, varint encoding).
+//! Its `FramedWrite` writes one contiguous buffer (`writev` with one `iovec`) and its
+//! `FramedRead` reads into one (`recvfrom`), so every call starts where the last one on the
+//! same connection stopped; a frame, or its length, can straddle two calls: the state of each
+//! direction of each connection is kept in `CONNS`.
+//!
+//! The buffer is the syscall's, read from the task's saved registers (`bpf_task_pt_regs`):
+//! the tracepoints pass only the socket and the byte count. `sock_sendmsg_nosec` and
+//! `sock_recvmsg_nosec` fire inside the syscall, after the bytes were copied (net/socket.c).
+//!
+//! Which connections are tarpc: a connection's first frame sent by the proxy must have a
+//! length tarpc accepts (8 MiB, the codec's default limit); an HTTP response ("HTTP", 0x48...)
+//! or anything else fails that on its first call and is marked `OTHER` (one lookup from then
+//! on). The receive side is followed only on connections whose send side is. Userspace checks
+//! every head it gets (a request's trace id must be a call's; an answer's request id must be
+//! one sent on that connection), so a misread never makes a number.
+
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_get_current_task_btf, bpf_loop, bpf_probe_read_user, bpf_task_pt_regs},
+    },
+    macros::map,
+    maps::LruHashMap,
+};
+use observer_common::{event::WireFrame, stat, wire, Kind, Peer, WIRE_HEAD};
+
+use crate::{bump, send, OBSERVER_STATS};
+
+/// A frame's length prefix.
+const LEN: usize = 4;
+/// `LengthDelimitedCodec`'s default `max_frame_length` (tokio-util 0.6, `length_delimited.rs`).
+const MAX_FRAME: u32 = 8 * 1024 * 1024;
+/// Steps through one call's bytes: two per frame (its length, then its head) and one per
+/// frame body skipped. tarpc's dispatch writes what accumulated since its last flush: with
+/// one frame per call in flight, 16 wrk connections fit.
+const MAX_STEPS: u32 = 64;
+
+/// x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
+const SYS_READ: u64 = 0;
+const SYS_WRITE: u64 = 1;
+const SYS_READV: u64 = 19;
+const SYS_WRITEV: u64 = 20;
+const SYS_SENDTO: u64 = 44;
+const SYS_RECVFROM: u64 = 45;
+
+/// `Stream::state`.
+const FOLLOW: u32 = 1;
+const OTHER: u32 = 2;
+
+/// Where one direction of one connection is between two socket calls.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Stream {
+    /// Bytes of `head` collected for the frame being read (its length prefix first).
+    have: u32,
+    /// Bytes of the current frame's body still to come past its head.
+    skip: u32,
+    /// The current frame's length, once its prefix is in.
+    frame_len: u32,
+    /// The call being followed: where in its bytes, how many, frames seen in it.
+    pos: u32,
+    n: u32,
+    frames: u32,
+    /// A frame's length prefix and head; room for a read at any `have <= LEN + WIRE_HEAD`.
+    head: [u8; 2 * (LEN + WIRE_HEAD)],
+}
+
+/// One connection of the proxy: whether it is tarpc's, and both its directions
+/// (`wire::SENT`, `wire::RECEIVED`). One entry, so a socket call costs one lookup.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Conn {
+    state: u32,
+    _pad: u32,
+    dirs: [Stream; 2],
+}
+
+const NEW_STREAM: Stream = Stream {
+    have: 0,
+    skip: 0,
+    frame_len: 0,
+    pos: 0,
+    n: 0,
+    frames: 0,
+    head: [0; 2 * (LEN + WIRE_HEAD)],
+};
+
+/// Every connection of the proxy the tracepoints saw sending, by its `struct sock`.
+#[map]
+static CONNS: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(8192, 0);
+
+/// `struct iovec` (include/uapi/linux/uio.h).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Iovec {
+    base: u64,
+    len: u64,
+}
+
+/// The syscall's argument registers and number, as `struct pt_regs` keeps them on x86_64
+/// (arch/x86/include/asm/ptrace.h: `dx`, `si`, `di`, then `orig_ax` at byte 96 onwards): one
+/// read of 32 bytes instead of the whole struct.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SyscallRegs {
+    rdx: u64,
+    rsi: u64,
+    _rdi: u64,
+    orig_rax: u64,
+}
+
+const PT_REGS_RDX: usize = 96;
+
+/// The user buffer of the socket call this task is in, if it is one buffer holding `n` bytes.
+fn buffer(n: u32) -> Result<Option<u64>, i64> {
+    // SAFETY: the helpers take the current task's BTF pointer; the registers are copied out.
+    let regs: SyscallRegs = unsafe {
+        let task = bpf_get_current_task_btf();
+        let regs = bpf_task_pt_regs(task) as *const u8;
+        bpf_probe_read_kernel(regs.add(PT_REGS_RDX) as *const SyscallRegs)?
+    };
+    Ok(match regs.orig_rax {
+        SYS_READ | SYS_WRITE | SYS_SENDTO | SYS_RECVFROM => Some(regs.rsi),
+        SYS_READV | SYS_WRITEV => {
+            // SAFETY: bpf_probe_read_user checks the address.
+            let iov: Iovec = unsafe {
+                aya_ebpf::helpers::bpf_probe_read_user(regs.rsi as *const Iovec)
+            }?;
+            (regs.rdx == 1 || iov.len >= n as u64).then_some(iov.base)
+        }
+        _ => None,
+    })
+}
+
+/// Follows `n` bytes the proxy sent or received on the connection `sock`.
+pub fn follow(sock: u64, direction: u32, n: u32, peer: impl Fn() -> Peer) -> Result<(), i64> {
+    let fresh = match CONNS.get_ptr_mut(sock) {
+        Some(c) => {
+            // SAFETY: an entry of this map; only this connection's calls write it, one at a
+            // time (tokio's I/O on one socket is one task's).
+            if unsafe { (*c).state } == OTHER {
+                return Ok(());
+            }
+            false
+        }
+        // The proxy sends first on a tarpc connection (a request): a connection first seen
+        // receiving is a client's (HTTP) or was open before the attach, mid-stream.
+        None if direction == wire::RECEIVED => return Ok(()),
+        None => {
+            let new = Conn {
+                state: FOLLOW,
+                _pad: 0,
+                dirs: [NEW_STREAM; 2],
+            };
+            CONNS.insert(sock, new, 0)?;
+            true
+        }
+    };
+    let Some(c) = CONNS.get_ptr_mut(sock) else {
+        return Ok(());
+    };
+    // SAFETY: as above.
+    let c = unsafe { &mut *c };
+    let Some(buf) = buffer(n)? else {
+        if fresh {
+            // A connection whose first call is not one buffer (hyper writes a response head
+            // and body as two): not tarpc's framed transport.
+            c.state = OTHER;
+            return Ok(());
+        }
+        return resync(c, direction);
+    };
+    let st = if direction == wire::SENT {
+        &mut c.dirs[0]
+    } else {
+        &mut c.dirs[1]
+    };
+    st.pos = 0;
+    st.n = n;
+    st.frames = 0;
+    let mut walk = Walk {
+        st: st as *mut Stream,
+        buf,
+        sock,
+        direction,
+        fresh: fresh as u32,
+        verdict: 0,
+        peer: peer(),
+    };
+    // bpf_loop (kernel 5.17): the verifier checks the step once, not once per iteration.
+    // SAFETY: the callback takes the context this frame passes, which outlives the loop.
+    unsafe {
+        bpf_loop(
+            MAX_STEPS,
+            walk_step as *mut c_void,
+            &mut walk as *mut Walk as *mut c_void,
+            0,
+        );
+    }
+    match walk.verdict {
+        VERDICT_OTHER => c.state = OTHER,
+        VERDICT_LOST => return resync(c, direction),
+        _ if volatile(&st.pos) < volatile(&st.n) => return resync(c, direction),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `Walk::verdict`.
+const VERDICT_OTHER: u32 = 1;
+const VERDICT_LOST: u32 = 2;
+
+/// What each step of `bpf_loop` needs of the call being followed.
+#[repr(C)]
+struct Walk {
+    st: *mut Stream,
+    buf: u64,
+    sock: u64,
+    direction: u32,
+    fresh: u32,
+    verdict: u32,
+    peer: Peer,
+}
+
+/// One iteration of `bpf_loop`: 0 goes on, 1 stops.
+extern "C" fn walk_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `follow` passes its `Walk`, alive for the whole loop, whose `st` points into
+    // this connection's map entry.
+    let w = unsafe { &mut *(ctx as *mut Walk) };
+    let st = unsafe { &mut *w.st };
+    match step(st, w.buf, w.sock, w.direction, w.fresh, w.peer) {
+        Ok(Step::More) => 0,
+        Ok(Step::Done) => 1,
+        Ok(Step::Other) => {
+            w.verdict = VERDICT_OTHER;
+            1
+        }
+        Ok(Step::Lost) | Err(_) => {
+            w.verdict = VERDICT_LOST;
+            1
+        }
+    }
+}
+
+enum Step {
+    More,
+    Done,
+    /// Not a tarpc connection.
+    Other,
+    Lost,
+}
+
+/// Reads a field of the stream's map value anew: each step starts from what the map holds.
+#[inline(always)]
+fn volatile(v: &u32) -> u32 {
+    // SAFETY: a field of a live map value.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+#[inline(always)]
+fn set(v: &mut u32, x: u32) {
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(v, x) }
+}
+
+/// One step through a call's bytes: past a frame body, or into a frame's length or head.
+#[inline(always)]
+fn step(
+    st: &mut Stream,
+    buf: u64,
+    sock: u64,
+    direction: u32,
+    fresh: u32,
+    peer: Peer,
+) -> Result<Step, i64> {
+    let pos = volatile(&st.pos);
+    let n = volatile(&st.n);
+    if pos >= n {
+        return Ok(Step::Done);
+    }
+    let skip = volatile(&st.skip);
+    if skip > 0 {
+        let adv = skip.min(n - pos);
+        set(&mut st.skip, skip - adv);
+        set(&mut st.pos, pos + adv);
+        return Ok(Step::More);
+    }
+    let have = volatile(&st.have);
+    let frame_len = volatile(&st.frame_len);
+    let want = if (have as usize) < LEN {
+        LEN as u32
+    } else {
+        (LEN as u32) + frame_len.min(WIRE_HEAD as u32)
+    };
+    if have >= want || have > (LEN + WIRE_HEAD) as u32 {
+        return Ok(Step::Lost);
+    }
+    let mut take = (want - have).min(n - pos);
+    if take > (LEN + WIRE_HEAD) as u32 {
+        take = (LEN + WIRE_HEAD) as u32;
+    }
+    // SAFETY: `have` and `take` are at most `LEN + WIRE_HEAD` (checked above, in the
+    // verifier's view too), inside `head`; the source is checked by the helper.
+    let r = unsafe {
+        bpf_probe_read_user(
+            st.head.as_mut_ptr().add(have as usize) as *mut c_void,
+            take,
+            (buf + pos as u64) as *const c_void,
+        )
+    };
+    if r != 0 {
+        return Ok(Step::Lost);
+    }
+    set(&mut st.have, have + take);
+    set(&mut st.pos, pos + take);
+    if have + take < want {
+        return Ok(Step::Done);
+    }
+    if want == LEN as u32 {
+        let len = u32::from_be_bytes([st.head[0], st.head[1], st.head[2], st.head[3]]);
+        if len > MAX_FRAME {
+            if fresh != 0 && volatile(&st.frames) == 0 {
+                // Not tarpc: an HTTP head, or another protocol.
+                return Ok(Step::Other);
+            }
+            return Ok(Step::Lost);
+        }
+        set(&mut st.frame_len, len);
+        if len == 0 {
+            set(&mut st.have, 0);
+        }
+        return Ok(Step::More);
+    }
+    let head_len = want - LEN as u32;
+    let head = &st.head;
+    send(Kind::WireFrame, |rec: &mut WireFrame| {
+        rec.sock = sock;
+        rec.frame_len = frame_len;
+        rec.direction = direction;
+        rec.peer = peer;
+        rec.head_len = head_len;
+        rec.head.copy_from_slice(&head[LEN..LEN + WIRE_HEAD]);
+        Ok(())
+    })?;
+    set(&mut st.skip, frame_len - head_len);
+    set(&mut st.have, 0);
+    let frames = volatile(&st.frames);
+    set(&mut st.frames, frames + 1);
+    Ok(Step::More)
+}
+
+/// The connection ended under the proxy: its entry goes, and userspace ends what was in
+/// flight on it.
+pub fn end(sock: u64, peer: Peer) -> Result<(), i64> {
+    // SAFETY: a copy of one word.
+    let followed = matches!(unsafe { CONNS.get(sock) }, Some(c) if c.state == FOLLOW);
+    if !followed {
+        return Ok(());
+    }
+    let _ = CONNS.remove(sock);
+    send(Kind::WireEnd, |rec: &mut WireFrame| {
+        rec.sock = sock;
+        rec.direction = wire::RECEIVED;
+        rec.peer = peer;
+        Ok(())
+    })
+}
+
+/// Lost the frame boundaries of one direction: it starts again at the next call, which on
+/// tarpc's framed transport begins a frame.
+fn resync(c: &mut Conn, direction: u32) -> Result<(), i64> {
+    bump(&OBSERVER_STATS, stat::WIRE_RESYNCS);
+    let st = if direction == wire::SENT {
+        &mut c.dirs[0]
+    } else {
+        &mut c.dirs[1]
+    };
+    st.have = 0;
+    st.skip = 0;
+    Ok(())
+}
