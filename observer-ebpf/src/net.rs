@@ -65,7 +65,7 @@ fn watched() -> Option<Watched> {
 struct Transfer {
     sk: u64,
     ret: i32,
-    /// `AF_INET` or `AF_INET6`; 0 for any other family.
+    /// `AF_INET` or `AF_INET6` (other families are not transfers here).
     family: u16,
 }
 
