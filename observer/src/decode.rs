@@ -307,6 +307,15 @@ pub enum RequestEvent {
 /// futures-channel 0.3 `mpsc`'s `OPEN_MASK`: the high bit of a channel's state.
 const CONN_OPEN: u64 = 1 << 63;
 
+/// Whether a call's connection was open, from its channel's state word: closed only when the
+/// word reads as a closed state (the open bit clear, a count of queued messages left). A word
+/// that is no state (a wrong `chan_state` on another compiler lands on a pointer, which the
+/// low half of the address space keeps above 2^32) reads as open: a call is never failed on
+/// a misread.
+pub fn conn_open(state: u64) -> bool {
+    state & CONN_OPEN != 0 || state >= 1 << 32
+}
+
 /// A trace id from its two words in memory (a little-endian `u128`).
 pub fn trace_id(words: [u64; 2]) -> CallId {
     u128::from(words[0]) | (u128::from(words[1]) << 64)
@@ -337,7 +346,7 @@ pub fn request_event(r: &Record) -> Option<RequestEvent> {
             },
             client: c.client,
             conn: c.conn,
-            conn_open: c.conn_state & CONN_OPEN != 0,
+            conn_open: conn_open(c.conn_state),
             id: trace_id(c.trace_id),
             ktime_ns: t,
         },
@@ -660,6 +669,21 @@ mod tests {
             record(&bytes(&long)).is_err(),
             "a head longer than the kernel copies is refused"
         );
+    }
+
+    #[test]
+    fn a_connection_reads_closed_only_from_a_closed_state() {
+        let cases = [
+            ("open, idle", 1u64 << 63, true),
+            ("open, 3 queued", (1 << 63) | 3, true),
+            ("closed, idle", 0, false),
+            ("closed, 2 left", 2, false),
+            ("a heap pointer, not a state", 0x55b0_038a_e9d0, true),
+            ("unread (u64::MAX)", u64::MAX, true),
+        ];
+        for (what, state, want) in cases {
+            assert_eq!(conn_open(state), want, "{what}");
+        }
     }
 
     fn cache(k: Kind, key: &[u8], full: u64, value_words: [u64; 2]) -> CacheOp {
