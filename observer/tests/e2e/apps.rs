@@ -45,8 +45,9 @@ fn metrics_equal_ground_truth() {
         .collect();
     all_ok(&load(tb.http, &touch, 1), touch.len());
     let truth = tb.settled_truth();
+    let settled = std::time::Instant::now();
     std::thread::sleep(Duration::from_millis(300));
-    let m = obs.scrape();
+    let m = scrape_after_snapshot(&obs, settled);
 
     let checked = assert_metrics_equal_truth(&m, &truth, &t0, &apps);
     obs.lint();
@@ -105,8 +106,9 @@ fn capacity_evictions_equal_ground_truth() {
         );
     }
     let truth = tb.settled_truth();
+    let settled = std::time::Instant::now();
     std::thread::sleep(Duration::from_millis(300));
-    let m = obs.scrape();
+    let m = scrape_after_snapshot(&obs, settled);
     let capacity: u64 = apps
         .iter()
         .map(|a| truth_u64(&truth, &["apps", &a.id, "capacity_evictions"]))

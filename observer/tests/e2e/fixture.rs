@@ -396,6 +396,32 @@ pub(crate) fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 /// e2e tests attach eBPF programs and check that none is left after: one at a time.
 pub(crate) static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// A scrape whose state snapshot was taken after `settled` (ground truth's settle point):
+/// the snapshot is read every 500 ms, and a walk torn by the proxy's churn keeps the previous
+/// good one as the latest, which a scrape a few hundred ms after the load can still show (a
+/// suite run once read 0 apps loaded, the attach's snapshot, in a 4-second test).
+pub(crate) fn scrape_after_snapshot(
+    obs: &Observer,
+    settled: std::time::Instant,
+) -> BTreeMap<String, f64> {
+    let deadline = settled + Duration::from_secs(10);
+    loop {
+        let m = obs.scrape();
+        let age = m
+            .get("rusty_workers_observer_state_snapshot_age_seconds")
+            .copied();
+        if age.is_some_and(|a| a < settled.elapsed().as_secs_f64()) {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no snapshot of the proxy's state newer than the settle point in 10 s (age {age:?}):\n{}",
+            obs.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Every per-app metric and every RPC counter must equal the ground truth; returns the number
 /// of series compared.
 pub(crate) fn assert_metrics_equal_truth(
@@ -449,7 +475,12 @@ pub(crate) fn assert_metrics_equal_truth(
     assert_eq!(
         m["rusty_workers_apps_loaded"],
         truth["apps_loaded"].as_u64().unwrap() as f64,
-        "apps loaded"
+        "apps loaded\n{}",
+        m.iter()
+            .filter(|(k, _)| k.starts_with("rusty_workers_observer_state")
+                || k.starts_with("rusty_workers_state"))
+            .map(|(k, v)| format!("{k} {v}\n"))
+            .collect::<String>()
     );
     // RPCs: the observer counts from its attach; ground truth from the proxy's start.
     for method in &method::NAMES[..method::UNKNOWN as usize] {
