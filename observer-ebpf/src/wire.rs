@@ -38,9 +38,10 @@ use crate::{bump, send, OBSERVER_STATS};
 const LEN: usize = 4;
 /// `LengthDelimitedCodec`'s default `max_frame_length` (tokio-util 0.6, `length_delimited.rs`).
 const MAX_FRAME: u32 = 8 * 1024 * 1024;
-/// Steps through one call's bytes: two per frame (its length, then its head) and one per
-/// frame body skipped. tarpc's dispatch writes what accumulated since its last flush: with
-/// one frame per call in flight, 16 wrk connections fit.
+/// Steps through one call's bytes: up to three per frame (its length, its head, its body
+/// skipped), so 21 frames at once. tarpc's dispatch writes what accumulated since its last
+/// flush, about one frame per call in flight: 16 wrk connections fit. Past that the
+/// direction starts again at the next call (`stat::WIRE_RESYNCS`).
 const MAX_STEPS: u32 = 64;
 
 /// x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
@@ -51,7 +52,7 @@ const SYS_WRITEV: u64 = 20;
 const SYS_SENDTO: u64 = 44;
 const SYS_RECVFROM: u64 = 45;
 
-/// `Stream::state`.
+/// `Conn::state`.
 const FOLLOW: u32 = 1;
 const OTHER: u32 = 2;
 
