@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 use observer::model::{self, requests, tracker};
 use observer::{decode, expo, procs};
-use observer_common::{event, Layout};
+use observer_common::event;
 use std::mem::size_of;
 
 /// The sizes the kernel sends: each record type's.
@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
             max_apps: 8,
             ..Default::default()
         }),
-        Some(requests::Requests::new(Layout::DEFAULT)),
+        Some(requests::Requests::new()),
         procs::Watcher::new(procs::Config {
             proxy_pid: None,
             proxy_exe: None,

@@ -117,7 +117,7 @@ fn try_sock_send(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if t.ret > 0 {
         crate::wire::follow(t.sk, wire::SENT, t.ret as u32, || peer(&t))
     } else if t.ret < 0 && t.ret != -EAGAIN && t.ret != -EINTR {
-        crate::wire::end(t.sk, peer(&t))
+        crate::wire::end(t.sk)
     } else {
         Ok(())
     }
@@ -138,7 +138,7 @@ fn try_sock_recv(ctx: &BtfTracePointContext) -> Result<(), i64> {
         crate::wire::follow(t.sk, wire::RECEIVED, t.ret as u32, || peer(&t))
     } else if t.ret != -EAGAIN && t.ret != -EINTR {
         // End of stream (0) or an error: the connection is gone.
-        crate::wire::end(t.sk, peer(&t))
+        crate::wire::end(t.sk)
     } else {
         Ok(())
     }

@@ -81,6 +81,8 @@ pub struct Stream {
 pub struct Conn {
     state: u32,
     _pad: u32,
+    /// Its peer (the runtime), read once when the connection is first seen.
+    peer: Peer,
     dirs: [Stream; 2],
 }
 
@@ -141,17 +143,16 @@ fn buffer(n: u32) -> Result<Option<u64>, i64> {
     })
 }
 
-/// Follows `n` bytes the proxy sent or received on the connection `sock`.
-pub fn follow(sock: u64, direction: u32, n: u32, peer: impl Fn() -> Peer) -> Result<(), i64> {
-    let fresh = match CONNS.get_ptr_mut(sock) {
-        Some(c) => {
-            // SAFETY: an entry of this map; only this connection's calls write it, one at a
-            // time (tokio's I/O on one socket is one task's).
-            if unsafe { (*c).state } == OTHER {
-                return Ok(());
-            }
-            false
-        }
+/// Follows `n` bytes the proxy sent or received on the connection `sock`; `peer` reads the
+/// connection's peer, once, when it is first seen.
+pub fn follow(
+    sock: u64,
+    direction: u32,
+    n: u32,
+    peer: impl FnOnce() -> Peer,
+) -> Result<(), i64> {
+    let (c, fresh) = match CONNS.get_ptr_mut(sock) {
+        Some(c) => (c, false),
         // The proxy sends first on a tarpc connection (a request): a connection first seen
         // receiving is a client's (HTTP) or was open before the attach, mid-stream.
         None if direction == wire::RECEIVED => return Ok(()),
@@ -159,17 +160,22 @@ pub fn follow(sock: u64, direction: u32, n: u32, peer: impl Fn() -> Peer) -> Res
             let new = Conn {
                 state: FOLLOW,
                 _pad: 0,
+                peer: peer(),
                 dirs: [NEW_STREAM; 2],
             };
             CONNS.insert(sock, new, 0)?;
-            true
+            let Some(c) = CONNS.get_ptr_mut(sock) else {
+                return Ok(());
+            };
+            (c, true)
         }
     };
-    let Some(c) = CONNS.get_ptr_mut(sock) else {
-        return Ok(());
-    };
-    // SAFETY: as above.
+    // SAFETY: an entry of this map; only this connection's calls write it, one at a time
+    // (tokio's I/O on one socket is one task's).
     let c = unsafe { &mut *c };
+    if c.state == OTHER {
+        return Ok(());
+    }
     let Some(buf) = buffer(n)? else {
         if fresh {
             // A connection whose first call is not one buffer (hyper writes a response head
@@ -194,7 +200,7 @@ pub fn follow(sock: u64, direction: u32, n: u32, peer: impl Fn() -> Peer) -> Res
         direction,
         fresh: fresh as u32,
         verdict: 0,
-        peer: peer(),
+        peer: c.peer,
     };
     // bpf_loop (kernel 5.17): the verifier checks the step once, not once per iteration.
     // SAFETY: the callback takes the context this frame passes, which outlives the loop.
@@ -360,12 +366,12 @@ fn step(
 
 /// The connection ended under the proxy: its entry goes, and userspace ends what was in
 /// flight on it.
-pub fn end(sock: u64, peer: Peer) -> Result<(), i64> {
-    // SAFETY: a copy of one word.
-    let followed = matches!(unsafe { CONNS.get(sock) }, Some(c) if c.state == FOLLOW);
-    if !followed {
-        return Ok(());
-    }
+pub fn end(sock: u64) -> Result<(), i64> {
+    // SAFETY: a copy out of the entry.
+    let peer = match unsafe { CONNS.get(sock) } {
+        Some(c) if c.state == FOLLOW => c.peer,
+        _ => return Ok(()),
+    };
     let _ = CONNS.remove(sock);
     send(Kind::WireEnd, |rec: &mut WireFrame| {
         rec.sock = sock;

@@ -46,9 +46,14 @@ pub struct Bytes {
 
 impl Bytes {
     pub fn new(s: &str) -> Self {
+        Self::whole(s.as_bytes())
+    }
+
+    /// Bytes read whole (their length is theirs).
+    pub fn whole(b: &[u8]) -> Self {
         Bytes {
-            data: s.as_bytes().to_vec(),
-            full_len: s.len() as u64,
+            data: b.to_vec(),
+            full_len: b.len() as u64,
         }
     }
 

@@ -65,7 +65,7 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
             max_apps: a.max_apps as usize,
             ..Default::default()
         }),
-        request_metrics.then(|| requests::Requests::new(catalog.layout)),
+        request_metrics.then(requests::Requests::new),
         procs::Watcher::new(procs::Config {
             proxy_pid: a.pid,
             proxy_exe: a.exe.clone(),

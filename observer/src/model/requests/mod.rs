@@ -32,8 +32,8 @@ pub use wire::{decode_answer, decode_sent, peer_name, Answer, AnswerResult, Sent
 
 use crate::decode::{Bytes, CallId, CallKind, RequestEvent};
 use crate::model::tracker::Tracker;
-use observer_common::{conn_key, method, ConnKey, Layout, Peer};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use observer_common::{conn_key, method, ConnKey, Peer};
+use std::collections::{BTreeMap, HashMap};
 
 /// Calls farther than this from a request key are not its (a service future is smaller).
 const MAX_CALL_DISTANCE: u64 = 64 * 1024;
@@ -122,7 +122,6 @@ pub struct JoinCounters {
 
 /// Open requests, calls and answers, joined into metrics.
 pub struct Requests {
-    layout: Layout,
     open: HashMap<u64, Open>,
     /// Trace id -> call.
     calls: HashMap<CallId, Call>,
@@ -147,10 +146,9 @@ pub struct Requests {
     /// Runtime connection (its socket) -> runtime name (its address), and the tarpc channel
     /// its calls name (`RequestEvent::Call::conn`).
     connections: HashMap<u64, (String, u64)>,
-    /// tarpc channel -> the runtime it connects to, from its calls' request frames.
+    /// tarpc channel -> the runtime it connects to, from its calls' request frames: every
+    /// runtime a call went to.
     conn_runtimes: HashMap<u64, String>,
-    /// Every runtime a call went to.
-    runtimes: BTreeSet<String>,
     /// Runtime name -> its RuntimeId, from `id` answers.
     pub runtime_ids: BTreeMap<String, String>,
     /// Worker handle -> the runtime that spawned it and when (from `spawn_worker` answers).
@@ -173,10 +171,15 @@ const SHORT_TTL_NS: u64 = 10_000_000_000;
 /// Longest wait from a proxy error to its response head on the same thread.
 const SCHED_ERROR_WINDOW_NS: u64 = 10_000_000;
 
+impl Default for Requests {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Requests {
-    pub fn new(layout: Layout) -> Self {
+    pub fn new() -> Self {
         Requests {
-            layout,
             open: HashMap::new(),
             calls: HashMap::new(),
             in_flight: HashMap::new(),
@@ -193,7 +196,6 @@ impl Requests {
             discarded: Vec::new(),
             connections: HashMap::new(),
             conn_runtimes: HashMap::new(),
-            runtimes: BTreeSet::new(),
             runtime_ids: BTreeMap::new(),
             placed: HashMap::new(),
             counters: JoinCounters::default(),
@@ -206,7 +208,7 @@ impl Requests {
     /// (counted as abandoned), and where things are in memory is learnt again. Metrics,
     /// counters and the runtimes' ids continue.
     pub fn target_restarted(&mut self) {
-        let mut fresh = Requests::new(self.layout);
+        let mut fresh = Requests::new();
         std::mem::swap(&mut fresh.metrics, &mut self.metrics);
         std::mem::swap(&mut fresh.counters, &mut self.counters);
         std::mem::swap(&mut fresh.runtime_ids, &mut self.runtime_ids);
@@ -285,7 +287,7 @@ impl Requests {
                     // tarpc fails it at once: its connection's dispatch task has ended
                     // (`Channel::send` finds the dispatch channel closed). Nothing reaches
                     // the wire.
-                    self.end(id, None, "no_answer", ktime_ns);
+                    self.end(id, Err("no_answer"), ktime_ns);
                 }
             }
             RequestEvent::Frame {
@@ -475,7 +477,6 @@ impl Requests {
                     Some((rt, _)) => rt.clone(),
                     None => {
                         let rt = peer_name(peer).unwrap_or_else(|| "unknown".to_string());
-                        self.runtimes.insert(rt.clone());
                         self.connections.insert(sock, (rt.clone(), call.conn));
                         if self.conn_runtimes.len() < MAX_PENDING {
                             self.conn_runtimes.insert(call.conn, rt.clone());
@@ -492,7 +493,7 @@ impl Requests {
                 request_id,
             } => {
                 self.in_flight.remove(&(sock, request_id));
-                self.end(trace_id, None, "no_answer", t);
+                self.end(trace_id, Err("no_answer"), t);
             }
         }
     }
@@ -504,7 +505,7 @@ impl Requests {
             return;
         };
         match self.in_flight.remove(&(sock, answer.request_id)) {
-            Some(id) => self.end(id, Some(answer), "", t),
+            Some(id) => self.end(id, Ok(answer), t),
             // Its request was sent before the attach, or its call was not seen.
             None => self.counters.unmatched_calls += 1,
         }
@@ -523,7 +524,7 @@ impl Requests {
         gone.sort_unstable();
         for (rid, id) in gone {
             self.in_flight.remove(&(sock, rid));
-            self.end(id, None, "connection_reset", 0);
+            self.end(id, Err("connection_reset"), 0);
         }
         if let Some((_, conn)) = self.connections.remove(&sock) {
             let mut queued: Vec<CallId> = self
@@ -534,13 +535,14 @@ impl Requests {
                 .collect();
             queued.sort_unstable();
             for id in queued {
-                self.end(id, None, "connection_reset", 0);
+                self.end(id, Err("connection_reset"), 0);
             }
         }
     }
 
-    /// A call ended: with its answer, or on the transport (`reason`); `t`: when (0: not known).
-    fn end(&mut self, id: CallId, answer: Option<Answer>, reason: &str, t: u64) {
+    /// A call ended: with its answer, or failed on the transport (`Err(reason)`); `t`: when
+    /// (0: not known).
+    fn end(&mut self, id: CallId, how: Result<Answer, &'static str>, t: u64) {
         let Some(call) = self.calls.remove(&id) else {
             if !self.ended_set.contains(&id) {
                 self.counters.unmatched_calls += 1;
@@ -556,8 +558,8 @@ impl Requests {
         self.ended_set.insert(id);
         let rt = call.runtime.unwrap_or_else(|| "unknown".to_string());
         let mname = method::NAMES[call.method.min(method::UNKNOWN) as usize];
-        let end = match &answer {
-            Some(a) => {
+        let end = match &how {
+            Ok(a) => {
                 let secs = t.saturating_sub(call.ktime_ns) as f64 / 1e9;
                 self.metrics
                     .rpc_duration
@@ -573,21 +575,11 @@ impl Requests {
                     && !a.string.is_empty()
                     && self.placed.len() < MAX_PENDING
                 {
-                    self.placed.insert(
-                        Bytes {
-                            full_len: a.string.len() as u64,
-                            data: a.string.clone(),
-                        },
-                        (rt.clone(), t),
-                    );
+                    self.placed.insert(Bytes::whole(&a.string), (rt.clone(), t));
                 }
                 if call.method == method::ID && a.result == AnswerResult::Ok {
                     // A RuntimeId becomes a label value: validated as app ids are.
-                    let string = Bytes {
-                        full_len: a.string.len() as u64,
-                        data: a.string.clone(),
-                    };
-                    if let Ok(id) = crate::decode::app_label(&string) {
+                    if let Ok(id) = crate::decode::app_label(&Bytes::whole(&a.string)) {
                         self.runtime_ids.insert(rt.clone(), id);
                     }
                 }
@@ -607,7 +599,7 @@ impl Requests {
                     }
                 }
             }
-            None => {
+            Err(reason) => {
                 self.fail(&rt, mname, reason);
                 FetchEnd::Transport
             }
@@ -619,8 +611,8 @@ impl Requests {
             // A script exception keeps the worker (the proxy pools it back); any other failure
             // loses it.
             let kept = matches!(
-                answer.as_ref().map(|a| &a.result),
-                Some(AnswerResult::Ok) | Some(AnswerResult::Error("script_throws"))
+                how.as_ref().map(|a| &a.result),
+                Ok(AnswerResult::Ok) | Ok(AnswerResult::Error("script_throws"))
             );
             if let (false, Some(h)) = (kept, call.handle) {
                 self.placed.remove(&h);
@@ -823,7 +815,11 @@ impl Requests {
     /// Live instances per runtime: the tracker's live workers, by the runtime that spawned
     /// them. Workers whose spawn was not seen (before the attach) are not counted.
     pub fn instances_by_runtime(&self, tracker: &Tracker) -> BTreeMap<String, u64> {
-        let mut out: BTreeMap<String, u64> = self.runtimes.iter().map(|r| (r.clone(), 0)).collect();
+        let mut out: BTreeMap<String, u64> = self
+            .conn_runtimes
+            .values()
+            .map(|r| (r.clone(), 0))
+            .collect();
         for (h, (rt, _)) in &self.placed {
             if tracker.is_alive(h) {
                 *out.entry(rt.clone()).or_default() += 1;
@@ -908,7 +904,7 @@ mod tests {
     #[test]
     fn calls_end_by_answer_cancel_or_connection_end() {
         let tracker = Tracker::new(Default::default());
-        let mut r = Requests::new(Layout::DEFAULT);
+        let mut r = Requests::new();
         let other = |m| RequestEvent::Call {
             call: CallKind::Other { method: m },
             client: 0x10,
@@ -985,7 +981,7 @@ mod tests {
     #[test]
     fn calls_on_an_ended_connection_fail_without_a_frame() {
         let tracker = Tracker::new(Default::default());
-        let mut r = Requests::new(Layout::DEFAULT);
+        let mut r = Requests::new();
         let call = |id: CallId, open: bool, t: u64| RequestEvent::Call {
             call: CallKind::Other {
                 method: method::LOAD,
@@ -1020,7 +1016,7 @@ mod tests {
     #[test]
     fn answers_place_workers_and_name_runtimes() {
         let tracker = Tracker::new(Default::default());
-        let mut r = Requests::new(Layout::DEFAULT);
+        let mut r = Requests::new();
         let handle = b"0123456789abcdef0123456789abcdef";
         r.apply(
             RequestEvent::Call {
@@ -1110,7 +1106,7 @@ mod tests {
     fn requests_that_may_have_lost_a_call_are_not_counted() {
         let tracker = Tracker::new(Default::default());
         let mut mem = FakeMem(HashMap::new());
-        let mut r = Requests::new(Layout::DEFAULT);
+        let mut r = Requests::new();
         for (i, key) in [0x1000u64, 0x9000].into_iter().enumerate() {
             mem.0.insert(0x50_0000 + 0x2000 * i as u64 + 536, key);
             r.apply(start(key, 1), &tracker, &mem);
@@ -1148,7 +1144,7 @@ mod tests {
         });
         assert!(tracker.awaits_pairing(&h1));
         let mut mem = FakeMem(HashMap::new());
-        let mut r = Requests::new(Layout::DEFAULT);
+        let mut r = Requests::new();
         let warm = |r: &mut Requests, mem: &mut FakeMem, i: u64, respond: bool| {
             let (key, conn) = (0x7f00_0000_0000u64 + i * 0x10000, 0x5555_0000_0000 + i);
             mem.0.insert(conn + 536, key);
@@ -1190,7 +1186,7 @@ mod tests {
     fn too_many_waiting_requests_age_out_sooner() {
         let tracker = Tracker::new(Default::default());
         let mem = FakeMem(HashMap::new());
-        let mut r = Requests::new(Layout::DEFAULT);
+        let mut r = Requests::new();
         for i in 0..MAX_PENDING as u64 + 1 {
             r.apply(start(8 * i + 8, i), &tracker, &mem);
         }
@@ -1245,7 +1241,7 @@ mod tests {
     #[test]
     fn a_wrong_connection_offset_is_given_up_and_learnt_again() {
         let tracker = Tracker::new(Default::default());
-        let mut r = Requests::new(Layout::DEFAULT);
+        let mut r = Requests::new();
         let mut mem = FakeMem(HashMap::new());
         let mut learnt = Vec::new();
         for i in 0..(MIN_VOTES + CONN_CHECK + MIN_VOTES) as u64 {
@@ -1332,7 +1328,7 @@ mod tests {
     #[test]
     fn joins_lone_requests_and_learns() {
         let tracker = Tracker::new(Default::default());
-        let mut r = Requests::new(Layout::DEFAULT);
+        let mut r = Requests::new();
         let mut mem = FakeMem(HashMap::new());
         let conn_base = 0x5555_0000_0000u64;
         let n = 2 * MIN_VOTES as u64 + 2;
