@@ -249,29 +249,33 @@ pub mod event {
 
     const _: () = assert!(core::mem::size_of::<SchedError>() == 24);
 
-    /// The head of one tarpc frame on a proxy <-> runtime connection (`observer-ebpf/src/wire.rs`).
+    /// The head of one tarpc frame on a proxy <-> runtime connection (`observer-ebpf/src/wire.rs`),
+    /// as one of its two ends saw it: the proxy (the client) or a runtime (the server).
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct WireFrame {
         pub header: Header,
-        /// The connection (its `struct sock`): a key only.
+        /// The connection (its `struct sock` in the process that saw the frame): a key only.
         pub sock: u64,
         /// The frame's length (its 4-byte prefix; the head's bytes follow it).
         pub frame_len: u32,
-        /// `wire::SENT` or `wire::RECEIVED`, from the proxy's side.
+        /// `wire::SENT` or `wire::RECEIVED`, from the side of the process that saw it.
         pub direction: u32,
-        /// The connection's peer: the runtime.
+        /// The connection's peer: the runtime, in the proxy; the proxy, in a runtime.
         pub peer: Peer,
         /// How many of `head` are the frame's (at most `WIRE_HEAD`).
         pub head_len: u32,
+        /// The process that saw it, and its `role::*` (the proxy or a runtime).
+        pub tgid: u32,
+        pub role: u32,
         pub _pad: u32,
         /// The frame's first bytes: bincode of `tarpc::ClientMessage` or `tarpc::Response`.
         pub head: [u8; WIRE_HEAD],
     }
 
-    const _: () = assert!(core::mem::size_of::<WireFrame>() == 16 + 16 + 24 + 8 + WIRE_HEAD);
+    const _: () = assert!(core::mem::size_of::<WireFrame>() == 16 + 16 + 24 + 16 + WIRE_HEAD);
 
-    /// A runtime's tarpc method future ended (`observer-ebpf/src/server.rs`).
+    /// A runtime's tarpc method future ended (`observer-ebpf/src/server.rs`, `--runtime-polls`).
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct ServerCall {
@@ -280,12 +284,11 @@ pub mod event {
         pub tgid: u32,
         /// `method::*`.
         pub method: u32,
-        /// From its first poll to its drop.
-        pub duration_ns: u64,
+        /// Polls of its future, from the first to its drop.
         pub polls: u64,
     }
 
-    const _: () = assert!(core::mem::size_of::<ServerCall>() == 16 + 3 * 8);
+    const _: () = assert!(core::mem::size_of::<ServerCall>() == 16 + 2 * 8);
 
     macro_rules! records {
         ($($t:ident),*) => {

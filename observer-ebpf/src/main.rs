@@ -68,6 +68,16 @@ static PROC_NET: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_PROCS * ne
 #[no_mangle]
 static REQUEST_METRICS: u32 = 1;
 
+/// 1: the runtimes' wire is followed too (their served calls); 0: `--no-runtime-probes`.
+#[no_mangle]
+static RUNTIME_CALLS: u32 = 1;
+
+#[inline(always)]
+fn runtime_calls() -> bool {
+    // SAFETY: as `layout`.
+    unsafe { core::ptr::read_volatile(&RUNTIME_CALLS) != 0 }
+}
+
 #[inline(always)]
 fn request_metrics() -> bool {
     // SAFETY: as `layout`.

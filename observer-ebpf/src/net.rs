@@ -11,8 +11,9 @@
 //! program reads the event's arguments directly instead of the perf record the kernel would
 //! fill for a classic tracepoint.
 //!
-//! In the proxy, with request metrics on, they also follow the tarpc frames on its
-//! connections to the runtimes (`wire.rs`): calls, cancels and answers without a uprobe.
+//! With request metrics on, they also follow the tarpc frames on the connections between the
+//! proxy and its runtimes (`wire.rs`), at both ends: in the proxy, its calls, cancels and the
+//! answers; in a runtime, the calls it served. No uprobe.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
@@ -21,7 +22,7 @@ use aya_ebpf::{
 };
 use observer_common::{family, netstat, role, wire, Peer, Watched};
 
-use crate::{add, check, request_metrics, PROC_NET, WATCHED};
+use crate::{add, check, request_metrics, runtime_calls, wire::Side, PROC_NET, WATCHED};
 
 /// The events' arguments (include/trace/events/sock.h, `sock_msg_length`: `TP_PROTO(struct
 /// sock *sk, int ret, int flags)`; the BTF typedef `btf_trace_sock_send_length` has the same).
@@ -98,9 +99,22 @@ fn count(t: &Transfer, w: &Watched, first: u32) {
     add(&PROC_NET, base + 1, 1);
 }
 
-/// Whether the proxy's tarpc connections are followed (request metrics on).
-fn follows_wire(w: &Watched) -> bool {
-    w.role == role::PROXY && request_metrics()
+/// Which direction of this process's connections opens a tarpc connection: the proxy, the
+/// client, sends first; a runtime, the server, receives first. `None`: its connections are not
+/// followed (request metrics off, or `--no-runtime-probes` in a runtime).
+fn opens_wire(w: &Watched) -> Option<Side> {
+    if !request_metrics() {
+        return None;
+    }
+    let opens = match w.role {
+        role::PROXY => wire::SENT,
+        role::RUNTIME if runtime_calls() => wire::RECEIVED,
+        _ => return None,
+    };
+    Some(Side {
+        role: w.role,
+        opens,
+    })
 }
 
 fn try_sock_send(ctx: &BtfTracePointContext) -> Result<(), i64> {
@@ -111,11 +125,11 @@ fn try_sock_send(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return Ok(());
     };
     count(&t, &w, netstat::BYTES_SENT);
-    if !follows_wire(&w) {
+    let Some(side) = opens_wire(&w) else {
         return Ok(());
-    }
+    };
     if t.ret > 0 {
-        crate::wire::follow(t.sk, wire::SENT, t.ret as u32, || peer(&t))
+        crate::wire::follow(t.sk, wire::SENT, side, t.ret as u32, || peer(&t))
     } else if t.ret < 0 && t.ret != -EAGAIN && t.ret != -EINTR {
         crate::wire::end(t.sk)
     } else {
@@ -131,11 +145,11 @@ fn try_sock_recv(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return Ok(());
     };
     count(&t, &w, netstat::BYTES_RECEIVED);
-    if !follows_wire(&w) {
+    let Some(side) = opens_wire(&w) else {
         return Ok(());
-    }
+    };
     if t.ret > 0 {
-        crate::wire::follow(t.sk, wire::RECEIVED, t.ret as u32, || peer(&t))
+        crate::wire::follow(t.sk, wire::RECEIVED, side, t.ret as u32, || peer(&t))
     } else if t.ret != -EAGAIN && t.ret != -EINTR {
         // End of stream (0) or an error: the connection is gone.
         crate::wire::end(t.sk)

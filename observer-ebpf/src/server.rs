@@ -1,4 +1,6 @@
-//! The runtime's side of the RPCs: rusty-workers' tarpc server methods.
+//! The runtime's side of the RPCs, poll by poll (`--runtime-polls`): rusty-workers' tarpc
+//! server methods. A served call's duration comes from the runtime's wire (`wire.rs`), at no
+//! trap; these uprobes (two traps per call) only count how often each call's future was polled.
 //!
 //! With `#[tarpc::server]` each method's body is an async block, boxed as the method's future
 //! (`Pin<Box<dyn Future>>`). Its poll function, `<RuntimeServer as RuntimeService>::<method>
@@ -10,7 +12,7 @@
 //! are distinct, through the attach cookie (the method's number, `observer_common::method`).
 
 use aya_ebpf::{
-    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid},
     macros::{map, uprobe},
     maps::LruHashMap,
     programs::ProbeContext,
@@ -20,11 +22,10 @@ use observer_common::{event::ServerCall, Kind};
 
 use crate::{check, send};
 
-/// An open call: what its first poll saw.
+/// An open call: its method (from its first poll) and its polls so far.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Open {
-    start_ns: u64,
     method: u32,
     polls: u32,
 }
@@ -74,8 +75,6 @@ fn try_server_poll(ctx: &ProbeContext, fut: u64) -> Result<(), i64> {
         return Ok(());
     }
     let open = Open {
-        // SAFETY: no preconditions.
-        start_ns: unsafe { bpf_ktime_get_ns() },
         method: method as u32,
         polls: 1,
     };
@@ -97,7 +96,6 @@ fn try_server_drop(ctx: &ProbeContext) -> Result<(), i64> {
     send(Kind::ServerCall, |rec: &mut ServerCall| {
         rec.tgid = tgid as u32;
         rec.method = open.method;
-        rec.duration_ns = rec.header.ktime_ns.saturating_sub(open.start_ns);
         rec.polls = open.polls as u64;
         Ok(())
     })

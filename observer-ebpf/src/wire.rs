@@ -1,7 +1,8 @@
 //! The tarpc wire between the proxy and its runtimes, followed frame by frame in the socket
-//! tracepoints (`net.rs`): the head of every frame goes to userspace, which decodes it
-//! (`observer/src/model/requests/wire.rs`) and joins calls to their answers. No uprobe: the socket
-//! tracepoints already run on every send and receive.
+//! tracepoints (`net.rs`) at both ends: the head of every frame goes to userspace, which
+//! decodes it (`observer/src/model/requests/wire.rs`) and joins calls to their answers (the
+//! proxy's calls) or a served call's request to its response (a runtime's). No uprobe: the
+//! socket tracepoints already run on every send and receive.
 //!
 //! tarpc 0.24's TCP transport is `tokio_util::codec::LengthDelimitedCodec` (a 4-byte
 //! big-endian length, then the frame) around bincode (tokio-serde 0.8, varint encoding).
@@ -14,17 +15,19 @@
 //! the tracepoints pass only the socket and the byte count. `sock_sendmsg_nosec` and
 //! `sock_recvmsg_nosec` fire inside the syscall, after the bytes were copied (net/socket.c).
 //!
-//! Which connections are tarpc: a connection's first frame sent by the proxy must have a
-//! length tarpc accepts (8 MiB, the codec's default limit); an HTTP response ("HTTP", 0x48...)
-//! or anything else fails that on its first call and is marked `OTHER` (one lookup from then
-//! on). The receive side is followed only on connections whose send side is. Userspace checks
-//! every head it gets (a request's trace id must be a call's; an answer's request id must be
-//! one sent on that connection), so a misread never makes a number.
+//! Which connections are tarpc: a connection's first frame in the direction that opens it
+//! (the proxy sends first, a runtime receives first: `net.rs`, `opens_wire`) must have a
+//! length tarpc accepts (8 MiB, the codec's default limit); an HTTP head ("HTTP", "GET ",
+//! 0x48...) or anything else fails that on its first call and is marked `OTHER` (one lookup
+//! from then on). The other direction is followed only on connections the opening one is.
+//! Userspace checks every head it gets (a request's trace id must be a call's; an answer's
+//! request id must be one sent, or received, on that connection), so a misread never makes a
+//! number.
 
 use aya_ebpf::{
     cty::c_void,
     helpers::{
-        bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{bpf_get_current_task_btf, bpf_loop, bpf_probe_read_user, bpf_task_pt_regs},
     },
     macros::map,
@@ -74,14 +77,16 @@ pub struct Stream {
     head: [u8; 2 * (LEN + WIRE_HEAD)],
 }
 
-/// One connection of the proxy: whether it is tarpc's, and both its directions
+/// One connection of the proxy or a runtime: whether it is tarpc's, and both its directions
 /// (`wire::SENT`, `wire::RECEIVED`). One entry, so a socket call costs one lookup.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Conn {
     state: u32,
-    _pad: u32,
-    /// Its peer (the runtime), read once when the connection is first seen.
+    /// `role::*` of the process it is in.
+    role: u32,
+    /// Its peer (the runtime, or in a runtime the proxy), read once when the connection is
+    /// first seen.
     peer: Peer,
     dirs: [Stream; 2],
 }
@@ -96,7 +101,7 @@ const NEW_STREAM: Stream = Stream {
     head: [0; 2 * (LEN + WIRE_HEAD)],
 };
 
-/// Every connection of the proxy the tracepoints saw sending, by its `struct sock`.
+/// Every connection the tracepoints saw open (`follow`), by its `struct sock`.
 #[map]
 static CONNS: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(8192, 0);
 
@@ -143,23 +148,35 @@ fn buffer(n: u32) -> Result<Option<u64>, i64> {
     })
 }
 
-/// Follows `n` bytes the proxy sent or received on the connection `sock`; `peer` reads the
-/// connection's peer, once, when it is first seen.
+/// Which end of tarpc connections a process is.
+#[derive(Clone, Copy)]
+pub struct Side {
+    /// `role::*`.
+    pub role: u32,
+    /// The direction that opens a connection: `wire::SENT` for the client (the proxy),
+    /// `wire::RECEIVED` for the server (a runtime).
+    pub opens: u32,
+}
+
+/// Follows `n` bytes sent or received on the connection `sock` (`direction`) of a process on
+/// `side`. `peer` reads the connection's peer, once, when it is first seen.
 pub fn follow(
     sock: u64,
     direction: u32,
+    side: Side,
     n: u32,
     peer: impl FnOnce() -> Peer,
 ) -> Result<(), i64> {
     let (c, fresh) = match CONNS.get_ptr_mut(sock) {
         Some(c) => (c, false),
-        // The proxy sends first on a tarpc connection (a request): a connection first seen
-        // receiving is a client's (HTTP) or was open before the attach, mid-stream.
-        None if direction == wire::RECEIVED => return Ok(()),
+        // The client sends first on a tarpc connection (a request): in the proxy, a connection
+        // first seen receiving is a client's (HTTP) or was open before the attach; in a
+        // runtime, one first seen sending was.
+        None if direction != side.opens => return Ok(()),
         None => {
             let new = Conn {
                 state: FOLLOW,
-                _pad: 0,
+                role: side.role,
                 peer: peer(),
                 dirs: [NEW_STREAM; 2],
             };
@@ -200,6 +217,7 @@ pub fn follow(
         direction,
         fresh: fresh as u32,
         verdict: 0,
+        role: c.role,
         peer: c.peer,
     };
     // bpf_loop (kernel 5.17): the verifier checks the step once, not once per iteration.
@@ -234,6 +252,7 @@ struct Walk {
     direction: u32,
     fresh: u32,
     verdict: u32,
+    role: u32,
     peer: Peer,
 }
 
@@ -243,7 +262,7 @@ extern "C" fn walk_step(_index: u64, ctx: *mut c_void) -> i64 {
     // this connection's map entry.
     let w = unsafe { &mut *(ctx as *mut Walk) };
     let st = unsafe { &mut *w.st };
-    match step(st, w.buf, w.sock, w.direction, w.fresh, w.peer) {
+    match step(st, w) {
         Ok(Step::More) => 0,
         Ok(Step::Done) => 1,
         Ok(Step::Other) => {
@@ -280,14 +299,7 @@ fn set(v: &mut u32, x: u32) {
 
 /// One step through a call's bytes: past a frame body, or into a frame's length or head.
 #[inline(always)]
-fn step(
-    st: &mut Stream,
-    buf: u64,
-    sock: u64,
-    direction: u32,
-    fresh: u32,
-    peer: Peer,
-) -> Result<Step, i64> {
+fn step(st: &mut Stream, w: &Walk) -> Result<Step, i64> {
     let pos = volatile(&st.pos);
     let n = volatile(&st.n);
     if pos >= n {
@@ -320,7 +332,7 @@ fn step(
         bpf_probe_read_user(
             st.head.as_mut_ptr().add(have as usize) as *mut c_void,
             take,
-            (buf + pos as u64) as *const c_void,
+            (w.buf + pos as u64) as *const c_void,
         )
     };
     if r != 0 {
@@ -334,7 +346,7 @@ fn step(
     if want == LEN as u32 {
         let len = u32::from_be_bytes([st.head[0], st.head[1], st.head[2], st.head[3]]);
         if len > MAX_FRAME {
-            if fresh != 0 && volatile(&st.frames) == 0 {
+            if w.fresh != 0 && volatile(&st.frames) == 0 {
                 // Not tarpc: an HTTP head, or another protocol.
                 return Ok(Step::Other);
             }
@@ -349,11 +361,13 @@ fn step(
     let head_len = want - LEN as u32;
     let head = &st.head;
     send(Kind::WireFrame, |rec: &mut WireFrame| {
-        rec.sock = sock;
+        rec.sock = w.sock;
         rec.frame_len = frame_len;
-        rec.direction = direction;
-        rec.peer = peer;
+        rec.direction = w.direction;
+        rec.peer = w.peer;
         rec.head_len = head_len;
+        rec.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        rec.role = w.role;
         rec.head.copy_from_slice(&head[LEN..LEN + WIRE_HEAD]);
         Ok(())
     })?;
@@ -364,12 +378,12 @@ fn step(
     Ok(Step::More)
 }
 
-/// The connection ended under the proxy: its entry goes, and userspace ends what was in
-/// flight on it.
+/// The connection ended (in the proxy or a runtime): its entry goes, and userspace ends what
+/// was in flight on it.
 pub fn end(sock: u64) -> Result<(), i64> {
     // SAFETY: a copy out of the entry.
-    let peer = match unsafe { CONNS.get(sock) } {
-        Some(c) if c.state == FOLLOW => c.peer,
+    let (peer, role) = match unsafe { CONNS.get(sock) } {
+        Some(c) if c.state == FOLLOW => (c.peer, c.role),
         _ => return Ok(()),
     };
     let _ = CONNS.remove(sock);
@@ -377,6 +391,8 @@ pub fn end(sock: u64) -> Result<(), i64> {
         rec.sock = sock;
         rec.direction = wire::RECEIVED;
         rec.peer = peer;
+        rec.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        rec.role = role;
         Ok(())
     })
 }

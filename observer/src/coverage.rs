@@ -8,7 +8,8 @@
 //! and `observer probes` say which families are lost and for want of which probe.
 //!
 //! A family that needs nothing here is made from sources that are either there or give no
-//! series at all (the runtimes' server probes: a method whose probe is missing has no series).
+//! series at all (the runtimes' served calls: a runtime whose wire is not followed has no
+//! series; with `--runtime-polls`, a method whose poll probe is missing has no polls series).
 
 /// Probe names (`catalog/rusty-workers-proxy.toml`, and the socket tracepoints).
 const INSERT: &str = "app_cache_insert";

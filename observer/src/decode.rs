@@ -1,7 +1,7 @@
 //! Pure decoders of what the probes send: ring buffer records and strings read from the
 //! target's memory, which are untrusted until validated here.
 
-use observer_common::{event, Header, Kind, Peer, Str, CONN_WINDOW, MAX_STR, WIRE_HEAD};
+use observer_common::{event, role, Header, Kind, Peer, Str, CONN_WINDOW, MAX_STR, WIRE_HEAD};
 
 /// A ring buffer record, decoded for the app tracker (`crate::model::tracker`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -355,6 +355,8 @@ pub fn request_event(r: &Record) -> Option<RequestEvent> {
             id: trace_id(c.trace_id),
             ktime_ns: t,
         },
+        // A runtime's end of the wire is its served calls (`model::runtime_server`).
+        Record::Wire(_, w) if w.role != role::PROXY => return None,
         Record::Wire(Kind::WireEnd, w) => RequestEvent::WireEnd { sock: w.sock },
         Record::Wire(_, w) => RequestEvent::Frame {
             sock: w.sock,
@@ -649,6 +651,8 @@ mod tests {
             w.peer = peer;
             w.head[..2].copy_from_slice(b"h1");
             w.head_len = 2;
+            w.tgid = 40;
+            w.role = role::PROXY;
         });
         assert_eq!(
             of(bytes(&frame)),
@@ -662,12 +666,24 @@ mod tests {
             }),
             "a frame names its connection, direction, head and peer"
         );
-        let end = rec(Kind::WireEnd, 7, |w: &mut WireFrame| w.sock = 0xa);
+        let end = rec(Kind::WireEnd, 7, |w: &mut WireFrame| {
+            w.sock = 0xa;
+            w.role = role::PROXY;
+        });
         assert_eq!(
             of(bytes(&end)),
             Some(RequestEvent::WireEnd { sock: 0xa }),
             "a connection's end"
         );
+        for (what, r) in [("frame", frame), ("end", end)] {
+            let mut theirs = r;
+            theirs.role = role::RUNTIME;
+            assert_eq!(
+                of(bytes(&theirs)),
+                None,
+                "a runtime's {what} is its served calls', not the proxy's joins'"
+            );
+        }
         let mut long = frame;
         long.head_len = observer_common::WIRE_HEAD as u32 + 1;
         assert!(
@@ -711,11 +727,10 @@ mod tests {
                 c.arg = string(arg, arg.len() as u64);
             }))
         };
-        let served = |method: u32, duration_ns: u64, polls: u64| {
+        let served = |method: u32, polls: u64| {
             bytes(&rec(Kind::ServerCall, 42, |c: &mut ServerCall| {
                 c.tgid = 1234;
                 c.method = method;
-                c.duration_ns = duration_ns;
                 c.polls = polls;
             }))
         };
@@ -801,15 +816,15 @@ mod tests {
             assert_eq!(decode(&r), Ok(want), "{what}");
         }
         // Served calls go to the model as they are: the tracker takes nothing from them, and
-        // `ServerMetrics::observe` names a method past the known ones `unknown`.
-        for (method, duration_ns, polls) in [(method::FETCH, 3_000_000, 2), (77, 1, 0)] {
-            let r = record(&served(method, duration_ns, polls)).expect("a served call");
+        // `ServerMetrics::polled` names a method past the known ones `unknown`.
+        for (method, polls) in [(method::FETCH, 2), (77, 0)] {
+            let r = record(&served(method, polls)).expect("a served call");
             let Record::ServerCall(c) = &r else {
                 panic!("a served call decodes as one: {r:?}");
             };
             assert_eq!(
-                (c.tgid, c.method, c.duration_ns, c.polls),
-                (1234, method, duration_ns, polls),
+                (c.tgid, c.method, c.polls),
+                (1234, method, polls),
                 "a served call's fields"
             );
             assert_eq!(decode_event(&r), None, "the tracker takes nothing from it");

@@ -132,12 +132,14 @@ pub struct ProgramStats {
 }
 
 impl Kernel {
-    /// Loads the programs; `request_metrics`: per-request events on. With `floor`, one
+    /// Loads the programs; `request_metrics`: per-request events on; `runtime_calls`: the
+    /// runtimes' wire followed too (their served calls). With `floor`, one
     /// empty program on `FLOOR_PROBE` is all that is attached (the bench's floor). `ring_bytes`: the event ring
     /// buffer's size.
     pub fn load(
         layout: &Layout,
         request_metrics: bool,
+        runtime_calls: bool,
         floor: bool,
         ring_bytes: u32,
     ) -> anyhow::Result<Self> {
@@ -147,6 +149,7 @@ impl Kernel {
         let ebpf = EbpfLoader::new()
             .override_global("LAYOUT", layout, true)
             .override_global("REQUEST_METRICS", &u32::from(request_metrics), true)
+            .override_global("RUNTIME_CALLS", &u32::from(runtime_calls), true)
             .map_max_entries("EVENTS", ring_bytes)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object into the kernel")?;

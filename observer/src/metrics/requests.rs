@@ -47,8 +47,8 @@ pub(super) fn collect(r: &Reg, w: &mut Writer, i: &Inputs) -> anyhow::Result<()>
     );
     r.total(
         "observer_undecoded_frames_total",
-        "Frames on a runtime connection whose head did not decode as tarpc's.",
-        c.undecoded_frames,
+        "Frames on a runtime connection, in the proxy or the runtime, whose head did not decode as tarpc's.",
+        c.undecoded_frames + i.model.server.undecoded_frames,
     );
     r.total(
         "observer_abandoned_requests_total",

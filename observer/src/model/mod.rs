@@ -1,14 +1,14 @@
 //! What the observer knows, in one place: the model the event loop updates and every scrape
 //! reads (`metrics::Inputs` borrows it whole). `Model::apply` routes each event to the app
-//! tracker (`tracker`: apps, workers, labels), the request joins (`requests`) or the runtimes'
-//! served calls (`runtime_server`).
+//! tracker (`tracker`: apps, workers, labels), the request joins (`requests`: the proxy's
+//! side) or the runtimes' served calls (`runtime_server`: their side of the same wire).
 
 pub mod requests;
 pub mod runtime_server;
 pub mod tracker;
 
 use crate::{decode, procs, snapshots};
-use observer_common::netstat;
+use observer_common::{netstat, role, Kind};
 use std::collections::HashMap;
 
 /// The daemon's model, behind one lock.
@@ -66,11 +66,25 @@ impl Model {
                 return;
             }
         };
-        if let decode::Record::ServerCall(c) = &r {
-            let runtime = self.watcher.instance_of(c.tgid).map(|i| i.name.as_str());
-            self.server
-                .observe(runtime, c.method, c.duration_ns, c.polls);
-            return;
+        match &r {
+            decode::Record::ServerCall(c) => {
+                let runtime = self.watcher.instance_of(c.tgid).map(|i| i.name.as_str());
+                self.server.polled(runtime, c.method, c.polls);
+                return;
+            }
+            // A runtime's end of its connections: the calls it served.
+            decode::Record::Wire(kind, w) if w.role == role::RUNTIME => {
+                if *kind == Kind::WireEnd {
+                    self.server.connection_ended(w.sock);
+                } else {
+                    let runtime = self.watcher.instance_of(w.tgid).map(|i| i.name.as_str());
+                    let head = &w.head[..(w.head_len as usize).min(w.head.len())];
+                    self.server
+                        .frame(runtime, w.sock, w.direction, head, w.header.ktime_ns);
+                }
+                return;
+            }
+            _ => {}
         }
         if let Some(d) = decode::decode_event(&r) {
             if let (decode::Decoded::Terminate { handle, .. }, Some(q)) =

@@ -53,8 +53,7 @@ fn processes_network_and_restarts() {
     all_ok(&load(tb.http, &paths("a", 600), 4), 600);
     quiesce(&tb, 2);
     let m1 = obs.scrape();
-    // terminate_worker returns a byte (its future is the first argument of its poll function,
-    // unlike the others'): the runtimes together served what the proxy sent.
+    // The runtimes together served the terminate_worker calls the proxy sent.
     let terminations = |m: &BTreeMap<String, f64>| -> f64 {
         rts.iter()
             .map(|rt| get(m, &format!("rusty_workers_runtime_server_call_duration_seconds_count{{method=\"terminate_worker\",runtime=\"{rt}\"}}")))
@@ -95,7 +94,7 @@ fn processes_network_and_restarts() {
             minus(runtime_bytes(&tb, i), own0[i].1),
             minus(observed_bytes(&m1, rt), observed_bytes(&m0, rt)),
         );
-        // The runtime probes: one call per fetch served, however often it was polled.
+        // The runtime's wire: one call per fetch served, request received to response sent.
         let served = |m: &BTreeMap<String, f64>, what: &str| {
             get(
                 m,
@@ -324,7 +323,8 @@ fn a_target_in_its_own_mount_and_pid_namespace() {
         exe.display()
     );
 
-    let obs = Observer::start(pid, &tb.dir, false);
+    // With the runtimes' poll uprobes, attached through their private mounts too.
+    let obs = Observer::start_with(pid, &tb.dir, false, &["--runtime-polls"]);
     let rts: Vec<String> = tb.runtime_addrs.iter().map(|a| a.to_string()).collect();
     time_until(&obs, Instant::now(), 10, "the contained runtimes", |m| {
         rts.iter()
@@ -358,10 +358,22 @@ fn a_target_in_its_own_mount_and_pid_namespace() {
             minus(runtime_bytes(&tb, i), own0[i]),
             minus(observed_bytes(&m1, rt), observed_bytes(&m0, rt)),
         );
-        fetches += get(
+        let served = get(
             &m1,
             &format!("rusty_workers_runtime_server_call_duration_seconds_count{{method=\"fetch\",runtime=\"{rt}\"}}"),
         );
+        let polls = get(
+            &m1,
+            &format!(
+                "rusty_workers_runtime_server_polls_total{{method=\"fetch\",runtime=\"{rt}\"}}"
+            ),
+        );
+        eprintln!("e2e: contained {rt}: {served} fetches served, {polls} polls of them");
+        assert!(
+            served > 0.0 && polls >= served,
+            "{rt}: every fetch served is polled at least once: {polls} polls, {served} fetches"
+        );
+        fetches += served;
     }
     assert_eq!(
         fetches,

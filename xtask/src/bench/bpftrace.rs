@@ -1,6 +1,7 @@
 //! The bpftrace equivalent of the observer's default probe set, for the bench: the same
-//! functions of the proxy and the runtimes (resolved by the observer's own resolver) and the
-//! same socket tracepoints, each counting in a bpftrace map, filtered by process.
+//! functions of the proxy (resolved by the observer's own resolver; the default attaches no
+//! uprobe in the runtimes) and the same socket tracepoints in the proxy and the runtimes, each
+//! counting in a bpftrace map, filtered by process.
 
 use anyhow::{bail, Context as _};
 use std::io::{BufRead, BufReader};
@@ -10,17 +11,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// (probe name, virtual address) of every resolved site, from `observer probes --binary`.
-fn sites(
-    observer: &Path,
-    binary: &Path,
-    catalog: Option<&Path>,
-) -> anyhow::Result<Vec<(String, u64)>> {
-    let mut cmd = Command::new(observer);
-    cmd.arg("probes").arg("--binary").arg(binary);
-    if let Some(c) = catalog {
-        cmd.arg("--catalog").arg(c);
-    }
-    let out = cmd.output().context("observer probes")?;
+fn sites(observer: &Path, binary: &Path) -> anyhow::Result<Vec<(String, u64)>> {
+    let out = Command::new(observer)
+        .arg("probes")
+        .arg("--binary")
+        .arg(binary)
+        .output()
+        .context("observer probes")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut name = String::new();
     let mut sites = Vec::new();
@@ -41,15 +38,9 @@ fn sites(
 }
 
 /// The bpftrace program: a count per probe, bytes per process on the socket tracepoints.
-pub fn script(
-    observer: &Path,
-    proxy: (&Path, u32),
-    runtimes: (&Path, &[u32]),
-) -> anyhow::Result<String> {
-    let catalog =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../catalog/rusty-workers-runtime.toml");
+pub fn script(observer: &Path, proxy: (&Path, u32), runtimes: &[u32]) -> anyhow::Result<String> {
     let mut s = String::new();
-    for (name, addr) in sites(observer, proxy.0, None)? {
+    for (name, addr) in sites(observer, proxy.0)? {
         s.push_str(&format!(
             "uprobe:{}:{addr:#x} /pid == {}/ {{ @calls[\"{name}\"] = count(); }}\n",
             proxy.0.display(),
@@ -57,17 +48,10 @@ pub fn script(
         ));
     }
     let rt_filter = runtimes
-        .1
         .iter()
         .map(|p| format!("pid == {p}"))
         .collect::<Vec<_>>()
         .join(" || ");
-    for (name, addr) in sites(observer, runtimes.0, Some(&catalog))? {
-        s.push_str(&format!(
-            "uprobe:{}:{addr:#x} /{rt_filter}/ {{ @calls[\"{name}\"] = count(); }}\n",
-            runtimes.0.display()
-        ));
-    }
     let all = format!("pid == {} || {rt_filter}", proxy.1);
     for (tp, map) in [
         ("sock_send_length", "sent"),

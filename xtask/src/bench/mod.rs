@@ -140,10 +140,7 @@ pub(crate) fn run(seconds: u64, connections: u32, rounds: usize) -> anyhow::Resu
             &testbed_harness::binary("rusty-workers-proxy"),
             tb.proxy_pid(),
         ),
-        (
-            &testbed_harness::binary("rusty-workers-runtime"),
-            &[tb.runtime_pid(0), tb.runtime_pid(1)],
-        ),
+        &[tb.runtime_pid(0), tb.runtime_pid(1)],
     )?;
     let bt_for = |i: usize| (i == 4).then_some(bt_script.as_str());
     // The machine's throughput drifts (shared CPUs): every round runs every mode, in a rotated

@@ -59,12 +59,18 @@ pub(crate) struct RunArgs {
     /// Also watch this process as a runtime (repeatable).
     #[arg(long, value_name = "PID")]
     pub(crate) runtime_pid: Vec<u32>,
-    /// Runtime probe catalog (TOML); default: the built-in rusty-workers runtime catalog.
-    #[arg(long, value_name = "FILE")]
+    /// Runtime probe catalog (TOML, for --runtime-polls); default: the built-in rusty-workers
+    /// runtime catalog.
+    #[arg(long, value_name = "FILE", requires = "runtime_polls")]
     pub(crate) runtime_catalog: Option<PathBuf>,
-    /// No uprobes in the runtimes (their procfs and socket figures stay).
-    #[arg(long)]
+    /// Leave out the runtimes' served calls (their tarpc frames, followed in the socket
+    /// tracepoints); their procfs and socket figures stay.
+    #[arg(long, conflicts_with = "runtime_polls")]
     pub(crate) no_runtime_probes: bool,
+    /// Also count the polls of each call a runtime serves (rusty_workers_runtime_server_polls_total):
+    /// uprobes on its tarpc method futures, two traps per served call.
+    #[arg(long)]
+    pub(crate) runtime_polls: bool,
     /// Do not watch, as runtimes, the local processes the proxy holds TCP connections to
     /// (say, when a database runs on the same host).
     #[arg(long)]

@@ -23,7 +23,9 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
         bail!("missing --pid <PID> of the rusty-workers proxy, or --exe NAME to find it by its executable's name (or use `observer probes`); see --help");
     }
     let catalog = load_catalog(a.catalog.as_deref())?;
-    let runtime_catalog = if a.no_runtime_probes {
+    // The runtimes' uprobes count polls only (`--runtime-polls`); their served calls come from
+    // their wire, in the socket tracepoints.
+    let runtime_catalog = if !a.runtime_polls {
         None
     } else {
         Some(match &a.runtime_catalog {
@@ -47,7 +49,13 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
     let listener = bind(a.listen).await?;
 
     let request_metrics = !a.no_request_metrics;
-    let mut kernel = kernel::Kernel::load(&catalog.layout, request_metrics, a.floor, a.ring_bytes)?;
+    let mut kernel = kernel::Kernel::load(
+        &catalog.layout,
+        request_metrics,
+        !a.no_runtime_probes,
+        a.floor,
+        a.ring_bytes,
+    )?;
     kernel.attach_tracepoints()?;
     let kernel::Maps {
         events,
