@@ -85,7 +85,7 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..4096))]
     pub(crate) max_apps: u16,
     /// Leave out the per-request probes: no request latency, outcomes or per-runtime RPC
-    /// metrics, but the request path pays 1 uprobe instead of about 5.
+    /// metrics (nor the runtimes' served calls), but the request path pays 1 uprobe instead of 3.
     #[arg(long)]
     pub(crate) no_request_metrics: bool,
     /// For `cargo xtask bench`: attach one empty program on the proxy function every request
@@ -103,8 +103,8 @@ pub(crate) struct RunArgs {
     #[arg(long, hide = true, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub(crate) drain_interval_ms: u64,
     /// Size of the ring buffer that carries events to userspace, in bytes: a power of two, at
-    /// least 4096. The default holds about 7,900 requests' records (six each, ~530 bytes with the ring's
-    /// headers), some 80 drains' worth at 10,000 requests/s; events past it are lost and counted
+    /// least 4096. The default holds about 5,100 requests' records (six each, ~820 bytes with the ring's
+    /// headers), some 50 drains' worth at 10,000 requests/s; events past it are lost and counted
     /// (rusty_workers_observer_events_lost_total).
     #[arg(long, default_value_t = 4 << 20, value_parser = ring_bytes)]
     pub(crate) ring_bytes: u32,
