@@ -205,34 +205,17 @@ mod tests {
     fn cancelled_unattributed_and_ended_calls_are_not_counted() {
         let mut m = ServerMetrics::new();
         let req = |id| encode::request(9, id, method::FETCH, Some(3));
+        let ok = |id| encode::answer(id, method::FETCH, &[0, 1, 2]);
         m.frame(RT, 0xa, wire::RECEIVED, &req(1), 10);
         m.frame(RT, 0xa, wire::RECEIVED, &encode::cancel(9, 1), 20);
-        m.frame(
-            RT,
-            0xa,
-            wire::SENT,
-            &encode::answer(1, method::FETCH, &[0, 1, 2]),
-            30,
-        );
+        m.frame(RT, 0xa, wire::SENT, &ok(1), 30);
         assert_eq!(count(&m, "fetch"), 0, "a cancelled call has no response");
         m.frame(RT, 0xa, wire::RECEIVED, &req(2), 40);
         m.connection_ended(0xa);
-        m.frame(
-            RT,
-            0xa,
-            wire::SENT,
-            &encode::answer(2, method::FETCH, &[0, 1, 2]),
-            50,
-        );
+        m.frame(RT, 0xa, wire::SENT, &ok(2), 50);
         assert_eq!(count(&m, "fetch"), 0, "its connection ended first");
         m.frame(None, 0xc, wire::RECEIVED, &req(3), 60);
-        m.frame(
-            None,
-            0xc,
-            wire::SENT,
-            &encode::answer(3, method::FETCH, &[0, 1, 2]),
-            70,
-        );
+        m.frame(None, 0xc, wire::SENT, &ok(3), 70);
         assert_eq!(m.unattributed, 1);
         assert_eq!(
             m.unmatched_responses, 2,
