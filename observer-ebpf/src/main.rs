@@ -139,13 +139,9 @@ fn send<T: Record + 'static>(
         bump(&OBSERVER_STATS, stat::EVENTS_LOST);
         return Err(1);
     };
-    let rec = entry.as_mut_ptr();
     // SAFETY: the entry is ours until submitted, and of `T`'s size; every record type is
     // plain data, for which all-zero bytes are a value.
-    let rec = unsafe {
-        core::ptr::write_bytes(rec, 0, 1);
-        &mut *rec
-    };
+    let rec = unsafe { zeroed(entry.as_mut_ptr()) };
     header(rec.header_mut(), kind);
     match fill(rec) {
         Ok(()) => {
@@ -160,6 +156,25 @@ fn send<T: Record + 'static>(
             Err(e)
         }
     }
+}
+
+/// Zeroes a record in place, a word at a time. Not `write_bytes`: LLVM lowers a memset of a
+/// record's size to a call of aya-ebpf's `memset`, a byte loop (136 iterations for a
+/// `WireFrame`: 0.6% of the CPU of a saturated test target, `perf record -a`); volatile
+/// stores are not merged back into one.
+///
+/// # Safety
+/// `rec` points to writable memory of `T`'s size, 8-byte aligned (ring buffer entries are).
+#[inline(always)]
+unsafe fn zeroed<'a, T: Record>(rec: *mut T) -> &'a mut T {
+    const { assert!(core::mem::size_of::<T>().is_multiple_of(8)) };
+    let words = rec as *mut u64;
+    for i in 0..core::mem::size_of::<T>() / 8 {
+        // SAFETY: inside the record, per the caller.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    // SAFETY: all-zero bytes are a value of every record type.
+    unsafe { &mut *rec }
 }
 
 /// Fills what every record has.

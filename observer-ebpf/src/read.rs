@@ -14,11 +14,43 @@ pub fn word(addr: u64) -> Result<u64, i64> {
     })
 }
 
+/// Two adjacent words in one read: each helper call checks its destination (hardened
+/// usercopy's `__check_object_size`: 1.4% of a saturated test target's CPU for all the probes'
+/// reads, `perf record -a`), so one read of 16 bytes costs less than two of 8.
+#[inline(always)]
+pub fn words2(addr: u64) -> Result<[u64; 2], i64> {
+    // SAFETY: as `word`.
+    unsafe { bpf_probe_read_user(addr as *const [u64; 2]) }.map_err(|e| {
+        bump(&OBSERVER_STATS, stat::READ_ERRORS);
+        i64::from(e)
+    })
+}
+
+/// The pointer and length of the Rust `String` at `addr`: one read of its three words where
+/// the layout puts both in them (every build seen: capacity, pointer, length), else two.
+#[inline(always)]
+pub fn string_parts(addr: u64, lay: &Layout) -> Result<(u64, u64), i64> {
+    let at = |off: u64| match off {
+        0 => Some(0),
+        8 => Some(1),
+        16 => Some(2),
+        _ => None,
+    };
+    if let (Some(p), Some(l)) = (at(lay.string_ptr), at(lay.string_len)) {
+        // SAFETY: as `word`.
+        let w: [u64; 3] = unsafe { bpf_probe_read_user(addr as *const [u64; 3]) }.map_err(|e| {
+            bump(&OBSERVER_STATS, stat::READ_ERRORS);
+            i64::from(e)
+        })?;
+        return Ok((w[p], w[l]));
+    }
+    Ok((word(addr + lay.string_ptr)?, word(addr + lay.string_len)?))
+}
+
 /// Reads the Rust `String` at `addr` into `dst` (cut at `MAX_STR`), with its full length.
 #[inline(always)]
 pub fn string(addr: u64, lay: &Layout, dst: &mut Str) -> Result<(), i64> {
-    let ptr = word(addr + lay.string_ptr)?;
-    let len = word(addr + lay.string_len)?;
+    let (ptr, len) = string_parts(addr, lay)?;
     let mut n = len as usize;
     if n > MAX_STR {
         n = MAX_STR;

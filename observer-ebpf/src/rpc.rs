@@ -37,8 +37,7 @@ fn identify(rec: &mut RpcCall, call: &Call, lay: &Layout) {
     if rec.conn != 0 {
         rec.conn_state = read::word(rec.conn + lay.chan_state).unwrap_or(u64::MAX);
     }
-    rec.trace_id[0] = read::word(call.context + lay.ctx_trace_id).unwrap_or(0);
-    rec.trace_id[1] = read::word(call.context + lay.ctx_trace_id + 8).unwrap_or(0);
+    rec.trace_id = read::words2(call.context + lay.ctx_trace_id).unwrap_or([0; 2]);
 }
 
 fn try_rpc_call(ctx: &ProbeContext) -> Result<(), i64> {
@@ -71,8 +70,7 @@ struct Call {
 
 fn fetch(call: &Call, request: u64, lay: &Layout, request_metrics: bool) -> Result<(), i64> {
     let handle = request + lay.req_handle;
-    let ptr = read::word(handle + lay.string_ptr)?;
-    let len = read::word(handle + lay.string_len)?;
+    let (ptr, len) = read::string_parts(handle, lay)?;
     let mut key = HandleKey {
         bytes: [0; HANDLE_KEY_LEN],
     };

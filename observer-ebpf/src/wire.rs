@@ -139,9 +139,8 @@ fn buffer(n: u32) -> Result<Option<u64>, i64> {
         SYS_READ | SYS_WRITE | SYS_SENDTO | SYS_RECVFROM => Some(regs.rsi),
         SYS_READV | SYS_WRITEV => {
             // SAFETY: bpf_probe_read_user checks the address.
-            let iov: Iovec = unsafe {
-                aya_ebpf::helpers::bpf_probe_read_user(regs.rsi as *const Iovec)
-            }?;
+            let iov: Iovec =
+                unsafe { aya_ebpf::helpers::bpf_probe_read_user(regs.rsi as *const Iovec) }?;
             (regs.rdx == 1 || iov.len >= n as u64).then_some(iov.base)
         }
         _ => None,
@@ -202,11 +201,16 @@ pub fn follow(
         }
         return resync(c, direction);
     };
-    let st = if direction == wire::SENT {
-        &mut c.dirs[0]
-    } else {
-        &mut c.dirs[1]
-    };
+    let d = if direction == wire::SENT { 0 } else { 1 };
+    let at_boundary = c.dirs[d].have == 0 && c.dirs[d].skip == 0;
+    if !fresh && at_boundary {
+        match one_frame(buf, n, sock, direction, c) {
+            ONE_FRAME => return Ok(()),
+            STEP => {}
+            e => return Err(e),
+        }
+    }
+    let st = &mut c.dirs[d];
     st.pos = 0;
     st.n = n;
     st.frames = 0;
@@ -238,6 +242,64 @@ pub fn follow(
     }
     Ok(())
 }
+
+/// The common call, sent or received at a frame boundary: exactly one whole frame (tarpc's
+/// dispatch writes each frame as it comes when nothing else waits, and its reader reads what
+/// one answer sent). Its head goes out with two reads and no step, no write to the
+/// connection's entry. `ONE_FRAME`: done; `STEP`: not such a call, for the stepping walk;
+/// else the error (an `i64`, not a `Result`: a BPF call takes five registers and no sret slot). A fresh connection
+/// always steps: its first frame's length is what tells tarpc's connections from others.
+/// Not inlined: `follow`'s own frame is near the BPF stack's 512 bytes.
+#[inline(never)]
+fn one_frame(buf: u64, n: u32, sock: u64, direction: u32, c: &Conn) -> i64 {
+    if n <= LEN as u32 {
+        return STEP;
+    }
+    // SAFETY: bpf_probe_read_user checks the address.
+    let Ok(prefix) = (unsafe { aya_ebpf::helpers::bpf_probe_read_user(buf as *const [u8; LEN]) })
+    else {
+        return STEP;
+    };
+    let frame_len = u32::from_be_bytes(prefix);
+    if u64::from(frame_len) + LEN as u64 != u64::from(n) {
+        return STEP;
+    }
+    let mut head_len = frame_len;
+    if head_len > WIRE_HEAD as u32 {
+        head_len = WIRE_HEAD as u32;
+    }
+    let sent = send(Kind::WireFrame, |rec: &mut WireFrame| {
+        rec.sock = sock;
+        rec.frame_len = frame_len;
+        rec.direction = direction;
+        rec.peer = c.peer;
+        rec.head_len = head_len;
+        rec.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        rec.role = c.role;
+        // SAFETY: at most `WIRE_HEAD` bytes into the record's own `head`; the source is
+        // checked by the helper.
+        let r = unsafe {
+            bpf_probe_read_user(
+                rec.head.as_mut_ptr() as *mut c_void,
+                head_len,
+                (buf + LEN as u64) as *const c_void,
+            )
+        };
+        if r != 0 {
+            bump(&OBSERVER_STATS, stat::READ_ERRORS);
+            return Err(r);
+        }
+        Ok(())
+    });
+    match sent {
+        Ok(()) => ONE_FRAME,
+        Err(e) => e.min(-1),
+    }
+}
+
+/// `one_frame`'s answers besides an error.
+const ONE_FRAME: i64 = 1;
+const STEP: i64 = 0;
 
 /// `Walk::verdict`.
 const VERDICT_OTHER: u32 = 1;

@@ -5,9 +5,9 @@
 
 use crate::expo::{LATENCY_BUCKETS, PREFIX};
 use crate::model::requests::wire::{decode_answer, decode_sent, Sent};
+use foldhash::{HashMap, HashMapExt};
 use observer_common::{method, wire};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
-use std::collections::HashMap;
 
 /// Requests received and not yet answered, past which the oldest go: a runtime answers every
 /// call it does not see cancelled, and a connection's end drops its calls, so only a frame

@@ -32,8 +32,9 @@ pub use wire::{decode_answer, decode_sent, peer_name, Answer, AnswerResult, Sent
 
 use crate::decode::{Bytes, CallId, CallKind, RequestEvent};
 use crate::model::tracker::Tracker;
+use foldhash::{HashMap, HashMapExt, HashSet};
 use observer_common::{conn_key, method, ConnKey, Peer};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// Calls farther than this from a request key are not its (a service future is smaller).
 const MAX_CALL_DISTANCE: u64 = 64 * 1024;
@@ -140,7 +141,7 @@ pub struct Requests {
     /// Calls ended lately, oldest first: a call answered can still be cancelled (its caller
     /// dropped it before taking the answer: tarpc's `DispatchResponse` then sends a cancel).
     ended: std::collections::VecDeque<CallId>,
-    ended_set: std::collections::HashSet<CallId>,
+    ended_set: HashSet<CallId>,
     /// Workers the proxy let go after a failed fetch, for the tracker (`take_discarded`).
     discarded: Vec<Bytes>,
     /// Runtime connection (its socket) -> runtime name (its address), and the tarpc channel
