@@ -96,6 +96,39 @@ pub mod method {
     ];
 }
 
+/// The eBPF programs that count their own runs (`PROGRAM_RUNS` per-CPU array), by index;
+/// `NAMES` are their names in the object, the `program` label. Counted by the programs, not
+/// by the kernel's BPF statistics: those cost two clock reads per run of every program, on
+/// every socket call of the host (`--bpf-stats` turns them on, for the time spent).
+/// `floor_uprobe` stays empty: it is the bench's floor.
+pub mod program {
+    pub const LRU_INSERT: u32 = 0;
+    pub const LRU_REMOVE: u32 = 1;
+    pub const HTTP_REQUEST: u32 = 2;
+    pub const HTTP_RESPONSE: u32 = 3;
+    pub const SCHED_ERROR: u32 = 4;
+    pub const RPC_CALL: u32 = 5;
+    pub const SOCK_SEND: u32 = 6;
+    pub const SOCK_RECV: u32 = 7;
+    pub const SERVER_POLL: u32 = 8;
+    pub const SERVER_POLL_SRET: u32 = 9;
+    pub const SERVER_DROP: u32 = 10;
+    pub const COUNT: u32 = 11;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "lru_insert",
+        "lru_remove",
+        "http_request",
+        "http_response",
+        "sched_error",
+        "rpc_call",
+        "sock_send",
+        "sock_recv",
+        "server_poll",
+        "server_poll_sret",
+        "server_drop",
+    ];
+}
+
 /// Indexes of the kernel's self-counters (`OBSERVER_STATS` per-CPU array).
 pub mod stat {
     /// Ring buffer full: an event was dropped.

@@ -6,7 +6,7 @@
 //! Both run only on app/route loads and evictions, never per request.
 
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use observer_common::{event::CacheOp, Kind, Layout};
+use observer_common::{event::CacheOp, program, Kind, Layout};
 
 use crate::{check, layout, read, send};
 
@@ -15,7 +15,7 @@ use crate::{check, layout, read, send};
 #[uprobe]
 pub fn lru_insert(ctx: ProbeContext) -> u32 {
     let r = try_cache_event(&ctx, Kind::CacheInsert);
-    check(&ctx, "lru_insert", r);
+    check(&ctx, program::LRU_INSERT, r);
     0
 }
 
@@ -23,7 +23,7 @@ pub fn lru_insert(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn lru_remove(ctx: ProbeContext) -> u32 {
     let r = try_cache_event(&ctx, Kind::CacheRemove);
-    check(&ctx, "lru_remove", r);
+    check(&ctx, program::LRU_REMOVE, r);
     0
 }
 

@@ -21,7 +21,7 @@ use aya_ebpf::{
 use observer_common::{
     conn_key,
     event::{ConnSnapshot, HttpRequest, HttpResponse, SchedError},
-    stat, Kind, CONN_WINDOW,
+    program, stat, Kind, CONN_WINDOW,
 };
 
 use crate::{bump, check, header, read, send, CONN_KEY, EVENTS, OBSERVER_STATS};
@@ -29,21 +29,21 @@ use crate::{bump, check, header, read, send, CONN_KEY, EVENTS, OBSERVER_STATS};
 #[uprobe]
 pub fn http_request(ctx: ProbeContext) -> u32 {
     let r = try_http_request(&ctx);
-    check(&ctx, "http_request", r);
+    check(&ctx, program::HTTP_REQUEST, r);
     0
 }
 
 #[uprobe]
 pub fn http_response(ctx: ProbeContext) -> u32 {
     let r = try_http_response(&ctx);
-    check(&ctx, "http_response", r);
+    check(&ctx, program::HTTP_RESPONSE, r);
     0
 }
 
 #[uprobe]
 pub fn sched_error(ctx: ProbeContext) -> u32 {
     let r = try_sched_error(&ctx);
-    check(&ctx, "sched_error", r);
+    check(&ctx, program::SCHED_ERROR, r);
     0
 }
 

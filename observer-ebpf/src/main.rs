@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use observer_common::{
-    method, netstat, stat, ConnKey, HandleKey, Kind, Layout, Record, Watched, MAX_APP_SLOTS,
-    MAX_PROCS,
+    method, netstat, program, stat, ConnKey, HandleKey, Kind, Layout, Record, Watched,
+    MAX_APP_SLOTS, MAX_PROCS,
 };
 
 /// Events for userspace. With request metrics on, every request sends six records (about 820
@@ -47,6 +47,10 @@ static HANDLE_APP: HashMap<HandleKey, u32> = HashMap::with_max_entries(65536, 0)
 /// Fetch RPCs per app slot, counted here for handles already in `HANDLE_APP`.
 #[map]
 static APP_REQUESTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_APP_SLOTS, 0);
+
+/// Runs of each program (`observer_common::program`), counted by the programs themselves.
+#[map]
+static PROGRAM_RUNS: PerCpuArray<u64> = PerCpuArray::with_max_entries(program::COUNT, 0);
 
 /// The observer's own counters (`observer_common::stat`).
 #[map]
@@ -105,13 +109,14 @@ fn add(map: &PerCpuArray<u64>, index: u32, n: u64) {
     }
 }
 
-/// Ends a hook: a run that ended on an error (a failed read of the target, a full ring buffer
+/// Ends a hook: its run is counted (`PROGRAM_RUNS`); a run that ended on an error (a failed read of the target, a full ring buffer
 /// or map) is counted in `stat::HOOK_ERRORS`, and logged through aya-log for the first error
 /// on each CPU and then at every power of two. A wrong layout or a changed target shows in the
 /// observer's log without a line per request: the log's own ring buffer would fill at full
 /// request rate.
 #[inline(always)]
-fn check<C: EbpfContext>(ctx: &C, hook: &str, res: Result<(), i64>) {
+fn check<C: EbpfContext>(ctx: &C, prog: u32, res: Result<(), i64>) {
+    bump(&PROGRAM_RUNS, prog);
     let Err(e) = res else {
         return;
     };
@@ -124,6 +129,10 @@ fn check<C: EbpfContext>(ctx: &C, hook: &str, res: Result<(), i64>) {
         *p
     };
     if n & (n - 1) == 0 {
+        let hook = program::NAMES
+            .get(prog as usize)
+            .copied()
+            .unwrap_or("unknown");
         error!(ctx, "hook {} failed: error {} ({} on this CPU)", hook, e, n);
     }
 }

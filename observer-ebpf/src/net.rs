@@ -20,7 +20,7 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use observer_common::{family, netstat, role, wire, Peer, Watched};
+use observer_common::{family, netstat, program, role, wire, Peer, Watched};
 
 use crate::{add, check, request_metrics, runtime_calls, wire::Side, PROC_NET, WATCHED};
 
@@ -44,14 +44,14 @@ const SKC_V6_DADDR: u64 = 56;
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sock_send(ctx: BtfTracePointContext) -> i32 {
     let r = try_sock_send(&ctx);
-    check(&ctx, "sock_send", r);
+    check(&ctx, program::SOCK_SEND, r);
     0
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv(ctx: BtfTracePointContext) -> i32 {
     let r = try_sock_recv(&ctx);
-    check(&ctx, "sock_recv", r);
+    check(&ctx, program::SOCK_RECV, r);
     0
 }
 

@@ -13,14 +13,16 @@
 //! counter, and only spawns, terminations and the first fetch of new workers reach userspace.
 
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use observer_common::{event::RpcCall, method, HandleKey, Kind, Layout, HANDLE_KEY_LEN};
+use observer_common::{event::RpcCall, method, program, HandleKey, Kind, Layout, HANDLE_KEY_LEN};
 
-use crate::{bump, check, layout, read, request_metrics, send, APP_REQUESTS, HANDLE_APP, RPC_CALLS};
+use crate::{
+    bump, check, layout, read, request_metrics, send, APP_REQUESTS, HANDLE_APP, RPC_CALLS,
+};
 
 #[uprobe]
 pub fn rpc_call(ctx: ProbeContext) -> u32 {
     let r = try_rpc_call(&ctx);
-    check(&ctx, "rpc_call", r);
+    check(&ctx, program::RPC_CALL, r);
     0
 }
 

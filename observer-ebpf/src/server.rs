@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::ProbeContext,
     EbpfContext as _,
 };
-use observer_common::{event::ServerCall, Kind};
+use observer_common::{event::ServerCall, program, Kind};
 
 use crate::{check, send};
 
@@ -42,7 +42,7 @@ pub fn server_poll(ctx: ProbeContext) -> u32 {
         .arg(0)
         .ok_or(1i64)
         .and_then(|fut| try_server_poll(&ctx, fut));
-    check(&ctx, "server_poll", r);
+    check(&ctx, program::SERVER_POLL, r);
     0
 }
 
@@ -54,14 +54,14 @@ pub fn server_poll_sret(ctx: ProbeContext) -> u32 {
         .arg(1)
         .ok_or(1i64)
         .and_then(|fut| try_server_poll(&ctx, fut));
-    check(&ctx, "server_poll_sret", r);
+    check(&ctx, program::SERVER_POLL_SRET, r);
     0
 }
 
 #[uprobe]
 pub fn server_drop(ctx: ProbeContext) -> u32 {
     let r = try_server_drop(&ctx);
-    check(&ctx, "server_drop", r);
+    check(&ctx, program::SERVER_DROP, r);
     0
 }
 

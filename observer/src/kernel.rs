@@ -8,7 +8,7 @@ use aya::programs::uprobe::{
 };
 use aya::programs::{BtfTracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
-use observer_common::{method, netstat, stat, ConnKey, HandleKey, Layout, Watched};
+use observer_common::{method, netstat, program, stat, ConnKey, HandleKey, Layout, Watched};
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::os::fd::OwnedFd;
@@ -34,6 +34,7 @@ pub struct Counters {
     app_requests: PerCpuArray<MapData, u64>,
     stats: PerCpuArray<MapData, u64>,
     proc_net: PerCpuArray<MapData, u64>,
+    program_runs: PerCpuArray<MapData, u64>,
 }
 
 fn sum(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, aya::maps::MapError> {
@@ -44,6 +45,13 @@ impl Counters {
     pub fn rpc_calls(&self) -> Result<Vec<u64>, aya::maps::MapError> {
         (0..method::COUNT)
             .map(|m| sum(&self.rpc_calls, m))
+            .collect()
+    }
+
+    /// Runs of each program, by `program::*` index (counted by the programs).
+    pub fn program_runs(&self) -> Result<Vec<u64>, aya::maps::MapError> {
+        (0..program::COUNT)
+            .map(|p| sum(&self.program_runs, p))
             .collect()
     }
 
@@ -123,11 +131,10 @@ struct Attached {
     links: Vec<(String, UProbeLinkId)>,
 }
 
-/// Program run counts and run time, when the kernel keeps them (BPF_ENABLE_STATS).
+/// A program's run time, when the kernel keeps it (BPF_ENABLE_STATS).
 #[derive(Debug, Clone)]
 pub struct ProgramStats {
     pub program: String,
-    pub runs: u64,
     pub run_seconds: f64,
 }
 
@@ -135,17 +142,26 @@ impl Kernel {
     /// Loads the programs; `request_metrics`: per-request events on; `runtime_calls`: the
     /// runtimes' wire followed too (their served calls). With `floor`, one
     /// empty program on `FLOOR_PROBE` is all that is attached (the bench's floor). `ring_bytes`: the event ring
-    /// buffer's size.
+    /// buffer's size. `bpf_stats`: the kernel's run-time statistics on while this lives.
     pub fn load(
         layout: &Layout,
         request_metrics: bool,
         runtime_calls: bool,
         floor: bool,
         ring_bytes: u32,
+        bpf_stats: bool,
     ) -> anyhow::Result<Self> {
-        // Run-time statistics cost two clock reads a run, against the microseconds of a uprobe
-        // trap; they give the observer's own cost per program.
-        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        // Run-time statistics cost two clock reads (`sched_clock`, kvm-clock in these VMs) on
+        // every run of every program: 0.6% of a saturated test target's CPU with the socket
+        // tracepoints (`perf record -a`). Only on request; the programs count their own runs.
+        let stats = if bpf_stats {
+            Some(
+                aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                    .context("--bpf-stats: turning on the kernel's BPF run-time statistics")?,
+            )
+        } else {
+            None
+        };
         let ebpf = EbpfLoader::new()
             .override_global("LAYOUT", layout, true)
             .override_global("REQUEST_METRICS", &u32::from(request_metrics), true)
@@ -381,6 +397,7 @@ impl Kernel {
             rpc_calls: PerCpuArray::try_from(take("RPC_CALLS")?)?,
             app_requests: PerCpuArray::try_from(take("APP_REQUESTS")?)?,
             stats: PerCpuArray::try_from(take("OBSERVER_STATS")?)?,
+            program_runs: PerCpuArray::try_from(take("PROGRAM_RUNS")?)?,
         };
         Ok(Maps {
             events,
@@ -392,18 +409,32 @@ impl Kernel {
         })
     }
 
-    pub fn program_stats(&self) -> Vec<ProgramStats> {
-        self.ebpf
+    /// Whether the kernel keeps BPF run-time statistics: `--bpf-stats`, or the operator's
+    /// `kernel.bpf_stats_enabled`.
+    pub fn bpf_stats_on(&self) -> bool {
+        self._stats.is_some()
+            || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+                .is_ok_and(|v| v.trim() == "1")
+    }
+
+    /// Each program's run time, while the kernel keeps it (`bpf_stats_on`); else `None` (its
+    /// figures are zeros then, not times).
+    pub fn program_stats(&self) -> Option<Vec<ProgramStats>> {
+        if !self.bpf_stats_on() {
+            return None;
+        }
+        let stats = self
+            .ebpf
             .programs()
             .filter_map(|(name, p)| {
                 let info = p.info().ok()?;
                 Some(ProgramStats {
                     program: name.to_string(),
-                    runs: info.run_count(),
                     run_seconds: info.run_time().as_secs_f64(),
                 })
             })
-            .collect()
+            .collect();
+        Some(stats)
     }
 }
 

@@ -210,6 +210,8 @@ fn dashboards_and_alerts_evaluate_on_a_real_prometheus() {
             &tb.proxy_pid().to_string(),
             "--listen",
             &obs_addr.to_string(),
+            // The BPF time panel has data only while the kernel keeps run-time statistics.
+            "--bpf-stats",
         ]),
         &dir.join("observer.log"),
     );

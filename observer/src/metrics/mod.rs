@@ -26,7 +26,8 @@ pub struct Inputs<'a> {
     pub model: &'a Model,
     pub counters: &'a Counters,
     pub probes: &'a [ProbeStatus],
-    pub programs: &'a [ProgramStats],
+    /// Each program's run time, while the kernel keeps BPF statistics (`--bpf-stats`).
+    pub programs: Option<&'a [ProgramStats]>,
     /// The latest good snapshot of the proxy's state, with when its walk began.
     pub latest: Option<&'a (crate::snapshot::Snapshot, u64)>,
     /// A snapshot older than this is not exported.

@@ -3,6 +3,7 @@
 use super::{Inputs, Reg};
 use crate::expo::{Writer, PREFIX};
 use crate::procs::Role;
+use observer_common::program;
 
 /// The observer's own health: probes attached (and why not), events received and lost, BPF
 /// program runs and time, attach durations, the processes it watches.
@@ -137,17 +138,26 @@ pub(super) fn collect(r: &Reg, _: &mut Writer, i: &Inputs) -> anyhow::Result<()>
     );
     let runs = r.counter(
         "observer_bpf_program_runs_total",
-        "Runs of each eBPF program (kernel BPF stats).",
+        "Runs of each eBPF program, counted by the program.",
         &["program"],
     );
-    let secs = r.seconds(
-        "observer_bpf_program_run_seconds_total",
-        "Time spent in each eBPF program (kernel BPF stats; the uprobe trap itself is not included).",
-        &["program"],
+    for (name, n) in program::NAMES.iter().zip(i.counters.program_runs()?) {
+        runs.with_label_values(&[name]).inc_by(n);
+    }
+    r.level(
+        "observer_bpf_stats_enabled",
+        "1 while the kernel keeps BPF run-time statistics (--bpf-stats, or kernel.bpf_stats_enabled): observer_bpf_program_run_seconds_total is exported only then.",
+        i.programs.is_some() as i64,
     );
-    for p in i.programs {
-        runs.with_label_values(&[&p.program]).inc_by(p.runs);
-        secs.with_label_values(&[&p.program]).inc_by(p.run_seconds);
+    if let Some(programs) = i.programs {
+        let secs = r.seconds(
+            "observer_bpf_program_run_seconds_total",
+            "Time spent in each eBPF program (kernel BPF stats; the uprobe trap itself is not included).",
+            &["program"],
+        );
+        for p in programs {
+            secs.with_label_values(&[&p.program]).inc_by(p.run_seconds);
+        }
     }
     Ok(())
 }

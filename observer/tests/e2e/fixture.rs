@@ -503,8 +503,8 @@ pub(crate) fn assert_metrics_equal_truth(
     checked
 }
 
-/// The request-path budget: BPF program runs per proxied request, counted by the kernel's own
-/// BPF stats over everything the scenario did.
+/// The request-path budget: BPF program runs per proxied request, counted by the programs
+/// over everything the scenario did.
 /// Uprobe program runs in the proxy per request (the socket tracepoints, which run on every
 /// socket read and write of the host, and the runtime probes are left out).
 pub(crate) fn bpf_runs_per_request(m: &BTreeMap<String, f64>, truth: &Value) -> f64 {
@@ -515,7 +515,11 @@ pub(crate) fn bpf_runs_per_request(m: &BTreeMap<String, f64>, truth: &Value) -> 
         .map(|(_, v)| v)
         .sum();
     let requests = truth_u64(truth, &["rpc_calls", "fetch"]) as f64;
-    assert!(runs > 0.0, "BPF stats are on: {}", observer_self(m));
+    assert!(
+        runs > 0.0,
+        "the programs count their runs: {}",
+        observer_self(m)
+    );
     runs / requests
 }
 

@@ -127,12 +127,15 @@ pub(crate) fn run(seconds: u64, connections: u32, rounds: usize) -> anyhow::Resu
     eprintln!("bench: warming up the test target (PID {})", tb.proxy_pid());
     run_wrk(tb.http, &path, 2, connections)?;
     let observer = testbed_harness::release_dir().join("observer");
-    let modes: [(&str, Option<&[&str]>); 5] = [
+    // The default again with the kernel's BPF statistics on: the time in each program, and
+    // what the statistics themselves cost.
+    let modes: [(&str, Option<&[&str]>); 6] = [
         ("no observer", None),
         ("no request metrics", Some(&["--no-request-metrics"])),
         ("request metrics (default)", Some(&[])),
         ("floor (one uprobe/request)", Some(&["--floor"])),
         ("bpftrace (same probes, counts)", None),
+        ("default with --bpf-stats", Some(&["--bpf-stats"])),
     ];
     let bt_script = bpftrace::script(
         &observer,
@@ -198,8 +201,8 @@ pub(crate) fn run(seconds: u64, connections: u32, rounds: usize) -> anyhow::Resu
         let all: Vec<String> = r.iter().map(|m| format!("{:.0}", m.wrk.rps)).collect();
         out!("  {name:<30} {}", all.join(" "));
     }
-    out!("request metrics, per program (median round; runs and in-program us per request, uprobe traps not included):");
-    for (prog, runs, us) in &rows[2].1.per_program {
+    out!("request metrics with --bpf-stats, per program (median round; runs and in-program us per request, uprobe traps not included):");
+    for (prog, runs, us) in &rows[5].1.per_program {
         out!("  {prog:<16} {runs:>6.2} runs {us:>7.2} us");
     }
     let per_req_us = |rps: f64| 1e6 / rps;
@@ -240,6 +243,18 @@ pub(crate) fn run(seconds: u64, connections: u32, rounds: usize) -> anyhow::Resu
         "default / floor, round by round: {} (median {floor_share:.3}; of the medians above: {:.3})",
         shown.join(" "),
         full / floor
+    );
+    let mut stats_cost: Vec<f64> = results[5]
+        .iter()
+        .zip(&results[2])
+        .map(|(s, d)| s.wrk.rps / d.wrk.rps)
+        .collect();
+    let shown: Vec<String> = stats_cost.iter().map(|r| format!("{r:.3}")).collect();
+    stats_cost.sort_by(f64::total_cmp);
+    out!(
+        "default with --bpf-stats / default, round by round: {} (median {:.3}): the kernel's statistics, two clock reads per program run",
+        shown.join(" "),
+        stats_cost[stats_cost.len() / 2]
     );
     out!("```\n");
     let rate = 5000.0;
@@ -630,8 +645,14 @@ fn measure(
         let after = http_get(*addr, "localhost", "/metrics")?.1;
         let d = |n: &str| metric_sum(&after, n) - metric_sum(&before, n);
         let n = m.wrk.requests;
-        m.runs = d("rusty_workers_observer_bpf_program_runs_total") / n;
-        m.bpf_us = d("rusty_workers_observer_bpf_program_run_seconds_total") * 1e6 / n;
+        // The floor's empty program counts nothing; run time is there only with --bpf-stats.
+        let runs = d("rusty_workers_observer_bpf_program_runs_total");
+        m.runs = if runs > 0.0 { runs / n } else { f64::NAN };
+        m.bpf_us = if after.contains("rusty_workers_observer_bpf_program_run_seconds_total{") {
+            d("rusty_workers_observer_bpf_program_run_seconds_total") * 1e6 / n
+        } else {
+            f64::NAN
+        };
         for line in after.lines() {
             let Some(rest) =
                 line.strip_prefix("rusty_workers_observer_bpf_program_runs_total{program=\"")

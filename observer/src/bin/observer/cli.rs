@@ -88,6 +88,13 @@ pub(crate) struct RunArgs {
     /// metrics (nor the runtimes' served calls), but the request path pays 1 uprobe instead of 3.
     #[arg(long)]
     pub(crate) no_request_metrics: bool,
+    /// Turn on the kernel's BPF run-time statistics while the observer runs, for the time
+    /// spent in each program (rusty_workers_observer_bpf_program_run_seconds_total). They cost
+    /// two clock reads on every run of every BPF program on the host, the socket tracepoints'
+    /// on every socket call (BENCHMARKS.md). Without it that time is exported only when
+    /// kernel.bpf_stats_enabled is already 1; the programs count their runs either way.
+    #[arg(long)]
+    pub(crate) bpf_stats: bool,
     /// For `cargo xtask bench`: attach one empty program on the proxy function every request
     /// calls, and nothing else (the floor of a uprobe-based observer's cost); serves no
     /// meaningful metrics.

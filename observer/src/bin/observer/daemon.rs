@@ -55,6 +55,7 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
         !a.no_runtime_probes,
         a.floor,
         a.ring_bytes,
+        a.bpf_stats,
     )?;
     kernel.attach_tracepoints()?;
     let kernel::Maps {

@@ -74,7 +74,7 @@ pub(crate) async fn serve(
                         model: &model,
                         counters: &counters,
                         probes: &probes,
-                        programs: &programs,
+                        programs: programs.as_deref(),
                         latest: latest.as_ref(),
                         state_max_age_ns,
                         now_ns: monotonic_ns(),
