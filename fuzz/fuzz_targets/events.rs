@@ -11,12 +11,11 @@ use observer_common::event;
 use std::mem::size_of;
 
 /// The sizes the kernel sends: each record type's.
-const SIZES: [usize; 8] = [
+const SIZES: [usize; 7] = [
     size_of::<event::CacheOp>(),
     size_of::<event::RpcCall>(),
     size_of::<event::HttpRequest>(),
     size_of::<event::HttpResponse>(),
-    size_of::<event::ConnSnapshot>(),
     size_of::<event::SchedError>(),
     size_of::<event::WireFrame>(),
     size_of::<event::ServerCall>(),
@@ -50,7 +49,6 @@ fuzz_target!(|data: &[u8]| {
         model.apply(rec, ktime_ns);
         let m = &mut model;
         let joins = m.requests.as_mut().expect("request metrics on");
-        let _ = joins.take_conn_key();
         let _ = m.tracker.take_map_ops();
         m.tracker.housekeeping(ktime_ns);
         joins.housekeeping(ktime_ns);

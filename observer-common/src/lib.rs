@@ -58,8 +58,7 @@ kinds! {
     RpcOther = 7,
     /// hyper's HTTP/1 server took a request (`event::HttpRequest`).
     HttpRequest = 8,
-    /// hyper's HTTP/1 server encodes a response head (`event::HttpResponse`, or
-    /// `event::ConnSnapshot` until userspace has learnt where the request key is).
+    /// The proxy sent a response head on a client's connection (`event::HttpResponse`).
     HttpResponse = 9,
     /// `SchedError::build_response` (`event::SchedError`).
     SchedError = 10,
@@ -105,20 +104,18 @@ pub mod program {
     pub const LRU_INSERT: u32 = 0;
     pub const LRU_REMOVE: u32 = 1;
     pub const HTTP_REQUEST: u32 = 2;
-    pub const HTTP_RESPONSE: u32 = 3;
-    pub const SCHED_ERROR: u32 = 4;
-    pub const RPC_CALL: u32 = 5;
-    pub const SOCK_SEND: u32 = 6;
-    pub const SOCK_RECV: u32 = 7;
-    pub const SERVER_POLL: u32 = 8;
-    pub const SERVER_POLL_SRET: u32 = 9;
-    pub const SERVER_DROP: u32 = 10;
-    pub const COUNT: u32 = 11;
+    pub const SCHED_ERROR: u32 = 3;
+    pub const RPC_CALL: u32 = 4;
+    pub const SOCK_SEND: u32 = 5;
+    pub const SOCK_RECV: u32 = 6;
+    pub const SERVER_POLL: u32 = 7;
+    pub const SERVER_POLL_SRET: u32 = 8;
+    pub const SERVER_DROP: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const NAMES: [&str; COUNT as usize] = [
         "lru_insert",
         "lru_remove",
         "http_request",
-        "http_response",
         "sched_error",
         "rpc_call",
         "sock_send",
@@ -179,7 +176,7 @@ pub trait Record: Copy {
 
 /// The records, one type per hook family; the `Kind`s each carries are on `Kind`.
 pub mod event {
-    use super::{Header, Peer, Record, Str, CONN_WINDOW, MAX_STR, WIRE_HEAD};
+    use super::{Header, Peer, Record, Str, MAX_STR, WIRE_HEAD};
 
     /// `LruCache::{insert, remove}` (`observer-ebpf/src/app_cache.rs`).
     #[repr(C)]
@@ -238,38 +235,27 @@ pub mod event {
         /// The request's key: what `Server::recv_msg` receives (the box its service future
         /// goes into).
         pub key: u64,
+        /// Its client's connection (`struct sock`): the last one this thread received on, in
+        /// the same poll of the connection's task that parsed the head; 0 if not known.
+        pub sock: u64,
     }
 
-    const _: () = assert!(core::mem::size_of::<HttpRequest>() == 24);
+    const _: () = assert!(core::mem::size_of::<HttpRequest>() == 32);
 
-    /// hyper encodes a response head.
+    /// The proxy sent a response head on a client's connection (`observer-ebpf/src/http.rs`,
+    /// from the socket tracepoint).
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct HttpResponse {
         pub header: Header,
-        /// The connection (`&mut Conn`).
-        pub conn: u64,
-        /// The request key read from it, once userspace has said where (`CONN_KEY`); 0 before.
-        pub key: u64,
+        /// The connection (`struct sock`): the request's, `HttpRequest::sock`.
+        pub sock: u64,
+        /// The status code of its status line.
+        pub status: u32,
+        pub _pad: u32,
     }
 
     const _: () = assert!(core::mem::size_of::<HttpResponse>() == 32);
-
-    /// A response head with the memory around its connection, copied by the kernel when the
-    /// head is encoded, while userspace learns where the request key is: it cannot read that
-    /// memory later itself, because by then a closed connection's memory holds the next one.
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    pub struct ConnSnapshot {
-        pub head: HttpResponse,
-        /// 1 if `words` were read.
-        pub read_ok: u64,
-        /// The words from `head.conn - CONN_WINDOW` on (zero if the read failed).
-        pub words: [u64; super::CONN_SNAP_WORDS],
-    }
-
-    const _: () =
-        assert!(core::mem::size_of::<ConnSnapshot>() == 32 + 8 + 2 * CONN_WINDOW as usize);
 
     /// `SchedError::build_response`: the proxy answers with one of its own errors.
     #[repr(C)]
@@ -342,12 +328,6 @@ pub mod event {
         WireFrame,
         ServerCall
     );
-
-    impl Record for ConnSnapshot {
-        fn header_mut(&mut self) -> &mut Header {
-            &mut self.head.header
-        }
-    }
 }
 
 /// Bytes of a tarpc frame the kernel copies past its length prefix: enough for the head of a
@@ -362,7 +342,7 @@ pub mod wire {
     pub const RECEIVED: u32 = 1;
 }
 
-/// The largest plain record (a `ConnSnapshot` is larger), for sizing the ring buffer.
+/// The largest record, for sizing the ring buffer.
 pub const MAX_RECORD: usize = core::mem::size_of::<event::CacheOp>();
 
 /// Key of the worker handle -> app slot map: the handle's bytes, zero-padded.
@@ -458,30 +438,6 @@ impl Layout {
     }
 }
 
-/// How the response-head probe finds the request key from the connection: learnt by
-/// userspace (hyper's dispatcher holds both, at an offset the compiler chose), then set here.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConnKey {
-    /// 0: not learnt yet; 1: the key is the word at `conn + offset`; 2: it is `conn + offset`.
-    pub mode: u64,
-    pub offset: i64,
-}
-
-const _: () = assert!(core::mem::size_of::<ConnKey>() == 16);
-
-/// Bytes of the connection's memory on each side of it that a `ConnSnapshot` holds. hyper
-/// 0.14's `Dispatcher` (the connection with the request's service beside it) is well under
-/// 1 KiB on x86_64; the test target's key sits 536 bytes past the connection.
-pub const CONN_WINDOW: u64 = 2048;
-pub const CONN_SNAP_WORDS: usize = 2 * CONN_WINDOW as usize / 8;
-
-pub mod conn_key {
-    pub const UNKNOWN: u64 = 0;
-    pub const LOAD: u64 = 1;
-    pub const ADDRESS: u64 = 2;
-}
-
 /// Address families of `Peer::family` (include/linux/socket.h).
 pub mod family {
     pub const INET: u16 = 2;
@@ -534,7 +490,6 @@ pub mod netstat {
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::Watched {}
-    unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::Header {}
     unsafe impl aya::Pod for super::HandleKey {}

@@ -1,42 +1,37 @@
 //! The proxy's HTTP/1 server (hyper 0.14), from a request's arrival to its response head,
 //! and rusty-workers' own errors.
 //!
-//! - `<hyper::proto::h1::dispatch::Server<S, Body> as Dispatch>::recv_msg`: a parsed request
-//!   is handed to the service. Its first argument identifies the request's service future
-//!   (on the builds measured it is the box the future is put in: LLVM passes the loaded field;
-//!   userspace only needs it to be stable for the request and shared with its RPCs).
-//! - `hyper::proto::h1::conn::Conn<I, B, T>::encode_head`: the response head is written
-//!   (`encode_head(&mut self, head, body)` returns its value in the sret slot: rdi = sret,
-//!   rsi = self). The connection is not the request key: the dispatcher holds both, at an
-//!   offset userspace learns, from copies of the connection's memory taken here, and sets in
-//!   `CONN_KEY`.
-//! - `rusty_workers_proxy::sched::SchedError::build_response(&self) -> Response<Body>`: the
-//!   proxy answers with one of its own errors (rdi = the sret slot, rsi = self, or under fat
-//!   LTO the byte itself); the enum is fieldless, a byte.
+//! - `<hyper::proto::h1::dispatch::Server<S, Body> as Dispatch>::recv_msg` (a uprobe): a
+//!   parsed request is handed to the service. Its first argument identifies the request's
+//!   service future (on the builds measured it is the box the future is put in: LLVM passes
+//!   the loaded field; userspace only needs it to be stable for the request and shared with
+//!   its RPCs). Its client's connection is the one this thread last received on
+//!   (`HTTP_RECV`, set by `sock_recv`): hyper reads the head and hands it over in one poll of
+//!   the connection's task, with no other socket call between (`Conn::poll_read_head`).
+//! - The response head (no uprobe): the proxy's first send on the request's connection after
+//!   it, seen by the `sock_send` tracepoint (`net.rs`, `wire.rs`), which reads its status
+//!   line. `recv_msg` marks the connection a client's (`wire::client_connection`): other
+//!   HTTP the proxy's process may send (the test target's hand-written admin endpoint) is
+//!   not taken for responses. hyper writes a head with its body in one `writev`, the head
+//!   first.
+//! - `rusty_workers_proxy::sched::SchedError::build_response(&self) -> Response<Body>` (a
+//!   uprobe, on the error path only): the proxy answers with one of its own errors (rdi = the
+//!   sret slot, rsi = self, or under fat LTO the byte itself); the enum is fieldless, a byte.
 
 use aya_ebpf::{
-    bindings::BPF_RB_NO_WAKEUP, cty::c_void, helpers::generated::bpf_probe_read_user,
-    macros::uprobe, programs::ProbeContext,
+    cty::c_void, helpers::generated::bpf_probe_read_user, macros::uprobe, programs::ProbeContext,
 };
 use observer_common::{
-    conn_key,
-    event::{ConnSnapshot, HttpRequest, HttpResponse, SchedError},
-    program, stat, Kind, CONN_WINDOW,
+    event::{HttpRequest, HttpResponse, SchedError},
+    program, Kind,
 };
 
-use crate::{bump, check, header, read, send, CONN_KEY, EVENTS, OBSERVER_STATS};
+use crate::{check, read, send, HTTP_RECV};
 
 #[uprobe]
 pub fn http_request(ctx: ProbeContext) -> u32 {
     let r = try_http_request(&ctx);
     check(&ctx, program::HTTP_REQUEST, r);
-    0
-}
-
-#[uprobe]
-pub fn http_response(ctx: ProbeContext) -> u32 {
-    let r = try_http_response(&ctx);
-    check(&ctx, program::HTTP_RESPONSE, r);
     0
 }
 
@@ -49,64 +44,66 @@ pub fn sched_error(ctx: ProbeContext) -> u32 {
 
 fn try_http_request(ctx: &ProbeContext) -> Result<(), i64> {
     let key: u64 = ctx.arg(0).ok_or(1i64)?;
+    let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+    // SAFETY: a copy out of the entry.
+    let sock = unsafe { HTTP_RECV.get(tid) }.copied().unwrap_or(0);
+    // Taken, not left: a head hyper had buffered (a pipelined request) is handed over with no
+    // receive before it, and must not be given an older request's connection.
+    let _ = HTTP_RECV.remove(tid);
+    if sock != 0 {
+        crate::wire::client_connection(sock)?;
+    }
     send(Kind::HttpRequest, |rec: &mut HttpRequest| {
         rec.key = key;
+        rec.sock = sock;
         Ok(())
     })
 }
 
-fn try_http_response(ctx: &ProbeContext) -> Result<(), i64> {
-    let conn: u64 = ctx.arg(1).ok_or(1i64)?;
-    let how = CONN_KEY
-        .get(0)
-        .copied()
-        .filter(|h| h.mode != conn_key::UNKNOWN);
-    let Some(how) = how else {
-        return send_snapshot(conn);
-    };
-    send(Kind::HttpResponse, |rec: &mut HttpResponse| {
-        rec.conn = conn;
-        let at = conn.wrapping_add(how.offset as u64);
-        rec.key = match how.mode {
-            conn_key::LOAD => read::word(at).unwrap_or(0),
-            _ => at,
-        };
-        Ok(())
-    })
-}
+/// `HTTP/1.x NNN`: the status line's start.
+const STATUS_LINE: usize = 12;
 
-/// The response record with the memory around its connection, while userspace learns where
-/// the request key is: the connection is closed and its memory reused within microseconds
-/// of the head when clients do not keep connections alive, long before userspace looks.
-/// Not zeroed first: every byte of it is written here (a failed read zeroes `words`).
-fn send_snapshot(conn: u64) -> Result<(), i64> {
-    let Some(mut entry) = EVENTS.reserve::<ConnSnapshot>(0) else {
-        bump(&OBSERVER_STATS, stat::EVENTS_LOST);
-        return Err(1);
-    };
-    // SAFETY: the entry is ours until submitted.
-    let snap = unsafe { &mut *entry.as_mut_ptr() };
-    header(&mut snap.head.header, Kind::HttpResponse);
-    snap.head.conn = conn;
-    snap.head.key = 0;
-    let words = &mut snap.words;
-    // SAFETY: the destination is the entry's own array, of the size passed; a bad source
-    // address makes the helper fail and zero the destination (mm/maccess.c).
-    let rc = unsafe {
+#[inline(always)]
+fn status(buf: u64, n: u64) -> Option<u32> {
+    if n < STATUS_LINE as u64 {
+        return None;
+    }
+    let mut line = [0u8; STATUS_LINE];
+    // SAFETY: into the array, of its size; the source is checked by the helper.
+    let r = unsafe {
         bpf_probe_read_user(
-            words.as_mut_ptr() as *mut c_void,
-            core::mem::size_of_val(words) as u32,
-            conn.wrapping_sub(CONN_WINDOW) as *const c_void,
+            line.as_mut_ptr() as *mut c_void,
+            STATUS_LINE as u32,
+            buf as *const c_void,
         )
     };
-    if rc == 0 {
-        snap.read_ok = 1;
-    } else {
-        snap.read_ok = 0;
-        bump(&OBSERVER_STATS, stat::READ_ERRORS);
+    if r != 0 || &line[..7] != b"HTTP/1." || line[8] != b' ' {
+        return None;
     }
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
-    Ok(())
+    let mut code = 0u32;
+    for d in &line[9..12] {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        code = code * 10 + u32::from(d - b'0');
+    }
+    Some(code)
+}
+
+/// The proxy sends `n` bytes at `buf` on the connection `sock`: a response head is sent to
+/// userspace if they begin one (a body sent apart from its head does not). `Ok(false)`: they
+/// do not.
+#[inline(always)]
+pub fn response(sock: u64, buf: u64, n: u64) -> Result<bool, i64> {
+    let Some(code) = status(buf, n) else {
+        return Ok(false);
+    };
+    send(Kind::HttpResponse, |rec: &mut HttpResponse| {
+        rec.sock = sock;
+        rec.status = code;
+        Ok(())
+    })?;
+    Ok(true)
 }
 
 /// Below this no user address is mapped (`vm.mmap_min_addr` is 4096 or more): an argument

@@ -15,13 +15,13 @@ use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     EbpfContext,
 };
 use aya_log_ebpf::error;
 use observer_common::{
-    method, netstat, program, stat, ConnKey, HandleKey, Kind, Layout, Record, Watched,
-    MAX_APP_SLOTS, MAX_PROCS,
+    method, netstat, program, stat, HandleKey, Kind, Layout, Record, Watched, MAX_APP_SLOTS,
+    MAX_PROCS,
 };
 
 /// Events for userspace. With request metrics on, every request sends six records (about 820
@@ -32,9 +32,10 @@ use observer_common::{
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
-/// Where the response-head probe finds the request key (`http.rs`), learnt by userspace.
+/// Thread -> the last connection (`struct sock`) it received bytes on in the proxy: the
+/// client's connection of the request hyper hands over next on that thread (`http.rs`).
 #[map]
-static CONN_KEY: Array<ConnKey> = Array::with_max_entries(1, 0);
+static HTTP_RECV: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// RPCs sent by the proxy, by method (`observer_common::method`).
 #[map]

@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use observer_common::{family, netstat, program, role, wire, Peer, Watched};
 
-use crate::{add, check, request_metrics, runtime_calls, wire::Side, PROC_NET, WATCHED};
+use crate::{add, check, request_metrics, runtime_calls, wire::Side, HTTP_RECV, PROC_NET, WATCHED};
 
 /// The events' arguments (include/trace/events/sock.h, `sock_msg_length`: `TP_PROTO(struct
 /// sock *sk, int ret, int flags)`; the BTF typedef `btf_trace_sock_send_length` has the same).
@@ -133,7 +133,8 @@ fn try_sock_send(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return Ok(());
     };
     if t.ret > 0 {
-        crate::wire::follow(t.sk, wire::SENT, side, t.ret as u32, || peer(&t))
+        crate::wire::follow(t.sk, wire::SENT, side, t.ret as u32, || peer(&t))?;
+        Ok(())
     } else if t.ret < 0 && t.ret != -EAGAIN && t.ret != -EINTR {
         crate::wire::end(t.sk)
     } else {
@@ -153,7 +154,14 @@ fn try_sock_recv(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return Ok(());
     };
     if t.ret > 0 {
-        crate::wire::follow(t.sk, wire::RECEIVED, side, t.ret as u32, || peer(&t))
+        let tarpc = crate::wire::follow(t.sk, wire::RECEIVED, side, t.ret as u32, || peer(&t))?;
+        if !tarpc && w.role == role::PROXY {
+            // A client's bytes: the connection of the request hyper may hand over next on
+            // this thread (`http.rs`).
+            let tid = bpf_get_current_pid_tgid() as u32;
+            HTTP_RECV.insert(tid, t.sk, 0)?;
+        }
+        Ok(())
     } else if t.ret != -EAGAIN && t.ret != -EINTR {
         // End of stream (0) or an error: the connection is gone.
         crate::wire::end(t.sk)

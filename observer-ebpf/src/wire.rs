@@ -33,7 +33,7 @@ use aya_ebpf::{
     macros::map,
     maps::LruHashMap,
 };
-use observer_common::{event::WireFrame, stat, wire, Kind, Peer, WIRE_HEAD};
+use observer_common::{event::WireFrame, role, stat, wire, Kind, Peer, WIRE_HEAD};
 
 use crate::{bump, send, OBSERVER_STATS};
 
@@ -58,6 +58,9 @@ const SYS_RECVFROM: u64 = 45;
 /// `Conn::state`.
 const FOLLOW: u32 = 1;
 const OTHER: u32 = 2;
+/// A client's HTTP connection to the proxy, named by hyper's `recv_msg` (`client_connection`):
+/// its sends are response heads and bodies (`http.rs`).
+const HTTP: u32 = 3;
 
 /// Where one direction of one connection is between two socket calls.
 #[repr(C)]
@@ -127,8 +130,18 @@ struct SyscallRegs {
 
 const PT_REGS_RDX: usize = 96;
 
-/// The user buffer of the socket call this task is in, if it is one buffer holding `n` bytes.
-fn buffer(n: u32) -> Result<Option<u64>, i64> {
+/// The user buffer of the socket call this task is in.
+struct Buffer {
+    /// Where its (first) segment starts.
+    base: u64,
+    /// Whether that segment holds all `n` bytes of the call.
+    whole: bool,
+    /// The segment's length.
+    first: u64,
+}
+
+/// The user buffer of the socket call this task is in (`None`: a call this does not read).
+fn buffer(n: u32) -> Result<Option<Buffer>, i64> {
     // SAFETY: the helpers take the current task's BTF pointer; the registers are copied out.
     let regs: SyscallRegs = unsafe {
         let task = bpf_get_current_task_btf();
@@ -136,12 +149,20 @@ fn buffer(n: u32) -> Result<Option<u64>, i64> {
         bpf_probe_read_kernel(regs.add(PT_REGS_RDX) as *const SyscallRegs)?
     };
     Ok(match regs.orig_rax {
-        SYS_READ | SYS_WRITE | SYS_SENDTO | SYS_RECVFROM => Some(regs.rsi),
+        SYS_READ | SYS_WRITE | SYS_SENDTO | SYS_RECVFROM => Some(Buffer {
+            base: regs.rsi,
+            whole: true,
+            first: regs.rdx,
+        }),
         SYS_READV | SYS_WRITEV => {
             // SAFETY: bpf_probe_read_user checks the address.
             let iov: Iovec =
                 unsafe { aya_ebpf::helpers::bpf_probe_read_user(regs.rsi as *const Iovec) }?;
-            (regs.rdx == 1 || iov.len >= n as u64).then_some(iov.base)
+            Some(Buffer {
+                base: iov.base,
+                whole: regs.rdx == 1 || iov.len >= n as u64,
+                first: iov.len,
+            })
         }
         _ => None,
     })
@@ -158,20 +179,21 @@ pub struct Side {
 }
 
 /// Follows `n` bytes sent or received on the connection `sock` (`direction`) of a process on
-/// `side`. `peer` reads the connection's peer, once, when it is first seen.
+/// `side`. `peer` reads the connection's peer, once, when it is first seen. `Ok(true)`: a
+/// tarpc connection, followed.
 pub fn follow(
     sock: u64,
     direction: u32,
     side: Side,
     n: u32,
     peer: impl FnOnce() -> Peer,
-) -> Result<(), i64> {
+) -> Result<bool, i64> {
     let (c, fresh) = match CONNS.get_ptr_mut(sock) {
         Some(c) => (c, false),
         // The client sends first on a tarpc connection (a request): in the proxy, a connection
         // first seen receiving is a client's (HTTP) or was open before the attach; in a
         // runtime, one first seen sending was.
-        None if direction != side.opens => return Ok(()),
+        None if direction != side.opens => return Ok(false),
         None => {
             let new = Conn {
                 state: FOLLOW,
@@ -181,7 +203,7 @@ pub fn follow(
             };
             CONNS.insert(sock, new, 0)?;
             let Some(c) = CONNS.get_ptr_mut(sock) else {
-                return Ok(());
+                return Ok(false);
             };
             (c, true)
         }
@@ -189,23 +211,35 @@ pub fn follow(
     // SAFETY: an entry of this map; only this connection's calls write it, one at a time
     // (tokio's I/O on one socket is one task's).
     let c = unsafe { &mut *c };
-    if c.state == OTHER {
-        return Ok(());
+    if c.state == OTHER || (c.state == HTTP && direction != wire::SENT) {
+        return Ok(false);
     }
-    let Some(buf) = buffer(n)? else {
-        if fresh {
-            // A connection whose first call is not one buffer (hyper writes a response head
-            // and body as two): not tarpc's framed transport.
-            c.state = OTHER;
-            return Ok(());
+    let b = buffer(n)?;
+    if c.state == HTTP {
+        if let Some(b) = b {
+            crate::http::response(sock, b.base, b.first.min(u64::from(n)))?;
         }
-        return resync(c, direction);
+        return Ok(false);
+    }
+    let Some(Buffer {
+        base: buf,
+        whole: true,
+        ..
+    }) = b
+    else {
+        if fresh {
+            // A connection whose first call is not one buffer: not tarpc's framed transport.
+            c.state = OTHER;
+            return Ok(false);
+        }
+        resync(c, direction)?;
+        return Ok(true);
     };
     let d = if direction == wire::SENT { 0 } else { 1 };
     let at_boundary = c.dirs[d].have == 0 && c.dirs[d].skip == 0;
     if !fresh && at_boundary {
         match one_frame(buf, n, sock, direction, c) {
-            ONE_FRAME => return Ok(()),
+            ONE_FRAME => return Ok(true),
             STEP => {}
             e => return Err(e),
         }
@@ -235,12 +269,15 @@ pub fn follow(
         );
     }
     match walk.verdict {
-        VERDICT_OTHER => c.state = OTHER,
-        VERDICT_LOST => return resync(c, direction),
-        _ if volatile(&st.pos) < volatile(&st.n) => return resync(c, direction),
+        VERDICT_OTHER => {
+            c.state = OTHER;
+            return Ok(false);
+        }
+        VERDICT_LOST => resync(c, direction)?,
+        _ if volatile(&st.pos) < volatile(&st.n) => resync(c, direction)?,
         _ => {}
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The common call, sent or received at a frame boundary: exactly one whole frame (tarpc's
@@ -440,15 +477,48 @@ fn step(st: &mut Stream, w: &Walk) -> Result<Step, i64> {
     Ok(Step::More)
 }
 
+/// hyper handed over a request that came in on `sock` (`http.rs`): the proxy's sends on it
+/// are its responses from now on. Only connections hyper serves are: a request's client
+/// connection is named by the request, not guessed from bytes that look like HTTP.
+pub fn client_connection(sock: u64) -> Result<(), i64> {
+    if let Some(c) = CONNS.get_ptr_mut(sock) {
+        // SAFETY: as in `follow`.
+        let c = unsafe { &mut *c };
+        // A tarpc connection is never a client's: a stale name is not taken.
+        if c.state != FOLLOW {
+            c.state = HTTP;
+        }
+        return Ok(());
+    }
+    let new = Conn {
+        state: HTTP,
+        role: role::PROXY,
+        peer: Peer {
+            addr: [0; 16],
+            port: 0,
+            family: 0,
+            _pad: 0,
+        },
+        dirs: [NEW_STREAM; 2],
+    };
+    CONNS.insert(sock, new, 0)?;
+    Ok(())
+}
+
 /// The connection ended (in the proxy or a runtime): its entry goes, and userspace ends what
 /// was in flight on it.
 pub fn end(sock: u64) -> Result<(), i64> {
     // SAFETY: a copy out of the entry.
-    let (peer, role) = match unsafe { CONNS.get(sock) } {
-        Some(c) if c.state == FOLLOW => (c.peer, c.role),
-        _ => return Ok(()),
+    let (state, peer, role) = match unsafe { CONNS.get(sock) } {
+        Some(c) => (c.state, c.peer, c.role),
+        None => return Ok(()),
     };
+    // Any entry goes: the kernel reuses a closed socket's memory for a new one, which must
+    // not inherit what this one was (a client's, or not tarpc's).
     let _ = CONNS.remove(sock);
+    if state != FOLLOW {
+        return Ok(());
+    }
     send(Kind::WireEnd, |rec: &mut WireFrame| {
         rec.sock = sock;
         rec.direction = wire::RECEIVED;

@@ -18,7 +18,6 @@ pub const PROGRAMS: &[&str] = &[
     "lru_remove",
     "rpc_call",
     "http_request",
-    "http_response",
     "sched_error",
     "server_poll",
     "server_poll_sret",
@@ -350,7 +349,14 @@ mod tests {
     #[test]
     fn builtin_catalog_parses() {
         let c = Catalog::builtin_proxy();
-        assert_eq!(c.probes.len(), 6);
+        assert_eq!(c.probes.len(), 5);
+        // With them, two: the fetch's RPC and hyper's recv_msg (the response head is the
+        // socket tracepoint's).
+        let with = c.probes.iter().filter(|p| p.per_request).count();
+        assert_eq!(
+            with, 2,
+            "with request metrics the request path is 2 uprobes"
+        );
         // Without request metrics the request path keeps a budget of 2 uprobes.
         let without = c
             .probes

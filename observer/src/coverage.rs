@@ -16,7 +16,6 @@ const INSERT: &str = "app_cache_insert";
 const REMOVE: &str = "app_cache_remove";
 const RPC: &str = "runtime_rpc";
 const REQUEST: &str = "http_request";
-const RESPONSE: &str = "http_response";
 const SCHED_ERROR: &str = "sched_error";
 const SEND: &str = "net_send";
 const RECV: &str = "net_recv";
@@ -24,7 +23,6 @@ const RECV: &str = "net_recv";
 /// a build where they cannot be learnt (under `opt-level = "s"` the request's clients are not
 /// inside the future its key names) would put every request under `app=""`.
 const FETCH_CALL: &str = "fetch_call";
-const RESPONSE_CONNECTION: &str = "response_connection";
 
 /// Each family (without the `rusty_workers_` prefix) and every probe it needs.
 ///
@@ -35,8 +33,10 @@ const RESPONSE_CONNECTION: &str = "response_connection";
 ///   tells: its frame on the wire, which the socket tracepoints follow (`net_send` for the
 ///   call's request, `net_recv` for its answer).
 /// - A request's outcome needs the proxy's own error and the last fetch's answer; its
-///   duration and start only its two ends and its calls, tied to it through two learnt
-///   relations (listed with the probes, missing as `not_learnt` until learnt).
+///   duration and start only its two ends and its calls, tied to it through a learnt
+///   relation (listed with the probes, missing as `not_learnt` until learnt). Its ends are
+///   hyper's `recv_msg` and the response head the proxy sends on the client's connection,
+///   which the socket tracepoints see (`net_recv` names the connection, `net_send` the head).
 /// - A runtime's name on an RPC is the peer of the connection its request went out on.
 pub const NEEDS: &[(&str, &[&str])] = &[
     ("apps_loaded", &[INSERT, REMOVE]),
@@ -56,24 +56,15 @@ pub const NEEDS: &[(&str, &[&str])] = &[
     ("runtime_rpcs_total", &[RPC]),
     (
         "app_request_duration_seconds",
-        &[REQUEST, RESPONSE, RPC, FETCH_CALL, RESPONSE_CONNECTION],
+        &[REQUEST, RPC, SEND, RECV, FETCH_CALL],
     ),
     (
         "app_responses_total",
-        &[
-            REQUEST,
-            RESPONSE,
-            RPC,
-            SCHED_ERROR,
-            SEND,
-            RECV,
-            FETCH_CALL,
-            RESPONSE_CONNECTION,
-        ],
+        &[REQUEST, RPC, SCHED_ERROR, SEND, RECV, FETCH_CALL],
     ),
     (
         "app_request_starts_total",
-        &[REQUEST, RESPONSE, RPC, FETCH_CALL, RESPONSE_CONNECTION],
+        &[REQUEST, RPC, SEND, RECV, FETCH_CALL],
     ),
     ("app_spawn_duration_seconds", &[RPC, SEND, RECV]),
     ("runtime_rpc_duration_seconds", &[RPC, SEND, RECV]),
@@ -236,7 +227,7 @@ mod tests {
         for (family, needs) in NEEDS {
             for p in *needs {
                 assert!(
-                    [SEND, RECV, FETCH_CALL, RESPONSE_CONNECTION].contains(p)
+                    [SEND, RECV, FETCH_CALL].contains(p)
                         || catalog.probes.iter().any(|c| c.name == *p),
                     "{family} needs {p}, which is neither a catalog probe, a tracepoint nor a relation"
                 );

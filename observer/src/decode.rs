@@ -1,7 +1,7 @@
 //! Pure decoders of what the probes send: ring buffer records and strings read from the
 //! target's memory, which are untrusted until validated here.
 
-use observer_common::{event, role, Header, Kind, Peer, Str, CONN_WINDOW, MAX_STR, WIRE_HEAD};
+use observer_common::{event, role, Header, Kind, Peer, Str, MAX_STR, WIRE_HEAD};
 
 /// A ring buffer record, decoded for the app tracker (`crate::model::tracker`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,8 +85,7 @@ pub enum Record {
     /// `Kind::RpcSpawn` ..= `Kind::RpcOther`.
     Call(Kind, event::RpcCall),
     HttpRequest(event::HttpRequest),
-    /// With the memory around the connection while userspace learns (`event::ConnSnapshot`).
-    HttpResponse(event::HttpResponse, Option<Snapshot>),
+    HttpResponse(event::HttpResponse),
     SchedError(event::SchedError),
     /// `Kind::WireFrame` or `Kind::WireEnd`.
     Wire(Kind, event::WireFrame),
@@ -104,7 +103,7 @@ impl Record {
             Record::Cache(_, r) => &r.header,
             Record::Call(_, r) => &r.header,
             Record::HttpRequest(r) => &r.header,
-            Record::HttpResponse(r, _) => &r.header,
+            Record::HttpResponse(r) => &r.header,
             Record::SchedError(r) => &r.header,
             Record::Wire(_, r) => &r.header,
             Record::ServerCall(r) => &r.header,
@@ -151,11 +150,7 @@ pub fn record(rec: &[u8]) -> Result<Record, DecodeError> {
             Record::Call(k, r)
         }
         Kind::HttpRequest => Record::HttpRequest(read(rec)?),
-        Kind::HttpResponse => {
-            let head: event::HttpResponse = read(rec)?;
-            let snap = snapshot(rec, &head);
-            Record::HttpResponse(head, snap)
-        }
+        Kind::HttpResponse => Record::HttpResponse(read(rec)?),
         Kind::SchedError => Record::SchedError(read(rec)?),
         Kind::WireFrame | Kind::WireEnd => {
             let r: event::WireFrame = read(rec)?;
@@ -166,49 +161,6 @@ pub fn record(rec: &[u8]) -> Result<Record, DecodeError> {
         }
         Kind::ServerCall => Record::ServerCall(read(rec)?),
     })
-}
-
-/// The memory around a response head's connection, as the kernel copied it when the head
-/// was encoded (`event::ConnSnapshot`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
-    /// Address of `bytes[0]` in the target.
-    pub base: u64,
-    pub bytes: Vec<u8>,
-}
-
-/// The snapshot a response head's record carries, if it is one whose read succeeded. Only
-/// the flag is read before the words are copied out, once.
-fn snapshot(rec: &[u8], head: &event::HttpResponse) -> Option<Snapshot> {
-    let words = std::mem::offset_of!(event::ConnSnapshot, words);
-    let end = std::mem::size_of::<event::ConnSnapshot>();
-    let flag = std::mem::offset_of!(event::ConnSnapshot, read_ok);
-    if rec.len() < end || read::<u64>(&rec[flag..]).ok()? != 1 {
-        return None;
-    }
-    Some(Snapshot {
-        base: head.conn.wrapping_sub(CONN_WINDOW),
-        bytes: rec[words..end].to_vec(),
-    })
-}
-
-impl Snapshot {
-    /// Copies `buf.len()` bytes from `addr`, if the snapshot holds all of them.
-    pub fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
-        let Some(start) = addr.checked_sub(self.base) else {
-            return false;
-        };
-        let Ok(start) = usize::try_from(start) else {
-            return false;
-        };
-        match self.bytes.get(start..start.saturating_add(buf.len())) {
-            Some(src) => {
-                buf.copy_from_slice(src);
-                true
-            }
-            None => false,
-        }
-    }
 }
 
 /// What the app tracker takes from a record, if anything: the per-request kinds (most
@@ -271,8 +223,9 @@ pub enum CallKind {
 /// fields named.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestEvent {
-    /// hyper hands a parsed request to the proxy's service; `key`: its service future.
-    Start { key: u64, ktime_ns: u64 },
+    /// hyper hands a parsed request to the proxy's service; `key`: its service future;
+    /// `sock`: its client's connection (0: not known).
+    Start { key: u64, sock: u64, ktime_ns: u64 },
     /// A runtime RPC is sent on the client at `client`, on the connection `conn`; `conn_open`:
     /// whether that connection's dispatch task still ran.
     Call {
@@ -299,11 +252,11 @@ pub enum RequestEvent {
     WireEnd { sock: u64 },
     /// The proxy builds the response of one of its own errors (`SchedError`'s discriminant).
     SchedError { tid: u32, error: u64, ktime_ns: u64 },
-    /// A response head is encoded on the connection at `conn`; `key`: the request key the
-    /// kernel read there once told where (`CONN_KEY`; 0 before).
+    /// A response head with `status` is sent on the client's connection `sock`, by the
+    /// thread `tid`.
     Response {
-        conn: u64,
-        key: u64,
+        sock: u64,
+        status: u32,
         tid: u32,
         ktime_ns: u64,
     },
@@ -332,6 +285,7 @@ pub fn request_event(r: &Record) -> Option<RequestEvent> {
     Some(match r {
         Record::HttpRequest(h) => RequestEvent::Start {
             key: h.key,
+            sock: h.sock,
             ktime_ns: t,
         },
         Record::Call(k, c) => RequestEvent::Call {
@@ -371,9 +325,9 @@ pub fn request_event(r: &Record) -> Option<RequestEvent> {
             error: e.error,
             ktime_ns: t,
         },
-        Record::HttpResponse(h, _) => RequestEvent::Response {
-            conn: h.conn,
-            key: h.key,
+        Record::HttpResponse(h) => RequestEvent::Response {
+            sock: h.sock,
+            status: h.status,
             tid: h.header.tid,
             ktime_ns: t,
         },
@@ -468,70 +422,6 @@ mod tests {
     use observer_common::event::*;
     use observer_common::method;
 
-    fn snapshot_record(read_ok: u64, conn: u64, len: usize) -> Vec<u8> {
-        // SAFETY: plain old data; all-zero bytes are a value.
-        let mut snap: ConnSnapshot = unsafe { std::mem::zeroed() };
-        snap.head = rec(Kind::HttpResponse, 0, |h: &mut HttpResponse| h.conn = conn);
-        snap.read_ok = read_ok;
-        for (i, w) in snap.words.iter_mut().enumerate() {
-            *w = i as u64 & 0xff;
-        }
-        let mut r = bytes(&snap);
-        r.truncate(len);
-        r
-    }
-
-    #[test]
-    fn snapshots_come_only_with_response_heads_whose_read_succeeded() {
-        let full = std::mem::size_of::<ConnSnapshot>();
-        let plain = std::mem::size_of::<HttpResponse>();
-        let cases = [
-            ("a response head with its snapshot", 1, full, true),
-            ("the read failed", 0, full, false),
-            ("a response head the kernel keyed itself", 1, plain, false),
-            ("a cut record", 1, full - 8, false),
-        ];
-        for (what, ok, len, want) in cases {
-            let r = record(&snapshot_record(ok, 0x10_0000, len)).expect(what);
-            let Record::HttpResponse(_, snap) = r else {
-                panic!("{what}: a response head decodes as one");
-            };
-            assert_eq!(snap.is_some(), want, "{what}");
-        }
-    }
-
-    #[test]
-    fn a_snapshot_reads_only_what_it_holds() {
-        let conn = 0x10_0000u64;
-        let r = snapshot_record(1, conn, std::mem::size_of::<ConnSnapshot>());
-        let Ok(Record::HttpResponse(_, Some(snap))) = record(&r) else {
-            panic!("a snapshot");
-        };
-        assert_eq!(snap.base, conn - CONN_WINDOW);
-        let words = (2 * CONN_WINDOW / 8) as usize;
-        let cases = [
-            ("the first word", snap.base, true),
-            ("the connection's word", conn, true),
-            ("the last word", snap.base + 8 * (words as u64 - 1), true),
-            ("past the end", snap.base + 8 * words as u64, false),
-            (
-                "straddling the end",
-                snap.base + 8 * words as u64 - 4,
-                false,
-            ),
-            ("before the start", snap.base - 8, false),
-            ("an address that wraps", u64::MAX - 3, false),
-        ];
-        for (what, addr, want) in cases {
-            let mut b = [0u8; 8];
-            assert_eq!(snap.read(addr, &mut b), want, "{what}");
-            if want {
-                // The synthetic snapshot numbers its words (mod 256) in their first byte.
-                assert_eq!(b[0], ((addr - snap.base) / 8) as u8, "{what}");
-            }
-        }
-    }
-
     fn call(k: Kind) -> Vec<u8> {
         bytes(&rec(k, 7, |c: &mut RpcCall| {
             c.header.tid = 9;
@@ -563,10 +453,12 @@ mod tests {
             (
                 "a request",
                 bytes(&rec(Kind::HttpRequest, 7, |r: &mut HttpRequest| {
-                    r.key = 0xa
+                    r.key = 0xa;
+                    r.sock = 0xc;
                 })),
                 Some(RequestEvent::Start {
                     key: 0xa,
+                    sock: 0xc,
                     ktime_ns: 7,
                 }),
             ),
@@ -614,12 +506,12 @@ mod tests {
                 "a response head",
                 bytes(&rec(Kind::HttpResponse, 7, |h: &mut HttpResponse| {
                     h.header.tid = 9;
-                    h.conn = 0xa;
-                    h.key = 0xb;
+                    h.sock = 0xa;
+                    h.status = 502;
                 })),
                 Some(RequestEvent::Response {
-                    conn: 0xa,
-                    key: 0xb,
+                    sock: 0xa,
+                    status: 502,
                     tid: 9,
                     ktime_ns: 7,
                 }),

@@ -2,13 +2,13 @@
 
 use crate::resolve::Resolution;
 use anyhow::{anyhow, Context as _};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::uprobe::{
     UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope,
 };
 use aya::programs::{BtfTracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
-use observer_common::{method, netstat, program, stat, ConnKey, HandleKey, Layout, Watched};
+use observer_common::{method, netstat, program, stat, HandleKey, Layout, Watched};
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::os::fd::OwnedFd;
@@ -92,7 +92,7 @@ impl Counters {
 pub struct Maps {
     pub events: RingBuf<MapData>,
     pub handles: BpfHashMap<MapData, HandleKey, u32>,
-    pub conn_key: Array<MapData, ConnKey>,
+
     /// The processes whose sockets the kernel counts, by thread group id.
     pub watched: BpfHashMap<MapData, u32, Watched>,
     pub counters: Counters,
@@ -390,7 +390,6 @@ impl Kernel {
         };
         let events = RingBuf::try_from(take("EVENTS")?)?;
         let handles = BpfHashMap::try_from(take("HANDLE_APP")?)?;
-        let conn_key = Array::try_from(take("CONN_KEY")?)?;
         let watched = BpfHashMap::try_from(take("WATCHED")?)?;
         let counters = Counters {
             proc_net: PerCpuArray::try_from(take("PROC_NET")?)?,
@@ -402,7 +401,6 @@ impl Kernel {
         Ok(Maps {
             events,
             handles,
-            conn_key,
             watched,
             counters,
             logger,

@@ -172,7 +172,6 @@ mod tests {
             ),
             ("runtime_rpc", &[(0x383500, "29b33445db1a1400")]),
             ("http_request", &[(0x3c8df0, "24735100003796a8")]),
-            ("http_response", &[(0x3c18c0, "f9d52c04d6175867")]),
             ("sched_error", &[(0x363f80, "d093c5a92c9d2b15")]),
         ];
         let res = resolve(&Catalog::builtin_proxy(), &table);

@@ -105,11 +105,7 @@ impl Model {
             let Some(ev) = decode::request_event(&r) else {
                 return;
             };
-            let mem: &dyn requests::Memory = match &r {
-                decode::Record::HttpResponse(_, Some(m)) => m,
-                _ => &requests::NoMemory,
-            };
-            q.apply(ev, &self.tracker, mem);
+            q.apply(ev, &self.tracker);
             for h in q.take_discarded() {
                 self.tracker.discard(&h, now_ns);
             }

@@ -19,7 +19,7 @@ pub(crate) const BASE_PROBES: &[&str] = &[
     "net_send",
     "net_recv",
 ];
-pub(crate) const REQUEST_PROBES: &[&str] = &["http_request", "http_response", "sched_error"];
+pub(crate) const REQUEST_PROBES: &[&str] = &["http_request", "sched_error"];
 
 pub(crate) fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -244,7 +244,6 @@ pub(crate) const OUR_PROGRAMS: &[&str] = &[
     "lru_insert",
     "lru_remove",
     "http_request",
-    "http_response",
     "sched_error",
     "sock_recv",
     "sock_send",

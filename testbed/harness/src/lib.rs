@@ -659,13 +659,11 @@ pub const APP_COUNTERS: &[(&str, &str)] = &[
 
 /// Whether a parsed scrape says every relation the request joins need is learnt.
 pub fn joins_learnt(m: &BTreeMap<String, f64>) -> bool {
-    ["fetch_call", "spawn_call", "response_connection"]
-        .iter()
-        .all(|r| {
-            m.get(&format!(
-                "rusty_workers_observer_layout_learnt{{relation=\"{r}\"}}"
-            )) == Some(&1.0)
-        })
+    ["fetch_call", "spawn_call"].iter().all(|r| {
+        m.get(&format!(
+            "rusty_workers_observer_layout_learnt{{relation=\"{r}\"}}"
+        )) == Some(&1.0)
+    })
 }
 
 /// The instances of `app` the observer counts as lost in a parsed scrape: dropped less dropped

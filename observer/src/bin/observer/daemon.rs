@@ -61,7 +61,6 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
     let kernel::Maps {
         events,
         handles: mut handle_map,
-        mut conn_key,
         watched,
         counters,
         logger,
@@ -113,7 +112,7 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
     let loop_shared = shared.clone();
     // The first snapshot (taken at the attach) is merged before the first scrape can come.
     let mut events = events;
-    drain(&mut events, &shared, &mut conn_key, &mut handle_map, &snaps);
+    drain(&mut events, &shared, &mut handle_map, &snaps);
     // SAFETY: the AsyncFd owns the RingBuf, which owns the fd: it stays open while registered.
     let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
@@ -133,7 +132,7 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = drain_tick.tick() => {
-                    drain(events.get_mut(), &loop_shared, &mut conn_key, &mut handle_map, &snaps);
+                    drain(events.get_mut(), &loop_shared, &mut handle_map, &snaps);
                 }
                 guard = events.readable_mut() => {
                     let mut guard = match guard {
@@ -145,12 +144,12 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
                             std::process::exit(1);
                         }
                     };
-                    drain(guard.get_inner_mut(), &loop_shared, &mut conn_key, &mut handle_map, &snaps);
+                    drain(guard.get_inner_mut(), &loop_shared, &mut handle_map, &snaps);
                     guard.clear_ready();
                 }
                 _ = tick.tick() => {
                     // Events of a proxy that just ended belong to its state, not its successor's.
-                    drain(events.get_mut(), &loop_shared, &mut conn_key, &mut handle_map, &snaps);
+                    drain(events.get_mut(), &loop_shared, &mut handle_map, &snaps);
                     life.tick(&loop_shared);
                     let now = monotonic_ns();
                     let mut s = loop_shared.lock().unwrap();
@@ -220,7 +219,6 @@ pub(crate) fn drain_ebpf_log(
 pub(crate) fn drain(
     rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
     shared: &Mutex<Model>,
-    conn_key: &mut aya::maps::Array<aya::maps::MapData, observer_common::ConnKey>,
     handle_map: &mut aya::maps::HashMap<aya::maps::MapData, observer_common::HandleKey, u32>,
     snaps: &Snapshots,
 ) {
@@ -230,7 +228,7 @@ pub(crate) fn drain(
     // When a worker was let go is not in the event: the drain's start is later, which only
     // keeps a snapshot from bringing it back (see Tracker::merge_snapshot).
     let now = monotonic_ns();
-    let (ops, key) = {
+    let ops = {
         let mut guard_s = shared.lock().unwrap();
         let s = &mut *guard_s;
         while let Some(rec) = rb.next() {
@@ -241,19 +239,8 @@ pub(crate) fn drain(
                 s.tracker.merge_snapshot(&snap, taken_ns);
             }
         }
-        let key = s.requests.as_mut().and_then(|q| q.take_conn_key());
-        (s.tracker.take_map_ops(), key)
+        s.tracker.take_map_ops()
     };
-    if let Some(k) = key {
-        if k.mode == observer_common::conn_key::UNKNOWN {
-            log::info!("the kernel no longer keys response heads (learning where hyper keeps the request again)");
-        } else {
-            log::info!("learnt where hyper's connection keeps the request: {k:?}");
-        }
-        if let Err(e) = conn_key.set(0, k, 0) {
-            log::warn!("setting the connection key in the kernel: {e}");
-        }
-    }
     for op in ops {
         let res = match op {
             tracker::MapOp::Insert(k, slot) => handle_map.insert(k, slot, 0),

@@ -1,7 +1,8 @@
 //! Per-app request metrics and per-runtime RPC metrics, joined from the request probes.
 //!
 //! A request lives from hyper's `recv_msg` (its key: the box its service future goes into) to
-//! the `encode_head` of its response. Between them, its RPCs tell its app and how it went:
+//! its response head, which the proxy sends on the connection the request came in on.
+//! Between them, its RPCs tell its app and how it went:
 //!
 //! - A call (`Channel::call`) is made on a client (`&mut Channel`) that lives inside the
 //!   request's service future, at a distance from the request key fixed by the compiled
@@ -12,9 +13,9 @@
 //!   that connection; the answer frame names the request id: that joins answer and call. A
 //!   call cancelled on the wire (its deadline passed, or its caller gave up), or whose
 //!   connection ended before its answer, failed on the transport.
-//! - The response's connection holds the request key at an offset hyper's dispatcher layout
-//!   fixes: learnt by finding an open request's key in the connection's memory, then handed to
-//!   the kernel (`CONN_KEY`), which reads it in the probe from then on.
+//! - The request's client connection (the socket its head came in on, from the kernel) is
+//!   where its response head goes out: the proxy's next response head on that connection is
+//!   its end. HTTP/1 serves one request at a time on a connection.
 //! - `SchedError::build_response` runs on the thread that then encodes the response head: the
 //!   proxy's own error is the next head's on that thread.
 
@@ -33,37 +34,11 @@ pub use wire::{decode_answer, decode_sent, peer_name, Answer, AnswerResult, Sent
 use crate::decode::{Bytes, CallId, CallKind, RequestEvent};
 use crate::model::tracker::Tracker;
 use foldhash::{HashMap, HashMapExt, HashSet};
-use observer_common::{conn_key, method, ConnKey, Peer};
+use observer_common::{method, Peer};
 use std::collections::BTreeMap;
 
 /// Calls farther than this from a request key are not its (a service future is smaller).
 const MAX_CALL_DISTANCE: u64 = 64 * 1024;
-// Bytes searched on each side of a connection for the request key: what the kernel copies.
-use observer_common::CONN_WINDOW;
-/// Response heads per check of a learnt connection offset.
-const CONN_CHECK: u32 = 64;
-
-/// Memory of the target as the kernel copied it at an event (`decode::Snapshot`); a trait so
-/// tests can fake it.
-pub trait Memory {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> bool;
-}
-
-/// An event that came without a copy of the target's memory.
-pub struct NoMemory;
-
-impl Memory for NoMemory {
-    fn read(&self, _addr: u64, _buf: &mut [u8]) -> bool {
-        false
-    }
-}
-
-impl Memory for crate::decode::Snapshot {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
-        crate::decode::Snapshot::read(self, addr, buf)
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Open {
     start_ns: u64,
@@ -131,13 +106,8 @@ pub struct Requests {
     sched_errors: HashMap<u32, (u64, u64)>,
     fetch_distance: Learner,
     spawn_distance: Learner,
-    conn_offset: Learner,
-    conn_mode: u64,
-    /// Response heads keyed through the learnt connection offset since the last check: how
-    /// many found their request, how many did not (a wrong offset is given up).
-    conn_hits: u32,
-    conn_misses: u32,
-    conn_key_update: Option<ConnKey>,
+    /// Client connection -> the open request whose head came in on it.
+    by_sock: HashMap<u64, u64>,
     /// Calls ended lately, oldest first: a call answered can still be cancelled (its caller
     /// dropped it before taking the answer: tarpc's `DispatchResponse` then sends a cancel).
     ended: std::collections::VecDeque<CallId>,
@@ -187,11 +157,7 @@ impl Requests {
             sched_errors: HashMap::new(),
             fetch_distance: Learner::default(),
             spawn_distance: Learner::default(),
-            conn_offset: Learner::default(),
-            conn_mode: conn_key::UNKNOWN,
-            conn_hits: 0,
-            conn_misses: 0,
-            conn_key_update: None,
+            by_sock: HashMap::new(),
             ended: Default::default(),
             ended_set: Default::default(),
             discarded: Vec::new(),
@@ -218,10 +184,6 @@ impl Requests {
         for p in std::mem::take(&mut self.parked) {
             fresh.count("", p.outcome, p.secs, p.start);
         }
-        fresh.conn_key_update = Some(ConnKey {
-            mode: conn_key::UNKNOWN,
-            offset: 0,
-        });
         *self = fresh;
     }
 
@@ -233,12 +195,11 @@ impl Requests {
         self.calls.len()
     }
 
-    /// Which of the learnt relations are known: (fetch distance, spawn distance, connection).
-    pub fn learnt(&self) -> [(&'static str, bool); 3] {
+    /// Which of the learnt relations are known: (fetch distance, spawn distance).
+    pub fn learnt(&self) -> [(&'static str, bool); 2] {
         [
             ("fetch_call", self.fetch_distance.known().is_some()),
             ("spawn_call", self.spawn_distance.known().is_some()),
-            ("response_connection", self.conn_mode != conn_key::UNKNOWN),
         ]
     }
 
@@ -249,16 +210,14 @@ impl Requests {
         std::mem::take(&mut self.discarded)
     }
 
-    /// The connection -> request key relation to hand to the kernel, once learnt.
-    pub fn take_conn_key(&mut self) -> Option<ConnKey> {
-        self.conn_key_update.take()
-    }
-
-    /// Applies one request-path event (`decode::request_event`); `mem`: the memory a response
-    /// head's record carries while the connection offset is learnt.
-    pub fn apply(&mut self, ev: RequestEvent, tracker: &Tracker, mem: &dyn Memory) {
+    /// Applies one request-path event (`decode::request_event`).
+    pub fn apply(&mut self, ev: RequestEvent, tracker: &Tracker) {
         match ev {
-            RequestEvent::Start { key, ktime_ns } => {
+            RequestEvent::Start {
+                key,
+                sock,
+                ktime_ns,
+            } => {
                 let old = self.open.insert(
                     key,
                     Open {
@@ -273,6 +232,11 @@ impl Requests {
                 );
                 if old.is_some() {
                     self.counters.abandoned_requests += 1;
+                }
+                if sock != 0 {
+                    // An older request still open on the connection never saw its response
+                    // (the client left); it stays open until it expires, unanswerable.
+                    self.by_sock.insert(sock, key);
                 }
             }
             RequestEvent::Call {
@@ -315,11 +279,11 @@ impl Requests {
                 self.sched_errors.insert(tid, (error, ktime_ns));
             }
             RequestEvent::Response {
-                conn,
-                key,
+                sock,
+                status: _,
                 tid,
                 ktime_ns,
-            } => self.response(conn, key, tid, ktime_ns, mem, tracker),
+            } => self.response(sock, tid, ktime_ns, tracker),
         }
     }
 
@@ -634,120 +598,7 @@ impl Requests {
             .inc();
     }
 
-    /// The request key of a response head's connection.
-    fn key_of(&mut self, conn: u64, from_kernel: u64, mem: &dyn Memory) -> Option<u64> {
-        if from_kernel != 0 {
-            return Some(from_kernel);
-        }
-        if self.conn_mode == conn_key::UNKNOWN {
-            let lone = self.learn_conn(conn, mem);
-            if self.conn_mode == conn_key::UNKNOWN {
-                return lone;
-            }
-        }
-        let d = self.conn_offset.known()? & !1;
-        let at = conn.wrapping_add(d as u64);
-        match self.conn_mode {
-            conn_key::ADDRESS => Some(at),
-            conn_key::LOAD => {
-                let mut b = [0u8; 8];
-                mem.read(at, &mut b).then(|| u64::from_ne_bytes(b))
-            }
-            _ => None,
-        }
-    }
-
-    /// Finds open request keys in the connection's memory (the dispatcher holds it) or at a
-    /// distance from it, and votes for their offsets. Returns the key if only one open
-    /// request qualifies (the response is then certainly its).
-    fn learn_conn(&mut self, conn: u64, mem: &dyn Memory) -> Option<u64> {
-        let lo = conn.saturating_sub(CONN_WINDOW);
-        let mut buf = vec![0u8; (2 * CONN_WINDOW) as usize];
-        let mut candidates = Vec::new();
-        let mut keys = Vec::new();
-        if !mem.read(lo, &mut buf) {
-            // Without the connection's memory the sample lacks every load candidate: a vote
-            // would count against a true load offset.
-            return None;
-        }
-        for (i, w) in buf.chunks_exact(8).enumerate() {
-            let w = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
-            if w != 0 && self.open.contains_key(&w) {
-                candidates.push(lo.wrapping_add(8 * i as u64).wrapping_sub(conn) as i64);
-                keys.push(w);
-            }
-        }
-        // Both kinds of relation vote in one learner: a load offset is tagged by the low bit
-        // (word offsets are 8-aligned), so they cannot be confused.
-        let mut votes: Vec<i64> = candidates.iter().map(|d| d | 1).collect();
-        for k in self.open.keys() {
-            let d = k.wrapping_sub(conn) as i64;
-            if d.unsigned_abs() <= CONN_WINDOW && d & 7 == 0 {
-                votes.push(d);
-                keys.push(*k);
-            }
-        }
-        keys.sort_unstable();
-        keys.dedup();
-        if let Some(d) = self.conn_offset.vote(&votes) {
-            let (mode, offset) = if d & 1 == 1 {
-                (conn_key::LOAD, d & !1)
-            } else {
-                (conn_key::ADDRESS, d)
-            };
-            self.conn_mode = mode;
-            self.conn_offset = Learner {
-                known: Some(d),
-                rejected: std::mem::take(&mut self.conn_offset.rejected),
-                ..Learner::default()
-            };
-            self.conn_hits = 0;
-            self.conn_misses = 0;
-            self.conn_key_update = Some(ConnKey { mode, offset });
-        }
-        match keys.as_slice() {
-            [k] => Some(*k),
-            _ => None,
-        }
-    }
-
-    /// A learnt offset that keys many response heads to no open request is wrong (a word that
-    /// held the key only by coincidence while it was learnt): it is given up, learnt again,
-    /// and never taken again.
-    fn check_conn_offset(&mut self, hit: bool) {
-        if hit {
-            self.conn_hits += 1;
-        } else {
-            self.conn_misses += 1;
-        }
-        if self.conn_hits + self.conn_misses < CONN_CHECK {
-            return;
-        }
-        if self.conn_misses * 4 > CONN_CHECK {
-            log::warn!(
-                "the learnt connection offset keyed {} of {CONN_CHECK} response heads to no request: learning it again",
-                self.conn_misses
-            );
-            self.conn_offset.reject();
-            self.conn_mode = conn_key::UNKNOWN;
-            self.conn_key_update = Some(ConnKey {
-                mode: conn_key::UNKNOWN,
-                offset: 0,
-            });
-        }
-        self.conn_hits = 0;
-        self.conn_misses = 0;
-    }
-
-    fn response(
-        &mut self,
-        conn: u64,
-        key: u64,
-        tid: u32,
-        t: u64,
-        mem: &dyn Memory,
-        tracker: &Tracker,
-    ) {
+    fn response(&mut self, sock: u64, tid: u32, t: u64, tracker: &Tracker) {
         // The error's response head follows it in the same poll of the connection's task:
         // microseconds later. An older one on this thread was not answered (the client left).
         let sched_error = self
@@ -755,14 +606,14 @@ impl Requests {
             .remove(&tid)
             .filter(|(_, at)| *at <= t && t - at < SCHED_ERROR_WINDOW_NS)
             .map(|(e, _)| e);
-        let learnt = self.conn_mode != conn_key::UNKNOWN;
-        let found = self
-            .key_of(conn, key, mem)
-            .and_then(|k| self.open.remove(&k));
-        if learnt {
-            self.check_conn_offset(found.is_some());
-        }
-        let Some(req) = found else {
+        // A connection no open request came in on: not one hyper serves now (the kernel keeps
+        // a client connection's mark until it sees the connection end, and a closed socket's
+        // memory is reused: the test target's admin endpoint answers on such), or its request
+        // came before the attach. Nothing to join, nothing lost.
+        let Some(key) = self.by_sock.remove(&sock) else {
+            return;
+        };
+        let Some(req) = self.open.remove(&key) else {
             self.counters.unmatched_responses += 1;
             return;
         };
@@ -848,6 +699,8 @@ impl Requests {
         self.open
             .retain(|_, o| now_ns.saturating_sub(o.start_ns) < max_age);
         self.counters.abandoned_requests += (before - self.open.len()) as u64;
+        let open = &self.open;
+        self.by_sock.retain(|_, k| open.contains_key(k));
         let before = self.calls.len();
         let max_age = ttl(before, OPEN_TTL_NS);
         self.calls
@@ -923,30 +776,27 @@ mod tests {
                 *i = id;
                 *ktime_ns = t;
             }
-            r.apply(c, &tracker, &NoMemory);
+            r.apply(c, &tracker);
             r.apply(
                 frame(SENT, request(id, id as u64, m, None), t + 1),
                 &tracker,
-                &NoMemory,
             );
         };
         call(&mut r, 1, method::LOAD, 10);
         r.apply(
             frame(RECEIVED, answer(1, method::LOAD, &[0, 3]), 2_000_010),
             &tracker,
-            &NoMemory,
         );
-        r.apply(frame(SENT, cancel(1, 1), 2_000_020), &tracker, &NoMemory);
+        r.apply(frame(SENT, cancel(1, 1), 2_000_020), &tracker);
         call(&mut r, 2, method::LOAD, 20);
-        r.apply(frame(SENT, cancel(2, 2), 30), &tracker, &NoMemory);
+        r.apply(frame(SENT, cancel(2, 2), 30), &tracker);
         call(&mut r, 3, method::ID, 40);
         call(&mut r, 4, method::LOAD, 50);
-        r.apply(RequestEvent::WireEnd { sock: SOCK }, &tracker, &NoMemory);
+        r.apply(RequestEvent::WireEnd { sock: SOCK }, &tracker);
         // An answer to a request sent before the attach.
         r.apply(
             frame(RECEIVED, answer(77, method::LOAD, &[0, 3]), 60),
             &tracker,
-            &NoMemory,
         );
         let d = r
             .metrics
@@ -967,12 +817,8 @@ mod tests {
         );
         assert_eq!(r.instances_by_runtime(&tracker).len(), 1);
         // Frames that are not tarpc's are counted, never joined.
-        r.apply(
-            frame(RECEIVED, b"HTTP/1.1 200 OK".to_vec(), 70),
-            &tracker,
-            &NoMemory,
-        );
-        r.apply(frame(SENT, vec![9, 9], 70), &tracker, &NoMemory);
+        r.apply(frame(RECEIVED, b"HTTP/1.1 200 OK".to_vec(), 70), &tracker);
+        r.apply(frame(SENT, vec![9, 9], 70), &tracker);
         assert_eq!(r.counters.undecoded_frames, 2);
     }
 
@@ -993,20 +839,16 @@ mod tests {
             id,
             ktime_ns: t,
         };
-        r.apply(call(1, true, 1), &tracker, &NoMemory);
-        r.apply(
-            frame(SENT, request(1, 1, method::LOAD, None), 2),
-            &tracker,
-            &NoMemory,
-        );
-        r.apply(call(2, true, 3), &tracker, &NoMemory);
-        r.apply(RequestEvent::WireEnd { sock: SOCK }, &tracker, &NoMemory);
+        r.apply(call(1, true, 1), &tracker);
+        r.apply(frame(SENT, request(1, 1, method::LOAD, None), 2), &tracker);
+        r.apply(call(2, true, 3), &tracker);
+        r.apply(RequestEvent::WireEnd { sock: SOCK }, &tracker);
         assert_eq!(
             failures(&r, "load", "connection_reset"),
             2,
             "in flight and queued"
         );
-        r.apply(call(3, false, 4), &tracker, &NoMemory);
+        r.apply(call(3, false, 4), &tracker);
         assert_eq!(failures(&r, "load", "no_answer"), 1, "a call after the end");
         assert_eq!(r.open_calls(), 0);
         assert_eq!(r.counters.unmatched_calls, 0);
@@ -1031,18 +873,15 @@ mod tests {
                 ktime_ns: 1,
             },
             &tracker,
-            &NoMemory,
         );
         r.apply(
             frame(SENT, request(5, 0, method::SPAWN_WORKER, None), 2),
             &tracker,
-            &NoMemory,
         );
         let spawned = [[0u8].as_slice(), &super::wire::encode::string(handle)].concat();
         r.apply(
             frame(RECEIVED, answer(0, method::SPAWN_WORKER, &spawned), 3),
             &tracker,
-            &NoMemory,
         );
         assert_eq!(
             r.placed
@@ -1060,19 +899,10 @@ mod tests {
                 ktime_ns: 4,
             },
             &tracker,
-            &NoMemory,
         );
-        r.apply(
-            frame(SENT, request(6, 1, method::ID, None), 5),
-            &tracker,
-            &NoMemory,
-        );
+        r.apply(frame(SENT, request(6, 1, method::ID, None), 5), &tracker);
         let id = super::wire::encode::string(b"rt-one");
-        r.apply(
-            frame(RECEIVED, answer(1, method::ID, &id), 6),
-            &tracker,
-            &NoMemory,
-        );
+        r.apply(frame(RECEIVED, answer(1, method::ID, &id), 6), &tracker);
         assert_eq!(
             r.runtime_ids.get("127.0.0.1:9000").map(String::as_str),
             Some("rt-one")
@@ -1106,17 +936,14 @@ mod tests {
     #[test]
     fn requests_that_may_have_lost_a_call_are_not_counted() {
         let tracker = Tracker::new(Default::default());
-        let mut mem = FakeMem(HashMap::new());
         let mut r = Requests::new();
-        for (i, key) in [0x1000u64, 0x9000].into_iter().enumerate() {
-            mem.0.insert(0x50_0000 + 0x2000 * i as u64 + 536, key);
-            r.apply(start(key, 1), &tracker, &mem);
+        for key in [0x1000u64, 0x9000] {
+            r.apply(start(key, 1), &tracker);
         }
-        r.apply(fetch(0x1000 + 0x608, 0, 2), &tracker, &mem);
+        r.apply(fetch(0x1000 + 0x608, 0, 2), &tracker);
         assert_eq!(r.counters.unattributed_calls, 1);
-        for i in 0..2u64 {
-            let conn = 0x50_0000 + 0x2000 * i;
-            r.apply(response(conn, 3), &tracker, &mem);
+        for key in [0x1000u64, 0x9000] {
+            r.apply(response(key, 3), &tracker);
         }
         assert_eq!(r.open_requests(), 0);
         assert_eq!(r.counters.unmatched_responses, 2);
@@ -1144,12 +971,10 @@ mod tests {
             ktime_ns: 2,
         });
         assert!(tracker.awaits_pairing(&h1));
-        let mut mem = FakeMem(HashMap::new());
         let mut r = Requests::new();
-        let warm = |r: &mut Requests, mem: &mut FakeMem, i: u64, respond: bool| {
-            let (key, conn) = (0x7f00_0000_0000u64 + i * 0x10000, 0x5555_0000_0000 + i);
-            mem.0.insert(conn + 536, key);
-            r.apply(start(key, 10 * i), &tracker, mem);
+        let warm = |r: &mut Requests, i: u64, respond: bool| {
+            let key = 0x7f00_0000_0000u64 + i * 0x10000;
+            r.apply(start(key, 10 * i), &tracker);
             let call = RequestEvent::Call {
                 call: CallKind::FetchUnknown { handle: h1.clone() },
                 client: key + 0x608,
@@ -1158,24 +983,23 @@ mod tests {
                 id: i.into(),
                 ktime_ns: 10 * i + 1,
             };
-            r.apply(call, &tracker, mem);
+            r.apply(call, &tracker);
             if respond {
-                r.apply(response(conn, 10 * i + 2), &tracker, mem);
+                r.apply(response(key, 10 * i + 2), &tracker);
             }
         };
-        warm(&mut r, &mut mem, 1, true); // ended before the pairing: waits
-        warm(&mut r, &mut mem, 2, false); // still open at the pairing
+        warm(&mut r, 1, true); // ended before the pairing: waits
+        warm(&mut r, 2, false); // still open at the pairing
         assert_eq!(r.parked_responses(), 1);
         assert!(r.metrics.apps.is_empty(), "nothing counted under no app");
         r.paired_late(&h1, "app1");
         assert_eq!(r.parked_responses(), 0);
         let key2 = 0x7f00_0000_0000u64 + 2 * 0x10000;
-        mem.0.insert(0x5555_0000_0000 + 2 + 536, key2);
-        r.apply(response(0x5555_0000_0000 + 2, 30), &tracker, &mem);
+        r.apply(response(key2, 30), &tracker);
         assert_eq!(r.metrics.apps["app1"].duration.count(), 2);
         assert!(!r.metrics.apps.contains_key(""));
         // A worker the tracker gave up pairing: its response goes under no app.
-        warm(&mut r, &mut mem, 3, true);
+        warm(&mut r, 3, true);
         assert_eq!(r.parked_responses(), 1);
         tracker.housekeeping(3 + crate::model::tracker::Config::default().pending_ttl_ns);
         r.settle_parked(&tracker);
@@ -1183,13 +1007,62 @@ mod tests {
         assert_eq!(r.metrics.apps[""].duration.count(), 1);
     }
 
+    /// A response ends the open request whose head came in on its connection; one on a
+    /// connection no open request came in on (another server of the process, or a request
+    /// from before the attach) is nobody's and counts nowhere; one for a request that may
+    /// have lost a call is counted as unmatched.
+    #[test]
+    fn responses_end_the_request_of_their_connection() {
+        let tracker = Tracker::new(Default::default());
+        let mut r = Requests::new();
+        r.apply(start(0x1000, 1), &tracker);
+        r.apply(start(0x2000, 2), &tracker);
+        r.apply(
+            RequestEvent::Response {
+                sock: 0xdead,
+                status: 200,
+                tid: 1,
+                ktime_ns: 3,
+            },
+            &tracker,
+        );
+        assert_eq!(
+            r.open_requests(),
+            2,
+            "a stranger's response ends no request"
+        );
+        assert_eq!(r.counters.unmatched_responses, 0);
+        r.apply(response(0x2000, 4), &tracker);
+        assert_eq!(r.open_requests(), 1, "the second request ended");
+        assert_eq!(r.metrics.apps[""].duration.count(), 1);
+        r.apply(response(0x2000, 5), &tracker);
+        assert_eq!(
+            r.open_requests(),
+            1,
+            "its connection's next response is no one's"
+        );
+        // A new request on the first one's connection: the old one never saw its response.
+        let again = RequestEvent::Start {
+            key: 0x3000,
+            sock: sock_of(0x1000),
+            ktime_ns: 6,
+        };
+        r.apply(again, &tracker);
+        r.apply(response(0x1000, 7), &tracker);
+        assert_eq!(
+            r.open_requests(),
+            1,
+            "the old request stays open, to expire"
+        );
+        assert_eq!(r.metrics.apps[""].duration.count(), 2);
+    }
+
     #[test]
     fn too_many_waiting_requests_age_out_sooner() {
         let tracker = Tracker::new(Default::default());
-        let mem = FakeMem(HashMap::new());
         let mut r = Requests::new();
         for i in 0..MAX_PENDING as u64 + 1 {
-            r.apply(start(8 * i + 8, i), &tracker, &mem);
+            r.apply(start(8 * i + 8, i), &tracker);
         }
         r.housekeeping(SHORT_TTL_NS - 1);
         assert_eq!(r.open_requests(), MAX_PENDING + 1, "young ones stay");
@@ -1240,36 +1113,6 @@ mod tests {
     }
 
     #[test]
-    fn a_wrong_connection_offset_is_given_up_and_learnt_again() {
-        let tracker = Tracker::new(Default::default());
-        let mut r = Requests::new();
-        let mut mem = FakeMem(HashMap::new());
-        let mut learnt = Vec::new();
-        for i in 0..(MIN_VOTES + CONN_CHECK + MIN_VOTES) as u64 {
-            let key = 0x7f00_0000_0000u64 + i * 0x10000;
-            let conn = 0x5555_0000_0000u64 + i * 0x2000;
-            mem.0.insert(conn + 536, key);
-            // While it is learnt, a word nearer the connection holds the key too; later not.
-            if i < MIN_VOTES as u64 {
-                mem.0.insert(conn + 120, key);
-            }
-            let t = i * 1_000_000_000;
-            r.apply(start(key, t), &tracker, &mem);
-            r.apply(response(conn, t + 1_000_000), &tracker, &mem);
-            learnt.extend(r.take_conn_key());
-        }
-        let load = |offset| ConnKey {
-            mode: conn_key::LOAD,
-            offset,
-        };
-        let forget = ConnKey {
-            mode: conn_key::UNKNOWN,
-            offset: 0,
-        };
-        assert_eq!(learnt, vec![load(120), forget, load(536)]);
-    }
-
-    #[test]
     fn learner_tolerates_a_missed_sample_and_restarts_on_noise() {
         let mut l = Learner::default();
         for i in 0..MIN_VOTES - 1 {
@@ -1284,20 +1127,17 @@ mod tests {
         assert_eq!((noise.samples, noise.votes.len()), (0, 0), "started over");
     }
 
-    struct FakeMem(HashMap<u64, u64>);
-
-    impl Memory for FakeMem {
-        fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
-            for (i, c) in buf.chunks_exact_mut(8).enumerate() {
-                let w = self.0.get(&(addr + 8 * i as u64)).copied().unwrap_or(0);
-                c.copy_from_slice(&w.to_ne_bytes());
-            }
-            true
-        }
+    /// The client connection a test request's head comes in on.
+    fn sock_of(key: u64) -> u64 {
+        key ^ 0x0000_5555_0000_0000
     }
 
     fn start(key: u64, t: u64) -> RequestEvent {
-        RequestEvent::Start { key, ktime_ns: t }
+        RequestEvent::Start {
+            key,
+            sock: sock_of(key),
+            ktime_ns: t,
+        }
     }
 
     /// A fetch on app slot 0 (`other`) from the client at `client`.
@@ -1315,44 +1155,38 @@ mod tests {
         }
     }
 
-    fn response(conn: u64, t: u64) -> RequestEvent {
+    /// The response head of the request `key`, on its connection.
+    fn response(key: u64, t: u64) -> RequestEvent {
         RequestEvent::Response {
-            conn,
-            key: 0,
+            sock: sock_of(key),
+            status: 200,
             tid: 1,
             ktime_ns: t,
         }
     }
 
-    /// Lone requests, one after another: the call distance and the connection offset are
-    /// learnt, and every request is measured with its app, outcome and start.
+    /// Lone requests, one after another: the call distance is learnt, and every request is
+    /// measured with its app, outcome and start.
     #[test]
     fn joins_lone_requests_and_learns() {
         let tracker = Tracker::new(Default::default());
         let mut r = Requests::new();
-        let mut mem = FakeMem(HashMap::new());
-        let conn_base = 0x5555_0000_0000u64;
         let n = 2 * MIN_VOTES as u64 + 2;
         for i in 0..n {
             let key = 0x7f00_0000_0000u64 + i * 0x10000;
-            let conn = conn_base + i * 0x2000;
-            // The dispatcher holds the request key 536 bytes past the connection.
-            mem.0.insert(conn + 536, key);
             let t = i * 1_000_000_000;
-            r.apply(start(key, t), &tracker, &mem);
-            r.apply(fetch(key + 0x608, i.into(), t + 1000), &tracker, &mem);
+            r.apply(start(key, t), &tracker);
+            r.apply(fetch(key + 0x608, i.into(), t + 1000), &tracker);
             let fail = i % 2 == 1;
             r.apply(
                 frame(SENT, request(i.into(), i, method::FETCH, None), t + 2000),
                 &tracker,
-                &mem,
             );
             // A fetch's `Ok(ResponseObject)`, or `Err(ExecutionError::RuntimeThrowsException)`.
             let result: &[u8] = if fail { &[1, 1] } else { &[0] };
             r.apply(
                 frame(RECEIVED, answer(i, method::FETCH, result), t + 5_000_000),
                 &tracker,
-                &mem,
             );
             if fail {
                 let error = RequestEvent::SchedError {
@@ -1360,17 +1194,10 @@ mod tests {
                     error: 3,
                     ktime_ns: t + 5_200_000,
                 };
-                r.apply(error, &tracker, &mem);
+                r.apply(error, &tracker);
             }
-            r.apply(response(conn, t + 6_000_000), &tracker, &mem);
+            r.apply(response(key, t + 6_000_000), &tracker);
         }
-        assert_eq!(
-            r.take_conn_key(),
-            Some(ConnKey {
-                mode: conn_key::LOAD,
-                offset: 536
-            })
-        );
         assert!(r.learnt().iter().take(1).all(|(_, k)| *k));
         assert_eq!(r.counters, JoinCounters::default());
         // The fetches name app slot 0: `other`.
