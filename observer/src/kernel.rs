@@ -92,7 +92,6 @@ impl Counters {
 pub struct Maps {
     pub events: RingBuf<MapData>,
     pub handles: BpfHashMap<MapData, HandleKey, u32>,
-
     /// The processes whose sockets the kernel counts, by thread group id.
     pub watched: BpfHashMap<MapData, u32, Watched>,
     pub counters: Counters,
@@ -115,7 +114,8 @@ pub struct Kernel {
     request_metrics: bool,
     /// Attach only an empty program on `FLOOR_PROBE` (the bench's floor).
     floor: bool,
-    _stats: Option<OwnedFd>,
+    /// Held while `--bpf-stats` keeps the kernel's BPF run-time statistics on.
+    stats_fd: Option<OwnedFd>,
 }
 
 /// The floor's one probe (`observer --floor`): the proxy function every proxied request calls
@@ -176,7 +176,7 @@ impl Kernel {
             proxy_down: Vec::new(),
             request_metrics,
             floor,
-            _stats: stats,
+            stats_fd: stats,
         })
     }
 
@@ -410,7 +410,7 @@ impl Kernel {
     /// Whether the kernel keeps BPF run-time statistics: `--bpf-stats`, or the operator's
     /// `kernel.bpf_stats_enabled`.
     pub fn bpf_stats_on(&self) -> bool {
-        self._stats.is_some()
+        self.stats_fd.is_some()
             || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
                 .is_ok_and(|v| v.trim() == "1")
     }

@@ -278,6 +278,9 @@ impl Requests {
             } => {
                 self.sched_errors.insert(tid, (error, ktime_ns));
             }
+            // An interim head (`100 Continue`, which hyper sends when a client that asked
+            // for it is about to send its body) is not the request's end (RFC 9110, 15.2).
+            RequestEvent::Response { status, .. } if (100..200).contains(&status) => {}
             RequestEvent::Response {
                 sock,
                 status: _,
@@ -1032,6 +1035,14 @@ mod tests {
             "a stranger's response ends no request"
         );
         assert_eq!(r.counters.unmatched_responses, 0);
+        let interim = RequestEvent::Response {
+            sock: sock_of(0x2000),
+            status: 100,
+            tid: 1,
+            ktime_ns: 3,
+        };
+        r.apply(interim, &tracker);
+        assert_eq!(r.open_requests(), 2, "100 Continue is not the end");
         r.apply(response(0x2000, 4), &tracker);
         assert_eq!(r.open_requests(), 1, "the second request ended");
         assert_eq!(r.metrics.apps[""].duration.count(), 1);
