@@ -85,7 +85,7 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..4096))]
     pub(crate) max_apps: u16,
     /// Leave out the per-request probes: no request latency, outcomes or per-runtime RPC
-    /// metrics (nor the runtimes' served calls), but the request path pays 1 uprobe instead of 3.
+    /// metrics (nor the runtimes' served calls), but the request path pays 1 uprobe instead of 2.
     #[arg(long)]
     pub(crate) no_request_metrics: bool,
     /// Turn on the kernel's BPF run-time statistics while the observer runs, for the time
