@@ -90,20 +90,18 @@ fn status(buf: u64, n: u64) -> Option<u32> {
     Some(code)
 }
 
-/// The proxy sends `n` bytes at `buf` on the connection `sock`: a response head is sent to
-/// userspace if they begin one (a body sent apart from its head does not). `Ok(false)`: they
-/// do not.
+/// The proxy sends `n` bytes at `buf` on the client connection `sock`: a response head is
+/// sent to userspace if they begin one (a body sent apart from its head does not).
 #[inline(always)]
-pub fn response(sock: u64, buf: u64, n: u64) -> Result<bool, i64> {
+pub fn response(sock: u64, buf: u64, n: u64) -> Result<(), i64> {
     let Some(code) = status(buf, n) else {
-        return Ok(false);
+        return Ok(());
     };
     send(Kind::HttpResponse, |rec: &mut HttpResponse| {
         rec.sock = sock;
         rec.status = code;
         Ok(())
-    })?;
-    Ok(true)
+    })
 }
 
 /// Below this no user address is mapped (`vm.mmap_min_addr` is 4096 or more): an argument

@@ -231,30 +231,14 @@ pub(crate) fn run(seconds: u64, connections: u32, rounds: usize) -> anyhow::Resu
     // their ratio per round compares like with like, where the ratio of two medians can pair
     // a slow round of one with a fast round of the other (seen here: 0.900 of medians, 0.859
     // of paired rounds).
-    let mut paired: Vec<f64> = results[2]
-        .iter()
-        .zip(&results[3])
-        .map(|(d, f)| d.wrk.rps / f.wrk.rps)
-        .collect();
-    let shown: Vec<String> = paired.iter().map(|r| format!("{r:.3}")).collect();
-    paired.sort_by(f64::total_cmp);
-    let floor_share = paired[paired.len() / 2];
+    let (shown, floor_share) = round_ratios(&results[2], &results[3]);
     out!(
-        "default / floor, round by round: {} (median {floor_share:.3}; of the medians above: {:.3})",
-        shown.join(" "),
+        "default / floor, round by round: {shown} (median {floor_share:.3}; of the medians above: {:.3})",
         full / floor
     );
-    let mut stats_cost: Vec<f64> = results[5]
-        .iter()
-        .zip(&results[2])
-        .map(|(s, d)| s.wrk.rps / d.wrk.rps)
-        .collect();
-    let shown: Vec<String> = stats_cost.iter().map(|r| format!("{r:.3}")).collect();
-    stats_cost.sort_by(f64::total_cmp);
+    let (shown, stats_cost) = round_ratios(&results[5], &results[2]);
     out!(
-        "default with --bpf-stats / default, round by round: {} (median {:.3}): the kernel's statistics, two clock reads per program run",
-        shown.join(" "),
-        stats_cost[stats_cost.len() / 2]
+        "default with --bpf-stats / default, round by round: {shown} (median {stats_cost:.3}): the kernel's statistics, two clock reads per program run"
     );
     out!("```\n");
     let rate = 5000.0;
@@ -482,6 +466,19 @@ fn median_by<T: Clone>(v: &[T], key: impl Fn(&T) -> f64) -> T {
     let mut v = v.to_vec();
     v.sort_by(|a, b| key(a).total_cmp(&key(b)));
     v[v.len() / 2].clone()
+}
+
+/// The throughput of `a` over `b` in each round (both ran in it, on the same drifting
+/// machine), as printed, and their median.
+fn round_ratios(a: &[Measured], b: &[Measured]) -> (String, f64) {
+    let mut r: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .map(|(a, b)| a.wrk.rps / b.wrk.rps)
+        .collect();
+    let shown: Vec<String> = r.iter().map(|x| format!("{x:.3}")).collect();
+    r.sort_by(f64::total_cmp);
+    (shown.join(" "), r[r.len() / 2])
 }
 
 /// What runs beside the test target in one mode of the bench.

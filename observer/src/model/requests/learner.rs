@@ -14,8 +14,6 @@ pub struct Learner {
     pub(super) votes: HashMap<i64, u32>,
     pub(super) samples: u32,
     pub(super) known: Option<i64>,
-    /// Distances learnt once and then seen to fail: never learnt again.
-    pub(super) rejected: std::collections::HashSet<i64>,
 }
 
 impl Learner {
@@ -32,11 +30,7 @@ impl Learner {
         if self.known.is_some() || candidates.is_empty() {
             return self.known;
         }
-        let mut seen: Vec<i64> = candidates
-            .iter()
-            .copied()
-            .filter(|d| !self.rejected.contains(d))
-            .collect();
+        let mut seen: Vec<i64> = candidates.to_vec();
         seen.sort_unstable();
         seen.dedup();
         self.samples += 1;
@@ -59,16 +53,5 @@ impl Learner {
             }
         }
         self.known
-    }
-}
-
-impl Learner {
-    /// The learnt distance turned out wrong: forget it for good and learn again.
-    pub fn reject(&mut self) {
-        if let Some(d) = self.known.take() {
-            self.rejected.insert(d);
-        }
-        self.votes.clear();
-        self.samples = 0;
     }
 }
