@@ -111,7 +111,8 @@ pub mod program {
     pub const SERVER_POLL: u32 = 7;
     pub const SERVER_POLL_SRET: u32 = 8;
     pub const SERVER_DROP: u32 = 9;
-    pub const COUNT: u32 = 10;
+    pub const SOCK_CLOSE: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const NAMES: [&str; COUNT as usize] = [
         "lru_insert",
         "lru_remove",
@@ -123,6 +124,7 @@ pub mod program {
         "server_poll",
         "server_poll_sret",
         "server_drop",
+        "sock_close",
     ];
 }
 

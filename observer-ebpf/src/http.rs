@@ -45,11 +45,14 @@ pub fn sched_error(ctx: ProbeContext) -> u32 {
 fn try_http_request(ctx: &ProbeContext) -> Result<(), i64> {
     let key: u64 = ctx.arg(0).ok_or(1i64)?;
     let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
-    // SAFETY: a copy out of the entry.
-    let sock = unsafe { HTTP_RECV.get(tid) }.copied().unwrap_or(0);
     // Taken, not left: a head hyper had buffered (a pipelined request) is handed over with no
-    // receive before it, and must not be given an older request's connection.
-    let _ = HTTP_RECV.remove(tid);
+    // receive before it, and must not be given an older request's connection. Zeroed in
+    // place rather than removed: the thread's next receive writes it again (`net.rs`).
+    let sock = match HTTP_RECV.get_ptr_mut(tid) {
+        // SAFETY: this thread's own entry; only it writes it.
+        Some(p) => unsafe { core::mem::replace(&mut *p, 0) },
+        None => 0,
+    };
     if sock != 0 {
         crate::wire::client_connection(sock)?;
     }

@@ -55,6 +55,29 @@ pub fn sock_recv(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// `tcp:tcp_destroy_sock` (include/trace/events/tcp.h, `TP_PROTO(struct sock *sk)`), fired by
+/// `tcp_v4_destroy_sock`, which IPv6 shares: a TCP socket's end, whichever side closed first,
+/// before its memory can go to a new socket. A receive of 0 bytes or an error tells only a
+/// connection the peer ended; one the proxy closes first (`Connection: close`, a dropped
+/// runtime client) would otherwise leave its `CONNS` entry to the next socket at that address,
+/// which would inherit what this one was (a client's, or tarpc's). Once per connection, not
+/// per request; it may run in softirq, in any process: the entry is looked up by the socket
+/// alone.
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn sock_close(ctx: BtfTracePointContext) -> i32 {
+    let r = try_sock_close(&ctx);
+    check(&ctx, program::SOCK_CLOSE, r);
+    0
+}
+
+fn try_sock_close(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    if !request_metrics() {
+        return Ok(());
+    }
+    let sk: u64 = ctx.arg(ARG_SK);
+    crate::wire::end(sk)
+}
+
 fn watched() -> Option<Watched> {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the map can change.
@@ -159,7 +182,13 @@ fn try_sock_recv(ctx: &BtfTracePointContext) -> Result<(), i64> {
             // A client's bytes: the connection of the request hyper may hand over next on
             // this thread (`http.rs`).
             let tid = bpf_get_current_pid_tgid() as u32;
-            HTTP_RECV.insert(tid, t.sk, 0)?;
+            // In place when the thread has an entry (every receive after its first): an
+            // insert into an LRU map takes a free node and the map's lock each time.
+            match HTTP_RECV.get_ptr_mut(tid) {
+                // SAFETY: this thread's own entry; only it writes it.
+                Some(p) => unsafe { *p = t.sk },
+                None => HTTP_RECV.insert(tid, t.sk, 0)?,
+            }
         }
         Ok(())
     } else if t.ret != -EAGAIN && t.ret != -EINTR {

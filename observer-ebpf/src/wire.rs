@@ -519,6 +519,8 @@ pub fn end(sock: u64) -> Result<(), i64> {
     if state != FOLLOW {
         return Ok(());
     }
+    // The entry's role routes the end (its proxy's calls, or a runtime's served ones); `tgid`
+    // is whoever ended it, not always the connection's process (`net.rs`, `sock_close`).
     send(Kind::WireEnd, |rec: &mut WireFrame| {
         rec.sock = sock;
         rec.direction = wire::RECEIVED;

@@ -19,6 +19,10 @@ const REQUEST: &str = "http_request";
 const SCHED_ERROR: &str = "sched_error";
 const SEND: &str = "net_send";
 const RECV: &str = "net_recv";
+/// A TCP socket's end (`tcp_destroy_sock`): without it a connection the proxy closed first
+/// leaves its mark to the next socket the kernel puts at its address, a client's taken for
+/// tarpc's or the other way round.
+const CLOSE: &str = "net_close";
 /// Relations of the target's memory the request joins learn (`requests::Requests::learnt`):
 /// a build where they cannot be learnt (under `opt-level = "s"` the request's clients are not
 /// inside the future its key names) would put every request under `app=""`.
@@ -38,39 +42,44 @@ const FETCH_CALL: &str = "fetch_call";
 ///   hyper's `recv_msg` and the response head the proxy sends on the client's connection,
 ///   which the socket tracepoints see (`net_recv` names the connection, `net_send` the head).
 /// - A runtime's name on an RPC is the peer of the connection its request went out on.
+/// - What the socket tracepoints know of a connection (tarpc's, a client's) goes at the
+///   socket's end (`net_close`), or the next socket at the same address inherits it.
 pub const NEEDS: &[(&str, &[&str])] = &[
     ("apps_loaded", &[INSERT, REMOVE]),
     ("app_loaded_seconds", &[INSERT, REMOVE]),
     ("app_loads_total", &[INSERT]),
     ("app_evictions_total", &[INSERT, REMOVE]),
-    ("app_instances", &[RPC, INSERT, REMOVE, SEND, RECV]),
+    ("app_instances", &[RPC, INSERT, REMOVE, SEND, RECV, CLOSE]),
     ("app_instance_spawns_total", &[RPC]),
     ("app_instance_terminations_total", &[RPC]),
     ("app_instances_dropped_total", &[RPC, INSERT, REMOVE]),
     (
         "app_instances_dropped_ended_total",
-        &[RPC, INSERT, REMOVE, SEND, RECV],
+        &[RPC, INSERT, REMOVE, SEND, RECV, CLOSE],
     ),
-    ("app_instances_discarded_total", &[RPC, SEND, RECV]),
+    ("app_instances_discarded_total", &[RPC, SEND, RECV, CLOSE]),
     ("app_requests_total", &[RPC]),
     ("runtime_rpcs_total", &[RPC]),
     (
         "app_request_duration_seconds",
-        &[REQUEST, RPC, SEND, RECV, FETCH_CALL],
+        &[REQUEST, RPC, SEND, RECV, CLOSE, FETCH_CALL],
     ),
     (
         "app_responses_total",
-        &[REQUEST, RPC, SCHED_ERROR, SEND, RECV, FETCH_CALL],
+        &[REQUEST, RPC, SCHED_ERROR, SEND, RECV, CLOSE, FETCH_CALL],
     ),
     (
         "app_request_starts_total",
-        &[REQUEST, RPC, SEND, RECV, FETCH_CALL],
+        &[REQUEST, RPC, SEND, RECV, CLOSE, FETCH_CALL],
     ),
-    ("app_spawn_duration_seconds", &[RPC, SEND, RECV]),
-    ("runtime_rpc_duration_seconds", &[RPC, SEND, RECV]),
-    ("runtime_rpc_failures_total", &[RPC, SEND, RECV]),
-    ("runtime_instances", &[RPC, INSERT, REMOVE, SEND, RECV]),
-    ("runtime_info", &[RPC, SEND, RECV]),
+    ("app_spawn_duration_seconds", &[RPC, SEND, RECV, CLOSE]),
+    ("runtime_rpc_duration_seconds", &[RPC, SEND, RECV, CLOSE]),
+    ("runtime_rpc_failures_total", &[RPC, SEND, RECV, CLOSE]),
+    (
+        "runtime_instances",
+        &[RPC, INSERT, REMOVE, SEND, RECV, CLOSE],
+    ),
+    ("runtime_info", &[RPC, SEND, RECV, CLOSE]),
     ("process_network_bytes_total", &[SEND, RECV]),
     ("process_network_messages_total", &[SEND, RECV]),
 ];
@@ -227,7 +236,7 @@ mod tests {
         for (family, needs) in NEEDS {
             for p in *needs {
                 assert!(
-                    [SEND, RECV, FETCH_CALL].contains(p)
+                    [SEND, RECV, CLOSE, FETCH_CALL].contains(p)
                         || catalog.probes.iter().any(|c| c.name == *p),
                     "{family} needs {p}, which is neither a catalog probe, a tracepoint nor a relation"
                 );

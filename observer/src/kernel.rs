@@ -193,7 +193,12 @@ impl Kernel {
         for (status_name, name, event) in [
             ("net_send", "sock_send", "sock_send_length"),
             ("net_recv", "sock_recv", "sock_recv_length"),
+            ("net_close", "sock_close", "tcp_destroy_sock"),
         ] {
+            if name == "sock_close" && !self.request_metrics {
+                // It ends what the request metrics follow; without them nothing is followed.
+                continue;
+            }
             let mut status = ProbeStatus {
                 name: status_name.into(),
                 sites: 1,

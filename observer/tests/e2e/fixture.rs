@@ -19,7 +19,7 @@ pub(crate) const BASE_PROBES: &[&str] = &[
     "net_send",
     "net_recv",
 ];
-pub(crate) const REQUEST_PROBES: &[&str] = &["http_request", "sched_error"];
+pub(crate) const REQUEST_PROBES: &[&str] = &["http_request", "sched_error", "net_close"];
 
 pub(crate) fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -247,6 +247,7 @@ pub(crate) const OUR_PROGRAMS: &[&str] = &[
     "sched_error",
     "sock_recv",
     "sock_send",
+    "sock_close",
     "server_poll",
     "server_poll_sret",
     "server_drop",
@@ -269,6 +270,41 @@ pub(crate) fn bpftool_json(what: &str) -> Vec<Value> {
             String::from_utf8_lossy(&out.stdout)
         )
     })
+}
+
+/// The connections the observer's socket programs keep (`CONNS`, observer-ebpf/src/wire.rs),
+/// counted by state: 1 followed (tarpc's), 2 not tarpc's, 3 a client's (HTTP). Read through
+/// bpftool: the map has no BTF, so the value is bytes, its state the first word.
+pub(crate) fn connections_by_state() -> BTreeMap<u32, usize> {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "name", "CONNS"])
+        .output()
+        .expect("bpftool (scripts/bootstrap.sh installs it)");
+    assert!(
+        out.status.success(),
+        "bpftool map dump name CONNS failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool map dump printed no JSON list ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let mut by_state = BTreeMap::new();
+    for e in &entries {
+        let byte = |i: usize| -> u32 {
+            let b = e["value"][i]
+                .as_str()
+                .unwrap_or_else(|| panic!("CONNS entry without a byte value: {e}"));
+            u32::from_str_radix(b.trim_start_matches("0x"), 16)
+                .unwrap_or_else(|err| panic!("CONNS value byte {b:?}: {err}"))
+        };
+        let state = byte(0) | byte(1) << 8 | byte(2) << 16 | byte(3) << 24;
+        *by_state.entry(state).or_insert(0) += 1;
+    }
+    by_state
 }
 
 pub(crate) fn ours_in_kernel() -> KernelObjects {

@@ -80,6 +80,17 @@ fn request_metrics_equal_ground_truth() {
     std::thread::sleep(Duration::from_millis(300));
     let m1 = obs.scrape();
     obs.lint();
+    // Every request here came on its own connection, closed by the proxy after its response
+    // (`Connection: close`), and the proxy closed its connections to runtimes that failed its
+    // load query: the kernel sees neither as a receive of 0 or an error. Only the socket's
+    // end (`net_close`) takes their marks away, before the kernel can put a new socket at the
+    // same address (a client's taken for tarpc's, or the other way round). Both runtimes are
+    // gone: no connection is left to follow or to answer on.
+    let conns = connections_by_state();
+    assert!(
+        !conns.contains_key(&1) && !conns.contains_key(&3),
+        "connections still marked after they closed: {conns:?} (1 = tarpc's, 3 = a client's)"
+    );
 
     // Per app (and app="" for requests that never reached one), every outcome counter equals
     // the proxy's count, cold and warm starts too, and the histogram counts every request.
