@@ -3,6 +3,7 @@
 //! tracker (`tracker`: apps, workers, labels), the request joins (`requests`: the proxy's
 //! side) or the runtimes' served calls (`runtime_server`: their side of the same wire).
 
+pub mod labelled;
 pub mod requests;
 pub mod runtime_server;
 pub mod tracker;

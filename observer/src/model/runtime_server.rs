@@ -4,6 +4,7 @@
 //! poll uprobes (`observer-ebpf/src/server.rs`) also count each call's polls.
 
 use crate::expo::{LATENCY_BUCKETS, PREFIX};
+use crate::model::labelled::RuntimeMethodHistograms;
 use crate::model::requests::wire::{decode_answer, decode_sent, Sent};
 use foldhash::{HashMap, HashMapExt};
 use observer_common::{method, wire};
@@ -23,7 +24,7 @@ struct Open {
 
 /// Persistent (histograms cannot be rebuilt per scrape).
 pub struct ServerMetrics {
-    pub duration: HistogramVec,
+    pub duration: RuntimeMethodHistograms,
     pub polls: IntCounterVec,
     /// Calls from a process that is not a watched runtime (it ended meanwhile).
     pub unattributed: u64,
@@ -45,7 +46,8 @@ impl ServerMetrics {
     pub fn new() -> Self {
         let labels = &["runtime", "method"];
         ServerMetrics {
-            duration: HistogramVec::new(
+            duration: RuntimeMethodHistograms::new(
+                HistogramVec::new(
                 HistogramOpts::new(
                     format!("{PREFIX}_runtime_server_call_duration_seconds"),
                     "Calls the runtime answered, by method: from its request's arrival on the runtime's connection to its response's sending (the runtime's socket tracepoints; a cancelled call has no response and is not counted).",
@@ -54,6 +56,7 @@ impl ServerMetrics {
                 labels,
             )
             .expect("valid metric"),
+            ),
             polls: IntCounterVec::new(
                 Opts::new(
                     format!("{PREFIX}_runtime_server_polls_total"),
@@ -115,9 +118,11 @@ impl ServerMetrics {
             self.unattributed += 1;
             return;
         };
-        self.duration
-            .with_label_values(&[runtime, method_name(open.method)])
-            .observe(ktime_ns.saturating_sub(open.received_ns) as f64 / 1e9);
+        self.duration.observe(
+            runtime,
+            open.method,
+            ktime_ns.saturating_sub(open.received_ns) as f64 / 1e9,
+        );
     }
 
     /// The runtime's connection `sock` ended: its unanswered calls will not be answered.
@@ -146,7 +151,7 @@ impl ServerMetrics {
 
     pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
         vec![
-            Box::new(self.duration.clone()),
+            Box::new(self.duration.vec().clone()),
             Box::new(self.polls.clone()),
         ]
     }
@@ -165,6 +170,7 @@ mod tests {
 
     fn count(m: &ServerMetrics, method: &str) -> u64 {
         m.duration
+            .vec()
             .with_label_values(&["127.0.0.1:1", method])
             .get_sample_count()
     }
@@ -181,7 +187,10 @@ mod tests {
             &encode::answer(1, method::FETCH, &[0, 1, 2]),
             4_000_000,
         );
-        let h = m.duration.with_label_values(&["127.0.0.1:1", "fetch"]);
+        let h = m
+            .duration
+            .vec()
+            .with_label_values(&["127.0.0.1:1", "fetch"]);
         assert_eq!(h.get_sample_count(), 1, "one fetch served");
         assert!(
             (h.get_sample_sum() - 0.003).abs() < 1e-9,

@@ -2,6 +2,7 @@
 
 use super::OUTCOMES;
 use crate::expo::{Hist, Kind, Writer, LATENCY_BUCKETS, PREFIX};
+use crate::model::labelled::RuntimeMethodHistograms;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use std::collections::BTreeMap;
 
@@ -24,7 +25,7 @@ pub const STARTS: &[&str] = &["cold", "warm"];
 /// The metrics this module keeps (persistent: histograms cannot be rebuilt per scrape).
 pub struct Metrics {
     pub apps: BTreeMap<String, AppRequests>,
-    pub rpc_duration: HistogramVec,
+    pub rpc_duration: RuntimeMethodHistograms,
     pub rpc_failures: IntCounterVec,
 }
 
@@ -44,11 +45,11 @@ impl Metrics {
     pub(super) fn new() -> Self {
         Metrics {
             apps: BTreeMap::new(),
-            rpc_duration: histogram(
+            rpc_duration: RuntimeMethodHistograms::new(histogram(
                 "runtime_rpc_duration_seconds",
                 "Runtime RPCs answered, by runtime (its address) and method, from the call to the answer.",
                 &["runtime", "method"],
-            ),
+            )),
             rpc_failures: counter(
                 "runtime_rpc_failures_total",
                 "Runtime RPCs that failed, by runtime, method and reason: error_answer (the method's own error), server_error (tarpc's), connection_reset (the connection ended while waiting), no_answer (given up without an answer: deadline, connection already gone, or the caller went away).",
@@ -60,7 +61,7 @@ impl Metrics {
     /// The per-runtime families (few series: through the prometheus crate).
     pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
         vec![
-            Box::new(self.rpc_duration.clone()),
+            Box::new(self.rpc_duration.vec().clone()),
             Box::new(self.rpc_failures.clone()),
         ]
     }

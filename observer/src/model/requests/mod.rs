@@ -36,6 +36,7 @@ use crate::model::tracker::Tracker;
 use foldhash::{HashMap, HashMapExt, HashSet};
 use observer_common::{method, Peer};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Calls farther than this from a request key are not its (a service future is smaller).
 const MAX_CALL_DISTANCE: u64 = 64 * 1024;
@@ -73,7 +74,7 @@ struct Call {
     /// A fetch's worker handle.
     handle: Option<Bytes>,
     /// The runtime its request frame went to (or, before, its connection's).
-    runtime: Option<String>,
+    runtime: Option<Arc<str>>,
     /// Its connection (`RequestEvent::Call::conn`).
     conn: u64,
     /// Whether its request frame was seen.
@@ -116,14 +117,14 @@ pub struct Requests {
     discarded: Vec<Bytes>,
     /// Runtime connection (its socket) -> runtime name (its address), and the tarpc channel
     /// its calls name (`RequestEvent::Call::conn`).
-    connections: HashMap<u64, (String, u64)>,
+    connections: HashMap<u64, (Arc<str>, u64)>,
     /// tarpc channel -> the runtime it connects to, from its calls' request frames: every
     /// runtime a call went to.
-    conn_runtimes: HashMap<u64, String>,
+    conn_runtimes: HashMap<u64, Arc<str>>,
     /// Runtime name -> its RuntimeId, from `id` answers.
     pub runtime_ids: BTreeMap<String, String>,
     /// Worker handle -> the runtime that spawned it and when (from `spawn_worker` answers).
-    placed: HashMap<Bytes, (String, u64)>,
+    placed: HashMap<Bytes, (Arc<str>, u64)>,
     pub counters: JoinCounters,
     pub metrics: Metrics,
     parked: Vec<Parked>,
@@ -444,7 +445,7 @@ impl Requests {
                 let runtime = match self.connections.get(&sock) {
                     Some((rt, _)) => rt.clone(),
                     None => {
-                        let rt = peer_name(peer).unwrap_or_else(|| "unknown".to_string());
+                        let rt: Arc<str> = peer_name(peer).as_deref().unwrap_or("unknown").into();
                         self.connections.insert(sock, (rt.clone(), call.conn));
                         if self.conn_runtimes.len() < MAX_PENDING {
                             self.conn_runtimes.insert(call.conn, rt.clone());
@@ -524,15 +525,12 @@ impl Requests {
         }
         self.ended.push_back(id);
         self.ended_set.insert(id);
-        let rt = call.runtime.unwrap_or_else(|| "unknown".to_string());
+        let rt = call.runtime.unwrap_or_else(|| "unknown".into());
         let mname = method::NAMES[call.method.min(method::UNKNOWN) as usize];
         let end = match &how {
             Ok(a) => {
                 let secs = t.saturating_sub(call.ktime_ns) as f64 / 1e9;
-                self.metrics
-                    .rpc_duration
-                    .with_label_values(&[&rt, mname])
-                    .observe(secs);
+                self.metrics.rpc_duration.observe(&rt, call.method, secs);
                 if call.method == method::SPAWN_WORKER {
                     if let Some(app) = &call.app {
                         self.metrics.app(app).spawn.observe(secs);
@@ -548,7 +546,7 @@ impl Requests {
                 if call.method == method::ID && a.result == AnswerResult::Ok {
                     // A RuntimeId becomes a label value: validated as app ids are.
                     if let Ok(id) = crate::decode::app_label(&Bytes::whole(&a.string)) {
-                        self.runtime_ids.insert(rt.clone(), id);
+                        self.runtime_ids.insert(rt.to_string(), id);
                     }
                 }
                 match a.result {
@@ -673,11 +671,11 @@ impl Requests {
         let mut out: BTreeMap<String, u64> = self
             .conn_runtimes
             .values()
-            .map(|r| (r.clone(), 0))
+            .map(|r| (r.to_string(), 0))
             .collect();
         for (h, (rt, _)) in &self.placed {
             if tracker.is_alive(h) {
-                *out.entry(rt.clone()).or_default() += 1;
+                *out.entry(rt.to_string()).or_default() += 1;
             }
         }
         out
@@ -804,6 +802,7 @@ mod tests {
         let d = r
             .metrics
             .rpc_duration
+            .vec()
             .with_label_values(&["127.0.0.1:9000", "load"]);
         assert_eq!(d.get_sample_count(), 1, "one answered");
         assert!(
@@ -889,7 +888,7 @@ mod tests {
         assert_eq!(
             r.placed
                 .get(&Bytes::new(std::str::from_utf8(handle).unwrap()))
-                .map(|p| p.0.as_str()),
+                .map(|p| &*p.0),
             Some("127.0.0.1:9000")
         );
         r.apply(
@@ -1223,6 +1222,7 @@ mod tests {
         assert_eq!(
             r.metrics
                 .rpc_duration
+                .vec()
                 .with_label_values(&["127.0.0.1:9000", "fetch"])
                 .get_sample_count(),
             n
