@@ -24,9 +24,9 @@ use observer_common::{
     MAX_PROCS,
 };
 
-/// Events for userspace. With request metrics on, every request sends six records (about 820
+/// Events for userspace. With request metrics on, every request sends seven records (about 810
 /// bytes in all with the ring's headers, `observer_common::event`: the request's start, its
-/// call, its two frames at each end of the wire, its response): 4 MiB hold ~5,100 requests,
+/// call, its two frames at each end of the wire, its response): 4 MiB hold ~5,200 requests,
 /// far more than arrive between two drains of userspace (every 10 ms). With them off, only
 /// app loads and cold starts come here.
 #[map]

@@ -112,8 +112,8 @@ pub struct Kernel {
     proxy_down: Vec<ProbeStatus>,
     /// Per-request events on (request metrics).
     request_metrics: bool,
-    /// Attach only an empty program on `FLOOR_PROBE` (the bench's floor).
-    floor: bool,
+    /// The bench's floors: empty programs in place of the observer's.
+    floor: Floor,
     /// Held while `--bpf-stats` keeps the kernel's BPF run-time statistics on.
     stats_fd: Option<OwnedFd>,
 }
@@ -123,6 +123,24 @@ pub struct Kernel {
 /// per request is the least a uprobe-based request metric costs; the bench compares every mode
 /// with it (issue 15).
 pub const FLOOR_PROBE: &str = "runtime_rpc";
+
+/// The default's uprobes on the request path (`FLOOR_PROBE` and hyper's `recv_msg`), attached
+/// with the floor's empty program by `observer --floor-probe-set`.
+pub const FLOOR_PROBE_SET: &[&str] = &[FLOOR_PROBE, "http_request"];
+
+/// What `cargo xtask bench` compares the observer with: the cost of its probes without their
+/// work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Floor {
+    /// The observer itself.
+    Off,
+    /// One empty uprobe on `FLOOR_PROBE` and nothing else (`--floor`): one trap per request.
+    OneUprobe,
+    /// The default's probe set with none of its work (`--floor-probe-set`): the empty program
+    /// on `FLOOR_PROBE_SET`, and the socket tracepoints only counting bytes (request metrics
+    /// off). What the default costs past it is what its programs and userspace do.
+    ProbeSet,
+}
 
 /// The uprobes attached in one process.
 struct Attached {
@@ -140,14 +158,14 @@ pub struct ProgramStats {
 
 impl Kernel {
     /// Loads the programs; `request_metrics`: per-request events on; `runtime_calls`: the
-    /// runtimes' wire followed too (their served calls). With `floor`, one
-    /// empty program on `FLOOR_PROBE` is all that is attached (the bench's floor). `ring_bytes`: the event ring
+    /// runtimes' wire followed too (their served calls). `floor`: the bench's floors
+    /// (`Floor`), empty programs in place of the observer's. `ring_bytes`: the event ring
     /// buffer's size. `bpf_stats`: the kernel's run-time statistics on while this lives.
     pub fn load(
         layout: &Layout,
         request_metrics: bool,
         runtime_calls: bool,
-        floor: bool,
+        floor: Floor,
         ring_bytes: u32,
         bpf_stats: bool,
     ) -> anyhow::Result<Self> {
@@ -186,7 +204,7 @@ impl Kernel {
     /// (`/sys/kernel/btf/vmlinux`, which preflight requires), so no tracefs is needed.
     pub fn attach_tracepoints(&mut self) -> anyhow::Result<()> {
         let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
-        if self.floor {
+        if self.floor == Floor::OneUprobe {
             // The floor is one uprobe per request and nothing else (`FLOOR_PROBE`).
             return Ok(());
         }
@@ -321,10 +339,12 @@ impl Kernel {
         };
         let mut done: BTreeMap<(String, u64), ()> = BTreeMap::new();
         for r in resolutions {
-            if r.probe.request_metrics && !self.request_metrics {
-                continue;
-            }
-            if self.floor && !(proxy && r.probe.name == FLOOR_PROBE) {
+            let wanted = match self.floor {
+                Floor::Off => !r.probe.request_metrics || self.request_metrics,
+                Floor::OneUprobe => proxy && r.probe.name == FLOOR_PROBE,
+                Floor::ProbeSet => proxy && FLOOR_PROBE_SET.contains(&r.probe.name.as_str()),
+            };
+            if !wanted {
                 continue;
             }
             let mut status = ProbeStatus {
@@ -340,7 +360,7 @@ impl Kernel {
                 a.probes.push(status);
                 continue;
             }
-            let name = if self.floor {
+            let name = if self.floor != Floor::Off {
                 "floor_uprobe"
             } else {
                 r.probe.program.as_str()

@@ -129,13 +129,16 @@ pub(crate) fn run(seconds: u64, connections: u32, rounds: usize) -> anyhow::Resu
     let observer = testbed_harness::release_dir().join("observer");
     // The default again with the kernel's BPF statistics on: the time in each program, and
     // what the statistics themselves cost.
-    let modes: [(&str, Option<&[&str]>); 6] = [
+    // Last, the default's probe set with none of its work (its two request-path uprobes
+    // empty, the socket tracepoints counting bytes): the ceiling of that probe set.
+    let modes: [(&str, Option<&[&str]>); 7] = [
         ("no observer", None),
         ("no request metrics", Some(&["--no-request-metrics"])),
         ("request metrics (default)", Some(&[])),
         ("floor (one uprobe/request)", Some(&["--floor"])),
         ("bpftrace (same probes, counts)", None),
         ("default with --bpf-stats", Some(&["--bpf-stats"])),
+        ("default's probes, no work", Some(&["--floor-probe-set"])),
     ];
     let bt_script = bpftrace::script(
         &observer,
@@ -235,6 +238,11 @@ pub(crate) fn run(seconds: u64, connections: u32, rounds: usize) -> anyhow::Resu
     out!(
         "default / floor, round by round: {shown} (median {floor_share:.3}; of the medians above: {:.3})",
         full / floor
+    );
+    let (shown, ceiling) = round_ratios(&results[6], &results[3]);
+    out!(
+        "default's probes with empty programs and byte counting / floor, round by round: {shown} (median {ceiling:.3}): the ceiling of the default's probe set; the default reaches {:.3} of it (median of the rounds' ratios)",
+        round_ratios(&results[2], &results[6]).1
     );
     let (shown, stats_cost) = round_ratios(&results[5], &results[2]);
     out!(

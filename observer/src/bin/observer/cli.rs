@@ -100,6 +100,11 @@ pub(crate) struct RunArgs {
     /// meaningful metrics.
     #[arg(long, hide = true)]
     pub(crate) floor: bool,
+    /// For `cargo xtask bench`: the default's uprobes on the request path with empty
+    /// programs, and the socket tracepoints counting bytes only: what the default's probe set
+    /// costs before any of its work; serves no meaningful metrics.
+    #[arg(long, hide = true, conflicts_with = "floor")]
+    pub(crate) floor_probe_set: bool,
     /// How often the proxy's state is read from its memory (apps loaded, ready instances),
     /// in milliseconds. Its gauges are exported while the last good read is at most a second
     /// old (or two intervals, if longer).

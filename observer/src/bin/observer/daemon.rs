@@ -48,12 +48,20 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     let listener = bind(a.listen).await?;
 
-    let request_metrics = !a.no_request_metrics;
+    let floor = if a.floor_probe_set {
+        kernel::Floor::ProbeSet
+    } else if a.floor {
+        kernel::Floor::OneUprobe
+    } else {
+        kernel::Floor::Off
+    };
+    // The probe-set floor's tracepoints count bytes only: none of the default's work.
+    let request_metrics = !a.no_request_metrics && floor != kernel::Floor::ProbeSet;
     let mut kernel = kernel::Kernel::load(
         &catalog.layout,
         request_metrics,
         !a.no_runtime_probes,
-        a.floor,
+        floor,
         a.ring_bytes,
         a.bpf_stats,
     )?;
