@@ -70,10 +70,9 @@ pub fn sock_close(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// Attached only with request metrics (`observer/src/kernel.rs`): without them nothing is
+/// followed, and there is nothing to end.
 fn try_sock_close(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    if !request_metrics() {
-        return Ok(());
-    }
     let sk: u64 = ctx.arg(ARG_SK);
     crate::wire::end(sk)
 }

@@ -254,19 +254,26 @@ pub(crate) const OUR_PROGRAMS: &[&str] = &[
 ];
 
 pub(crate) fn bpftool_json(what: &str) -> Vec<Value> {
+    bpftool(&[what, "show"])
+}
+
+/// `bpftool -j <args>`, whose answer must be a JSON list.
+fn bpftool(args: &[&str]) -> Vec<Value> {
+    let what = args.join(" ");
     let out = Command::new("bpftool")
-        .args(["-j", what, "show"])
+        .arg("-j")
+        .args(args)
         .output()
         .expect("bpftool (scripts/bootstrap.sh installs it)");
     assert!(
         out.status.success(),
-        "bpftool {what} show failed ({}): {}",
+        "bpftool {what} failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
-            "bpftool {what} show printed no JSON list ({e}): {}",
+            "bpftool {what} printed no JSON list ({e}): {}",
             String::from_utf8_lossy(&out.stdout)
         )
     })
@@ -276,22 +283,7 @@ pub(crate) fn bpftool_json(what: &str) -> Vec<Value> {
 /// counted by state: 1 followed (tarpc's), 2 not tarpc's, 3 a client's (HTTP). Read through
 /// bpftool: the map has no BTF, so the value is bytes, its state the first word.
 pub(crate) fn connections_by_state() -> BTreeMap<u32, usize> {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "name", "CONNS"])
-        .output()
-        .expect("bpftool (scripts/bootstrap.sh installs it)");
-    assert!(
-        out.status.success(),
-        "bpftool map dump name CONNS failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let entries: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bpftool map dump printed no JSON list ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
+    let entries = bpftool(&["map", "dump", "name", "CONNS"]);
     let mut by_state = BTreeMap::new();
     for e in &entries {
         let byte = |i: usize| -> u32 {
