@@ -93,6 +93,11 @@ pub mod method {
         "load",
         "unknown",
     ];
+
+    /// The `method` label of `m`: its name, `unknown` past the known methods.
+    pub fn name(m: u32) -> &'static str {
+        NAMES[m.min(UNKNOWN) as usize]
+    }
 }
 
 /// The eBPF programs that count their own runs (`PROGRAM_RUNS` per-CPU array), by index;

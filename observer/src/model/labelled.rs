@@ -31,7 +31,7 @@ impl RuntimeMethodHistograms {
     /// Observes `seconds` in the series of `runtime` and method `m` (`method::*`; past them
     /// `unknown`).
     pub fn observe(&mut self, runtime: &str, m: u32, seconds: f64) {
-        let m = m.min(method::UNKNOWN) as usize;
+        let name = method::name(m);
         let by_method = match self.kept.get_mut(runtime) {
             Some(k) => k,
             None => self
@@ -39,8 +39,8 @@ impl RuntimeMethodHistograms {
                 .entry(runtime.to_string())
                 .or_insert_with(|| std::array::from_fn(|_| None)),
         };
-        by_method[m]
-            .get_or_insert_with(|| self.vec.with_label_values(&[runtime, method::NAMES[m]]))
+        by_method[m.min(method::UNKNOWN) as usize]
+            .get_or_insert_with(|| self.vec.with_label_values(&[runtime, name]))
             .observe(seconds);
     }
 }

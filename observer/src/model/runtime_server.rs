@@ -137,7 +137,7 @@ impl ServerMetrics {
             return;
         };
         self.polls
-            .with_label_values(&[runtime, method_name(m)])
+            .with_label_values(&[runtime, method::name(m)])
             .inc_by(polls);
     }
 
@@ -155,10 +155,6 @@ impl ServerMetrics {
             Box::new(self.polls.clone()),
         ]
     }
-}
-
-fn method_name(m: u32) -> &'static str {
-    method::NAMES[(m.min(method::UNKNOWN)) as usize]
 }
 
 #[cfg(test)]

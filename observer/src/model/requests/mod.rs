@@ -526,7 +526,7 @@ impl Requests {
         self.ended.push_back(id);
         self.ended_set.insert(id);
         let rt = call.runtime.unwrap_or_else(|| "unknown".into());
-        let mname = method::NAMES[call.method.min(method::UNKNOWN) as usize];
+        let mname = method::name(call.method);
         let end = match &how {
             Ok(a) => {
                 let secs = t.saturating_sub(call.ktime_ns) as f64 / 1e9;
