@@ -295,7 +295,8 @@ pub mod event {
         pub tgid: u32,
         pub role: u32,
         pub _pad: u32,
-        /// The frame's first bytes: bincode of `tarpc::ClientMessage` or `tarpc::Response`.
+        /// The frame's first bytes: bincode of `tarpc::ClientMessage` or `tarpc::Response`;
+        /// past `head_len`, zeros or the next frame's first bytes (`observer-ebpf/src/wire.rs`).
         pub head: [u8; WIRE_HEAD],
     }
 

@@ -71,8 +71,9 @@ fn status(buf: u64, n: u64) -> Option<u32> {
     if n < STATUS_LINE as u64 {
         return None;
     }
-    let mut line = [0u8; STATUS_LINE];
-    // SAFETY: into the array, of its size; the source is checked by the helper.
+    let mut words = core::mem::MaybeUninit::<[u64; 2]>::uninit();
+    let line = crate::as_bytes(crate::zero_words(&mut words));
+    // SAFETY: into the array, within its size; the source is checked by the helper.
     let r = unsafe {
         bpf_probe_read_user(
             line.as_mut_ptr() as *mut c_void,
@@ -84,7 +85,7 @@ fn status(buf: u64, n: u64) -> Option<u32> {
         return None;
     }
     let mut code = 0u32;
-    for d in &line[9..12] {
+    for d in &line[9..STATUS_LINE] {
         if !d.is_ascii_digit() {
             return None;
         }

@@ -187,6 +187,27 @@ unsafe fn zeroed<'a, T: Record>(rec: *mut T) -> &'a mut T {
     unsafe { &mut *rec }
 }
 
+/// Zeroes `N` words of stack in place, by volatile stores, and hands them over. A zeroed byte
+/// array (a status line, a frame's length and head, a handle key) is lowered by LLVM to a call
+/// of aya-ebpf's `memset`, a loop of one byte per iteration (`zeroed`); these are word stores.
+#[inline(always)]
+fn zero_words<const N: usize>(w: &mut core::mem::MaybeUninit<[u64; N]>) -> &mut [u64; N] {
+    let p = w.as_mut_ptr() as *mut u64;
+    for i in 0..N {
+        // SAFETY: inside the array.
+        unsafe { core::ptr::write_volatile(p.add(i), 0) };
+    }
+    // SAFETY: every word was written.
+    unsafe { w.assume_init_mut() }
+}
+
+/// The bytes of a word array.
+#[inline(always)]
+fn as_bytes<const N: usize>(w: &mut [u64; N]) -> &mut [u8] {
+    // SAFETY: the array's own bytes; u8 has no alignment or validity requirement.
+    unsafe { core::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut u8, N * 8) }
+}
+
 /// Fills what every record has.
 #[inline(always)]
 fn header(h: &mut observer_common::Header, kind: Kind) {

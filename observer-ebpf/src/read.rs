@@ -26,6 +26,29 @@ pub fn words2(addr: u64) -> Result<[u64; 2], i64> {
     })
 }
 
+/// Four adjacent words in one read (see `words2`).
+#[inline(always)]
+pub fn words4(addr: u64) -> Result<[u64; 4], i64> {
+    // SAFETY: as `word`.
+    unsafe { bpf_probe_read_user(addr as *const [u64; 4]) }.map_err(|e| {
+        bump(&OBSERVER_STATS, stat::READ_ERRORS);
+        i64::from(e)
+    })
+}
+
+/// The word at byte offset `off` of `words`, if it is one of them (a constant index for the
+/// verifier).
+#[inline(always)]
+pub fn word_in(words: &[u64; 4], off: u64) -> Option<u64> {
+    match off {
+        0 => Some(words[0]),
+        8 => Some(words[1]),
+        16 => Some(words[2]),
+        24 => Some(words[3]),
+        _ => None,
+    }
+}
+
 /// The pointer and length of the Rust `String` at `addr`: one read of its three words where
 /// the layout puts both in them (every build seen: capacity, pointer, length), else two.
 #[inline(always)]

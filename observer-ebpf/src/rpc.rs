@@ -48,12 +48,18 @@ fn try_rpc_call(ctx: &ProbeContext) -> Result<(), i64> {
     let request: u64 = ctx.arg(3).ok_or(1i64)?;
     let call = Call { channel, context };
     let lay = layout();
-    let tag = read::word(request + lay.req_tag_offset)?;
+    // The request's first words in one read: its tag and, for a fetch, its handle's `String`
+    // (every build seen: tag at 0, handle at 8); other layouts read each word apart.
+    let head = read::words4(request)?;
+    let tag = match read::word_in(&head, lay.req_tag_offset) {
+        Some(t) => t,
+        None => read::word(request + lay.req_tag_offset)?,
+    };
     let m = lay.method_of(tag);
     bump(&RPC_CALLS, m);
     let request_metrics = request_metrics();
     match m {
-        method::FETCH => fetch(&call, request, &lay, request_metrics),
+        method::FETCH => fetch(&call, request, &head, &lay, request_metrics),
         method::SPAWN_WORKER => emit(Kind::RpcSpawn, &call, request + lay.req_spawn_appid, &lay),
         method::TERMINATE_WORKER => emit(Kind::RpcTerminate, &call, request + lay.req_handle, &lay),
         _ if request_metrics => send(Kind::RpcOther, |rec: &mut RpcCall| {
@@ -70,18 +76,34 @@ struct Call {
     context: u64,
 }
 
-fn fetch(call: &Call, request: u64, lay: &Layout, request_metrics: bool) -> Result<(), i64> {
+const _: () = assert!(HANDLE_KEY_LEN.is_multiple_of(8));
+
+fn fetch(
+    call: &Call,
+    request: u64,
+    head: &[u64; 4],
+    lay: &Layout,
+    request_metrics: bool,
+) -> Result<(), i64> {
     let handle = request + lay.req_handle;
-    let (ptr, len) = read::string_parts(handle, lay)?;
-    let mut key = HandleKey {
-        bytes: [0; HANDLE_KEY_LEN],
+    let in_head = |field: u64| read::word_in(head, lay.req_handle + field);
+    let (ptr, len) = match (in_head(lay.string_ptr), in_head(lay.string_len)) {
+        (Some(p), Some(l)) => (p, l),
+        _ => read::string_parts(handle, lay)?,
     };
+    // Zeroed a word at a time (no `memset` call): the key is zero-padded past the handle.
+    let mut words = core::mem::MaybeUninit::<[u64; HANDLE_KEY_LEN / 8]>::uninit();
+    let key_words = crate::zero_words(&mut words);
+    // SAFETY: `HandleKey` is `HANDLE_KEY_LEN` bytes of alignment 1: any storage of that size.
+    let key = unsafe { &mut *(key_words.as_mut_ptr() as *mut HandleKey) };
     if len > 0 && len <= HANDLE_KEY_LEN as u64 {
         // Checked again so the verifier sees the slice bound.
         let n = (len as usize).min(HANDLE_KEY_LEN);
         read::bytes(ptr, &mut key.bytes[..n])?;
         // SAFETY: lookups copy nothing out; the value is read once.
-        if let Some(slot) = unsafe { HANDLE_APP.get(key) } {
+        // By reference: a copy of the key would be a byte-by-byte one (alignment 1).
+        let looked_up: &HandleKey = key;
+        if let Some(slot) = unsafe { HANDLE_APP.get(looked_up) } {
             let slot = *slot;
             bump(&APP_REQUESTS, slot);
             if !request_metrics {
