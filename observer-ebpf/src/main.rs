@@ -178,13 +178,22 @@ fn send<T: Record + 'static>(
 #[inline(always)]
 unsafe fn zeroed<'a, T: Record>(rec: *mut T) -> &'a mut T {
     const { assert!(core::mem::size_of::<T>().is_multiple_of(8)) };
-    let words = rec as *mut u64;
-    for i in 0..core::mem::size_of::<T>() / 8 {
-        // SAFETY: inside the record, per the caller.
-        unsafe { core::ptr::write_volatile(words.add(i), 0) };
-    }
+    // SAFETY: the record's words, per the caller.
+    unsafe { zero_at(rec as *mut u64, core::mem::size_of::<T>() / 8) };
     // SAFETY: all-zero bytes are a value of every record type.
     unsafe { &mut *rec }
+}
+
+/// Writes `n` zero words from `p` with volatile stores (not merged back into a `memset`).
+///
+/// # Safety
+/// `p` points to `n` writable, 8-byte aligned words.
+#[inline(always)]
+unsafe fn zero_at(p: *mut u64, n: usize) {
+    for i in 0..n {
+        // SAFETY: inside the words, per the caller.
+        unsafe { core::ptr::write_volatile(p.add(i), 0) };
+    }
 }
 
 /// Zeroes `N` words of stack in place, by volatile stores, and hands them over. A zeroed byte
@@ -192,11 +201,8 @@ unsafe fn zeroed<'a, T: Record>(rec: *mut T) -> &'a mut T {
 /// of aya-ebpf's `memset`, a loop of one byte per iteration (`zeroed`); these are word stores.
 #[inline(always)]
 fn zero_words<const N: usize>(w: &mut core::mem::MaybeUninit<[u64; N]>) -> &mut [u64; N] {
-    let p = w.as_mut_ptr() as *mut u64;
-    for i in 0..N {
-        // SAFETY: inside the array.
-        unsafe { core::ptr::write_volatile(p.add(i), 0) };
-    }
+    // SAFETY: the array's own words.
+    unsafe { zero_at(w.as_mut_ptr() as *mut u64, N) };
     // SAFETY: every word was written.
     unsafe { w.assume_init_mut() }
 }

@@ -5,67 +5,58 @@ use observer_common::{stat, Layout, Str, MAX_STR};
 
 use crate::{bump, OBSERVER_STATS};
 
+/// `N` adjacent words in one read, an error counted (`stat::READ_ERRORS`). One read of several
+/// words costs less than a read of each: each helper call checks its destination (hardened
+/// usercopy's `__check_object_size`: 1.4% of a saturated test target's CPU for all the probes'
+/// reads, `perf record -a`).
+#[inline(always)]
+pub fn words<const N: usize>(addr: u64) -> Result<[u64; N], i64> {
+    // SAFETY: bpf_probe_read_user checks the address; a bad one returns an error.
+    unsafe { bpf_probe_read_user(addr as *const [u64; N]) }.map_err(|e| {
+        bump(&OBSERVER_STATS, stat::READ_ERRORS);
+        i64::from(e)
+    })
+}
+
 #[inline(always)]
 pub fn word(addr: u64) -> Result<u64, i64> {
-    // SAFETY: bpf_probe_read_user checks the address; a bad one returns an error.
-    unsafe { bpf_probe_read_user(addr as *const u64) }.map_err(|e| {
-        bump(&OBSERVER_STATS, stat::READ_ERRORS);
-        i64::from(e)
-    })
+    words::<1>(addr).map(|[w]| w)
 }
 
-/// Two adjacent words in one read: each helper call checks its destination (hardened
-/// usercopy's `__check_object_size`: 1.4% of a saturated test target's CPU for all the probes'
-/// reads, `perf record -a`), so one read of 16 bytes costs less than two of 8.
+/// The word at byte offset `off` of `words`, if it is one of them (word-aligned and inside).
 #[inline(always)]
-pub fn words2(addr: u64) -> Result<[u64; 2], i64> {
-    // SAFETY: as `word`.
-    unsafe { bpf_probe_read_user(addr as *const [u64; 2]) }.map_err(|e| {
-        bump(&OBSERVER_STATS, stat::READ_ERRORS);
-        i64::from(e)
-    })
+pub fn word_in<const N: usize>(words: &[u64; N], off: u64) -> Option<u64> {
+    const { assert!(N <= 4, "offsets up to 24 only") };
+    let i = match off {
+        0 => 0,
+        8 => 1,
+        16 => 2,
+        24 => 3,
+        _ => return None,
+    };
+    words.get(i).copied()
 }
 
-/// Four adjacent words in one read (see `words2`).
+/// The pointer and length of a Rust `String` at byte offset `at` of `words`, if both are in
+/// them.
 #[inline(always)]
-pub fn words4(addr: u64) -> Result<[u64; 4], i64> {
-    // SAFETY: as `word`.
-    unsafe { bpf_probe_read_user(addr as *const [u64; 4]) }.map_err(|e| {
-        bump(&OBSERVER_STATS, stat::READ_ERRORS);
-        i64::from(e)
-    })
-}
-
-/// The word at byte offset `off` of `words`, if it is one of them (a constant index for the
-/// verifier).
-#[inline(always)]
-pub fn word_in(words: &[u64; 4], off: u64) -> Option<u64> {
-    match off {
-        0 => Some(words[0]),
-        8 => Some(words[1]),
-        16 => Some(words[2]),
-        24 => Some(words[3]),
-        _ => None,
-    }
+pub fn string_parts_in<const N: usize>(
+    words: &[u64; N],
+    at: u64,
+    lay: &Layout,
+) -> Option<(u64, u64)> {
+    Some((
+        word_in(words, at + lay.string_ptr)?,
+        word_in(words, at + lay.string_len)?,
+    ))
 }
 
 /// The pointer and length of the Rust `String` at `addr`: one read of its three words where
 /// the layout puts both in them (every build seen: capacity, pointer, length), else two.
 #[inline(always)]
 pub fn string_parts(addr: u64, lay: &Layout) -> Result<(u64, u64), i64> {
-    let at = |off: u64| match off {
-        0 => Some(0),
-        8 => Some(1),
-        16 => Some(2),
-        _ => None,
-    };
-    if let (Some(p), Some(l)) = (at(lay.string_ptr), at(lay.string_len)) {
-        // SAFETY: as `word`.
-        let w: [u64; 3] = unsafe { bpf_probe_read_user(addr as *const [u64; 3]) }.map_err(|e| {
-            bump(&OBSERVER_STATS, stat::READ_ERRORS);
-            i64::from(e)
-        })?;
-        return Ok((w[p], w[l]));
+    if let Some(parts) = string_parts_in(&words::<3>(addr)?, 0, lay) {
+        return Ok(parts);
     }
     Ok((word(addr + lay.string_ptr)?, word(addr + lay.string_len)?))
 }

@@ -39,7 +39,7 @@ fn identify(rec: &mut RpcCall, call: &Call, lay: &Layout) {
     if rec.conn != 0 {
         rec.conn_state = read::word(rec.conn + lay.chan_state).unwrap_or(u64::MAX);
     }
-    rec.trace_id = read::words2(call.context + lay.ctx_trace_id).unwrap_or([0; 2]);
+    rec.trace_id = read::words::<2>(call.context + lay.ctx_trace_id).unwrap_or([0; 2]);
 }
 
 fn try_rpc_call(ctx: &ProbeContext) -> Result<(), i64> {
@@ -50,8 +50,8 @@ fn try_rpc_call(ctx: &ProbeContext) -> Result<(), i64> {
     let lay = layout();
     // The request's first words in one read: its tag and, for a fetch, its handle's `String`
     // (every build seen: tag at 0, handle at 8); other layouts read each word apart.
-    let head = read::words4(request)?;
-    let tag = match read::word_in(&head, lay.req_tag_offset) {
+    let first = read::words::<4>(request)?;
+    let tag = match read::word_in(&first, lay.req_tag_offset) {
         Some(t) => t,
         None => read::word(request + lay.req_tag_offset)?,
     };
@@ -59,7 +59,7 @@ fn try_rpc_call(ctx: &ProbeContext) -> Result<(), i64> {
     bump(&RPC_CALLS, m);
     let request_metrics = request_metrics();
     match m {
-        method::FETCH => fetch(&call, request, &head, &lay, request_metrics),
+        method::FETCH => fetch(&call, request, &first, &lay, request_metrics),
         method::SPAWN_WORKER => emit(Kind::RpcSpawn, &call, request + lay.req_spawn_appid, &lay),
         method::TERMINATE_WORKER => emit(Kind::RpcTerminate, &call, request + lay.req_handle, &lay),
         _ if request_metrics => send(Kind::RpcOther, |rec: &mut RpcCall| {
@@ -81,15 +81,14 @@ const _: () = assert!(HANDLE_KEY_LEN.is_multiple_of(8));
 fn fetch(
     call: &Call,
     request: u64,
-    head: &[u64; 4],
+    first: &[u64; 4],
     lay: &Layout,
     request_metrics: bool,
 ) -> Result<(), i64> {
     let handle = request + lay.req_handle;
-    let in_head = |field: u64| read::word_in(head, lay.req_handle + field);
-    let (ptr, len) = match (in_head(lay.string_ptr), in_head(lay.string_len)) {
-        (Some(p), Some(l)) => (p, l),
-        _ => read::string_parts(handle, lay)?,
+    let (ptr, len) = match read::string_parts_in(first, lay.req_handle, lay) {
+        Some(parts) => parts,
+        None => read::string_parts(handle, lay)?,
     };
     // Zeroed a word at a time (no `memset` call): the key is zero-padded past the handle.
     let mut words = core::mem::MaybeUninit::<[u64; HANDLE_KEY_LEN / 8]>::uninit();

@@ -322,22 +322,47 @@ fn one_frame(buf: u64, n: u32, sock: u64, direction: u32, c: &Conn) -> i64 {
     if head_len > WIRE_HEAD as u32 {
         head_len = WIRE_HEAD as u32;
     }
-    let sent = send(Kind::WireFrame, |rec: &mut WireFrame| {
-        rec.sock = sock;
-        rec.frame_len = frame_len;
-        rec.direction = direction;
-        rec.peer = c.peer;
-        rec.head_len = head_len;
-        rec.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        rec.role = c.role;
-        // Past `head_len` the array holds zeros: no byte after the frame's is read.
-        rec.head.copy_from_slice(&bytes[LEN..LEN + WIRE_HEAD]);
-        Ok(())
-    });
+    // Past `head_len` the array holds zeros: no byte after the frame's is read.
+    let sent = send_frame(
+        Frame {
+            sock,
+            direction,
+            peer: c.peer,
+            role: c.role,
+        },
+        frame_len,
+        head_len,
+        &bytes[LEN..LEN + WIRE_HEAD],
+    );
     match sent {
         Ok(()) => ONE_FRAME,
         Err(e) => e.min(-1),
     }
+}
+
+/// Which connection and direction a frame was seen on, and by which side.
+struct Frame {
+    sock: u64,
+    direction: u32,
+    peer: Peer,
+    role: u32,
+}
+
+/// Sends a frame's head to userspace: its connection, its length, and the first `WIRE_HEAD`
+/// bytes past its prefix (`head`), of which `head_len` are the frame's.
+#[inline(always)]
+fn send_frame(f: Frame, frame_len: u32, head_len: u32, head: &[u8]) -> Result<(), i64> {
+    send(Kind::WireFrame, |rec: &mut WireFrame| {
+        rec.sock = f.sock;
+        rec.frame_len = frame_len;
+        rec.direction = f.direction;
+        rec.peer = f.peer;
+        rec.head_len = head_len;
+        rec.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        rec.role = f.role;
+        rec.head.copy_from_slice(head);
+        Ok(())
+    })
 }
 
 /// `one_frame`'s answers besides an error.
@@ -483,17 +508,17 @@ fn step(st: &mut Stream, w: &Walk) -> Result<Step, i64> {
     let head = &st.head;
     // `head` past `head_len` may hold the next frame's first bytes: userspace reads
     // `head_len` of them (`observer::decode`).
-    send(Kind::WireFrame, |rec: &mut WireFrame| {
-        rec.sock = w.sock;
-        rec.frame_len = frame_len;
-        rec.direction = w.direction;
-        rec.peer = w.peer;
-        rec.head_len = head_len;
-        rec.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        rec.role = w.role;
-        rec.head.copy_from_slice(&head[LEN..LEN + WIRE_HEAD]);
-        Ok(())
-    })?;
+    send_frame(
+        Frame {
+            sock: w.sock,
+            direction: w.direction,
+            peer: w.peer,
+            role: w.role,
+        },
+        frame_len,
+        head_len,
+        &head[LEN..LEN + WIRE_HEAD],
+    )?;
     set(&mut st.skip, frame_len - head_len);
     let frames = volatile(&st.frames);
     set(&mut st.frames, frames + 1);

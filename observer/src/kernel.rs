@@ -208,13 +208,14 @@ impl Kernel {
             // The floor is one uprobe per request and nothing else (`FLOOR_PROBE`).
             return Ok(());
         }
-        for (status_name, name, event) in [
-            ("net_send", "sock_send", "sock_send_length"),
-            ("net_recv", "sock_recv", "sock_recv_length"),
-            ("net_close", "sock_close", "tcp_destroy_sock"),
+        // The last column: attached only with request metrics (`sock_close` ends what they
+        // follow; without them nothing is followed).
+        for (status_name, name, event, for_requests) in [
+            ("net_send", "sock_send", "sock_send_length", false),
+            ("net_recv", "sock_recv", "sock_recv_length", false),
+            ("net_close", "sock_close", "tcp_destroy_sock", true),
         ] {
-            if name == "sock_close" && !self.request_metrics {
-                // It ends what the request metrics follow; without them nothing is followed.
+            if for_requests && !self.request_metrics {
                 continue;
             }
             let mut status = ProbeStatus {
