@@ -94,9 +94,18 @@ pub mod method {
         "unknown",
     ];
 
+    /// The method `m` stands for: itself, or `UNKNOWN` past the known methods.
+    pub const fn known(m: u32) -> u32 {
+        if m < UNKNOWN {
+            m
+        } else {
+            UNKNOWN
+        }
+    }
+
     /// The `method` label of `m`: its name, `unknown` past the known methods.
     pub fn name(m: u32) -> &'static str {
-        NAMES[m.min(UNKNOWN) as usize]
+        NAMES[known(m) as usize]
     }
 }
 

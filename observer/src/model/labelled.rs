@@ -48,7 +48,7 @@ impl RuntimeMethodHistograms {
                 .entry(runtime.to_string())
                 .or_insert_with(|| std::array::from_fn(|_| None)),
         };
-        by_method[m.min(method::UNKNOWN) as usize]
+        by_method[method::known(m) as usize]
             .get_or_insert_with(|| self.vec.with_label_values(&[runtime, name]).local())
             .observe(seconds);
     }

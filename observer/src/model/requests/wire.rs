@@ -137,12 +137,7 @@ pub fn decode_sent(head: &[u8]) -> Option<Sent> {
             r.u64()?; // deadline
             let trace_id = r.trace_context()?;
             let request_id = r.u64()?;
-            let m = r.variant()?;
-            let method = if m < method::UNKNOWN {
-                m
-            } else {
-                method::UNKNOWN
-            };
+            let method = method::known(r.variant()?);
             Some(Sent::Request {
                 trace_id,
                 request_id,
